@@ -1,0 +1,1 @@
+"""laminae: container-image layers on disk, through pluggable storage drivers."""

@@ -1,0 +1,1 @@
+"""The drivers that ship with laminae; each registers through the ``laminae.drivers`` group."""
