@@ -1,1 +1,103 @@
-"""laminae: container-image layers on disk, through pluggable storage drivers."""
+"""laminae: container-image layers on disk, through pluggable storage drivers.
+
+A *store* is a root directory, a run directory, one driver and one graph of layers::
+
+    import laminae
+
+    with laminae.open_store("/var/lib/laminae", driver="vfs") as store:
+        base = store.apply_layer("rootfs.tar.gz")             # committed, id = its ChainID
+        work = store.create_layer("build-1", parent=base.id)  # active, writable
+        path = store.mount("build-1")                         # a real mount, counted
+        ...                                                   # write into path
+        store.unmount("build-1")
+        top = store.commit_layer("build-1")                   # committed, id = ChainID
+        print([str(c) for c in store.changes(top.id)])
+
+Drivers implement :class:`Driver` and register through the ``laminae.drivers`` entry-point
+group with :data:`hookimpl`; ``pytest --pyargs laminae.conformance --laminae-driver NAME``
+checks one against the contract.
+"""
+
+from ._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
+from ._changes import Change, ChangeKind, naive_changes
+from ._compression import Compression
+from ._config import StoreConfig, load_config
+from ._driver import (
+    Applier,
+    Capabilities,
+    ChangeReporter,
+    Driver,
+    Feature,
+    MountSpec,
+    QuotaSetter,
+    Usage,
+)
+from ._exceptions import (
+    AlreadyExists,
+    CorruptLayer,
+    DriverUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    LaminaeError,
+    LimitExceeded,
+    NotFound,
+    Unsupported,
+)
+from ._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
+from ._store import (
+    CheckReport,
+    Container,
+    DiffResult,
+    Image,
+    Layer,
+    LayerKind,
+    Store,
+    StoreInfo,
+    chain_id,
+    open_store,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "Applier",
+    "ApplyResult",
+    "Capabilities",
+    "Change",
+    "ChangeKind",
+    "ChangeReporter",
+    "CheckReport",
+    "Compression",
+    "Container",
+    "CorruptLayer",
+    "DiffResult",
+    "Driver",
+    "DriverEntry",
+    "DriverRegistry",
+    "DriverUnavailable",
+    "FailedPrecondition",
+    "Feature",
+    "Image",
+    "InvalidArgument",
+    "LaminaeError",
+    "Layer",
+    "LayerKind",
+    "LimitExceeded",
+    "Limits",
+    "MountSpec",
+    "NotFound",
+    "QuotaSetter",
+    "Store",
+    "StoreConfig",
+    "StoreInfo",
+    "Unsupported",
+    "Usage",
+    "WhiteoutMode",
+    "apply_tar",
+    "available_drivers",
+    "chain_id",
+    "hookimpl",
+    "load_config",
+    "naive_changes",
+    "open_store",
+    "write_changes_tar",
+]

@@ -1,0 +1,334 @@
+"""The layer graph in SQLite: layers, names, labels, images and containers.
+
+One file, ``graph.db`` in the store root, in WAL mode so readers never wait for a writer.
+Every change runs in one transaction (``BEGIN IMMEDIATE``) while the store lock is held; this
+module does no locking of its own and knows nothing of drivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, final
+
+import attrs
+
+__all__ = ["Graph", "LayerRow", "now"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    storage_id TEXT NOT NULL UNIQUE,
+    parent TEXT REFERENCES layers(id) ON UPDATE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('committed', 'active', 'view')),
+    depth INTEGER NOT NULL,
+    diff_id TEXT,
+    digest TEXT,
+    size INTEGER,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    incomplete INTEGER NOT NULL DEFAULT 0,
+    mount_count INTEGER NOT NULL DEFAULT 0,
+    mount_point TEXT
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS layer_names (
+    name TEXT PRIMARY KEY,
+    layer TEXT NOT NULL REFERENCES layers(id) ON DELETE CASCADE ON UPDATE CASCADE
+);
+CREATE INDEX IF NOT EXISTS layer_names_layer ON layer_names(layer);
+CREATE TABLE IF NOT EXISTS labels (
+    layer TEXT NOT NULL REFERENCES layers(id) ON DELETE CASCADE ON UPDATE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (layer, key)
+);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    top_layer TEXT REFERENCES layers(id) ON UPDATE CASCADE,
+    manifest_digest TEXT,
+    config BLOB,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_names (
+    name TEXT PRIMARY KEY,
+    image TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    image TEXT REFERENCES images(id),
+    layer TEXT NOT NULL REFERENCES layers(id) ON UPDATE CASCADE,
+    created TEXT NOT NULL
+);
+"""
+
+
+def now() -> str:
+    """The current time as the graph stores it: ISO 8601, UTC, microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@attrs.frozen
+class LayerRow:
+    """A ``layers`` row as stored."""
+
+    id: str
+    storage_id: str
+    parent: str | None
+    kind: str
+    depth: int
+    diff_id: str | None
+    digest: str | None
+    size: int | None
+    created: str
+    updated: str
+    incomplete: bool
+    mount_count: int
+    mount_point: str | None
+
+
+_LAYER_COLUMNS = ", ".join(f.name for f in attrs.fields(LayerRow))
+
+
+def _layer(row: sqlite3.Row | None) -> LayerRow | None:
+    if row is None:
+        return None
+    values = dict(row)
+    values["incomplete"] = bool(values["incomplete"])
+    return LayerRow(**values)
+
+
+@final
+class Graph:
+    """The store's graph database. Methods read or write; :meth:`transaction` groups writes."""
+
+    __slots__ = ("_db", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implied.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        # FULL: a committed layer's row must survive a power cut once commit returns.
+        self._db.execute("PRAGMA synchronous=FULL")
+        # executescript commits on its own; the statements are idempotent (IF NOT EXISTS).
+        self._db.executescript(_SCHEMA)
+        with self.transaction():
+            if self.meta("schema") is None:
+                self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block as one transaction; an exception rolls everything back."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        return row
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._db.execute(sql, args).fetchall()
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- layers ----------------------------------------------------------------------------
+
+    def insert_layer(self, row: LayerRow) -> None:
+        values = attrs.asdict(row)
+        values["incomplete"] = int(row.incomplete)
+        marks = ", ".join("?" for _ in values)
+        self._db.execute(
+            f"INSERT INTO layers ({_LAYER_COLUMNS}) VALUES ({marks})", tuple(values.values())
+        )
+
+    def layer(self, layer_id: str) -> LayerRow | None:
+        return _layer(self._one(f"SELECT {_LAYER_COLUMNS} FROM layers WHERE id = ?", (layer_id,)))
+
+    def layer_by_storage(self, storage_id: str) -> LayerRow | None:
+        return _layer(
+            self._one(f"SELECT {_LAYER_COLUMNS} FROM layers WHERE storage_id = ?", (storage_id,))
+        )
+
+    def all_layers(self, kind: str | None = None) -> list[LayerRow]:
+        if kind is None:
+            rows = self._all(f"SELECT {_LAYER_COLUMNS} FROM layers ORDER BY created, id")
+        else:
+            rows = self._all(
+                f"SELECT {_LAYER_COLUMNS} FROM layers WHERE kind = ? ORDER BY created, id", (kind,)
+            )
+        return [r for r in map(_layer, rows) if r is not None]
+
+    def update_layer(self, layer_id: str, **fields: Any) -> None:
+        if "incomplete" in fields:
+            fields["incomplete"] = int(fields["incomplete"])
+        fields.setdefault("updated", now())
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self._db.execute(f"UPDATE layers SET {sets} WHERE id = ?", (*fields.values(), layer_id))
+
+    def delete_layer(self, layer_id: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    def chain(self, layer_id: str) -> list[LayerRow]:
+        """The layer and its parents, the layer first, the base last."""
+        rows = self._all(
+            f"""WITH RECURSIVE chain(id, n) AS (
+                    SELECT ?, 0
+                    UNION ALL
+                    SELECT layers.parent, chain.n + 1 FROM layers JOIN chain ON layers.id = chain.id
+                    WHERE layers.parent IS NOT NULL
+                )
+                SELECT {", ".join("layers." + c for c in _LAYER_COLUMNS.split(", "))}
+                FROM chain JOIN layers ON layers.id = chain.id ORDER BY chain.n""",
+            (layer_id,),
+        )
+        return [r for r in map(_layer, rows) if r is not None]
+
+    def children(self, layer_id: str) -> list[str]:
+        return [r["id"] for r in self._all("SELECT id FROM layers WHERE parent = ?", (layer_id,))]
+
+    def match_prefix(self, prefix: str) -> list[str]:
+        """Layer ids starting with ``prefix`` (``sha256:`` optional for committed ids)."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._all(
+            "SELECT id FROM layers WHERE id LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\' LIMIT 2",
+            (escaped + "%", "sha256:" + escaped + "%"),
+        )
+        return [r["id"] for r in rows]
+
+    # -- names and labels ------------------------------------------------------------------
+
+    def layer_for_name(self, name: str) -> str | None:
+        row = self._one("SELECT layer FROM layer_names WHERE name = ?", (name,))
+        return None if row is None else str(row["layer"])
+
+    def names(self, layer_id: str) -> tuple[str, ...]:
+        rows = self._all("SELECT name FROM layer_names WHERE layer = ? ORDER BY name", (layer_id,))
+        return tuple(r["name"] for r in rows)
+
+    def add_name(self, layer_id: str, name: str) -> None:
+        self._db.execute("INSERT INTO layer_names (name, layer) VALUES (?, ?)", (name, layer_id))
+
+    def remove_name(self, name: str) -> None:
+        self._db.execute("DELETE FROM layer_names WHERE name = ?", (name,))
+
+    def labels(self, layer_id: str) -> dict[str, str]:
+        rows = self._all("SELECT key, value FROM labels WHERE layer = ? ORDER BY key", (layer_id,))
+        return {r["key"]: r["value"] for r in rows}
+
+    def set_labels(self, layer_id: str, labels: Mapping[str, str]) -> None:
+        self._db.execute("DELETE FROM labels WHERE layer = ?", (layer_id,))
+        self._db.executemany(
+            "INSERT INTO labels (layer, key, value) VALUES (?, ?, ?)",
+            [(layer_id, k, v) for k, v in labels.items()],
+        )
+
+    # -- images and containers -------------------------------------------------------------
+
+    def insert_image(
+        self, image_id: str, top_layer: str | None, manifest_digest: str | None, config: bytes | None
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO images (id, top_layer, manifest_digest, config, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (image_id, top_layer, manifest_digest, config, now()),
+        )
+
+    def image(self, image_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM images WHERE id = ?", (image_id,))
+
+    def all_images(self) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM images ORDER BY created, id")
+
+    def image_names(self, image_id: str) -> tuple[str, ...]:
+        rows = self._all("SELECT name FROM image_names WHERE image = ? ORDER BY name", (image_id,))
+        return tuple(r["name"] for r in rows)
+
+    def image_for_name(self, name: str) -> str | None:
+        row = self._one("SELECT image FROM image_names WHERE name = ?", (name,))
+        return None if row is None else str(row["image"])
+
+    def add_image_name(self, image_id: str, name: str) -> None:
+        # A name moves to the newest image that claims it, as `docker tag` does.
+        self._db.execute(
+            "INSERT INTO image_names (name, image) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET image = excluded.image",
+            (name, image_id),
+        )
+
+    def delete_image(self, image_id: str) -> None:
+        self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def images_using_layer(self, layer_id: str) -> list[str]:
+        rows = self._all("SELECT id FROM images WHERE top_layer = ?", (layer_id,))
+        return [r["id"] for r in rows]
+
+    def insert_container(
+        self, container_id: str, name: str | None, image: str | None, layer: str
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO containers (id, name, image, layer, created) VALUES (?, ?, ?, ?, ?)",
+            (container_id, name, image, layer, now()),
+        )
+
+    def container(self, container_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM containers WHERE id = ?", (container_id,))
+
+    def container_for_name(self, name: str) -> str | None:
+        row = self._one("SELECT id FROM containers WHERE name = ?", (name,))
+        return None if row is None else str(row["id"])
+
+    def all_containers(self) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM containers ORDER BY created, id")
+
+    def containers_using(self, *, layer: str | None = None, image: str | None = None) -> list[str]:
+        if layer is not None:
+            rows = self._all("SELECT id FROM containers WHERE layer = ?", (layer,))
+        else:
+            rows = self._all("SELECT id FROM containers WHERE image = ?", (image,))
+        return [r["id"] for r in rows]
+
+    def delete_container(self, container_id: str) -> None:
+        self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+
+    def counts(self) -> tuple[int, int, int]:
+        row = self._one(
+            "SELECT (SELECT count(*) FROM layers), (SELECT count(*) FROM images), "
+            "(SELECT count(*) FROM containers)"
+        )
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])

@@ -1,0 +1,1302 @@
+"""The store: one root, one driver, one graph, and the bookkeeping drivers never do.
+
+The data path reads top to bottom: a tar is opened and decompressed, a layer is created and
+marked *incomplete*, the driver applies the tar, the DiffID is verified, and the layer is
+committed under its ChainID in one transaction. Nothing else ever clears the incomplete mark,
+so a layer is either complete and verified or, after the next open, gone.
+
+Concurrency: the graph is SQLite in WAL mode, so readers never wait. Every change to the graph
+happens while the store lock (``flock`` on ``<root>/laminae.lock``) is held. Long filesystem
+work (applying a tar, copying a parent) runs outside the store lock, under a per-layer lock
+file that tells another process's cleanup "this incomplete layer is still being written".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import hashlib
+import io
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, BinaryIO, final
+
+import attrs
+
+from . import _linux
+from ._archive import Limits, apply_tar, write_changes_tar
+from ._changes import Change, naive_changes
+from ._compression import (
+    Compression,
+    DigestReader,
+    DigestWriter,
+    open_compressor,
+    open_decompressed,
+)
+from ._config import StoreConfig, load_config
+from ._driver import Applier, Capabilities, ChangeReporter, Driver, Feature, QuotaSetter, Usage
+from ._exceptions import (
+    AlreadyExists,
+    CorruptLayer,
+    DriverUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    LaminaeError,
+    NotFound,
+    Unsupported,
+    map_os_errors,
+)
+from ._graph import Graph, LayerRow, now
+from ._mount import mount_all, mounted, unmount_all
+from ._plugins import DriverEntry, available_drivers
+
+__all__ = [
+    "CheckReport",
+    "Container",
+    "DiffResult",
+    "Image",
+    "Layer",
+    "LayerKind",
+    "Store",
+    "StoreInfo",
+    "chain_id",
+    "open_store",
+]
+
+
+class LayerKind(enum.Enum):
+    """Committed layers are immutable; active ones writable; views read-only mounts."""
+
+    COMMITTED = "committed"
+    ACTIVE = "active"
+    VIEW = "view"
+
+
+@attrs.frozen
+class Layer:
+    """A layer as the graph knows it. See the module docstring of :mod:`laminae` for terms."""
+
+    id: str
+    parent: str | None
+    kind: LayerKind
+    storage_id: str
+    diff_id: str | None
+    digest: str | None
+    size: int | None
+    names: tuple[str, ...]
+    labels: Mapping[str, str]
+    created: datetime
+    updated: datetime
+    mount_count: int
+    mount_point: Path | None
+    depth: int
+
+
+@attrs.frozen
+class Image:
+    """An image: names, its manifest digest and config, and its top layer."""
+
+    id: str
+    top_layer: str | None
+    names: tuple[str, ...]
+    manifest_digest: str | None
+    config: bytes | None = attrs.field(repr=False)
+    created: datetime
+
+
+@attrs.frozen
+class Container:
+    """A container: a name, its image, and its active layer."""
+
+    id: str
+    name: str | None
+    image: str | None
+    layer: str
+    created: datetime
+
+
+@attrs.frozen
+class DiffResult:
+    """What :meth:`Store.diff` wrote: the DiffID, the digest of the bytes written, their size."""
+
+    diff_id: str
+    digest: str
+    size: int
+    compression: Compression
+
+
+@attrs.frozen
+class StoreInfo:
+    """A summary of a store, for ``laminae info``."""
+
+    root: Path
+    runroot: Path
+    driver: str
+    driver_origin: str
+    capabilities: Capabilities
+    backing_fs: str
+    layers: int
+    images: int
+    containers: int
+
+
+@attrs.frozen
+class CheckReport:
+    """What :meth:`Store.check` found, or what :meth:`Store.repair` fixed.
+
+    :param orphan_storage: storage ids on disk that no layer owns.
+    :param missing_storage: layer ids whose storage is gone from disk.
+    :param incomplete: layer ids left incomplete by a process that is gone.
+    :param orphan_mounts: mount points under the run directory that nothing counts.
+    :param stale_counts: layer ids whose mount count says mounted, but nothing is.
+    """
+
+    orphan_storage: tuple[str, ...] = ()
+    missing_storage: tuple[str, ...] = ()
+    incomplete: tuple[str, ...] = ()
+    orphan_mounts: tuple[str, ...] = ()
+    stale_counts: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """One line per problem."""
+        return [
+            *(f"orphan storage {s}: on disk, owned by no layer" for s in self.orphan_storage),
+            *(f"layer {i}: its storage is missing from disk" for i in self.missing_storage),
+            *(f"layer {i}: left incomplete by a process that is gone" for i in self.incomplete),
+            *(f"mount {m}: mounted under the run directory, counted by nothing"
+              for m in self.orphan_mounts),
+            *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
+        ]
+
+
+_HEX64 = re.compile(r"sha256:[0-9a-f]{64}")
+_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+_PREFIX = re.compile(r"(sha256:)?[0-9a-f]{4,64}")
+_MAX_LABEL_BYTES = 4096  # containerd pkg/labels/validate.go: key + value
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """The ChainID of layers with these DiffIDs, base first (image-spec config.md)."""
+    if not diff_ids:
+        raise InvalidArgument("chain_id: no DiffIDs given")
+    current = ""
+    for diff_id in diff_ids:
+        if not _HEX64.fullmatch(diff_id):
+            raise InvalidArgument(f"DiffID {diff_id!r}: not a sha256 digest")
+        if not current:
+            current = diff_id
+        else:
+            current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
+    return current
+
+
+def _check_key(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _KEY.fullmatch(value) or value != value.strip():
+        raise InvalidArgument(
+            f"{what} {value!r}: must be 1-256 printable characters without surrounding spaces"
+        )
+    if _HEX64.fullmatch(value):
+        raise InvalidArgument(f"{what} {value!r}: sha256 ids are reserved for committed layers")
+    return value
+
+
+def _check_digest(what: str, value: str | None) -> str | None:
+    if value is not None and not _HEX64.fullmatch(value):
+        raise InvalidArgument(f"{what} {value!r}: expected 'sha256:' and 64 lower-case hex digits")
+    return value
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    result = {}
+    for key, value in (labels or {}).items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise InvalidArgument(f"label {key!r}: keys and values must be strings, keys non-empty")
+        if len(key.encode()) + len(value.encode()) > _MAX_LABEL_BYTES:
+            raise InvalidArgument(f"label {key!r}: key and value exceed {_MAX_LABEL_BYTES} bytes")
+        result[key] = value
+    return result
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+@final
+class _StoreLock:
+    """The store lock: ``flock`` on one file, re-entrant within a process.
+
+    ``flock`` rather than POSIX ``fcntl`` record locks: record locks belong to the process
+    and vanish when *any* descriptor of the file is closed (containers/storage keeps an extra
+    in-process mutex for that reason); ``flock`` locks belong to the open file description.
+    """
+
+    __slots__ = ("_depth", "_fd", "_mutex")
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._mutex = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._mutex:
+            if self._depth == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _select_driver(
+    drivers: Mapping[str, DriverEntry],
+    root: Path,
+    explicit: str | None,
+    recorded: str | None,
+    priority: Sequence[str],
+    options: Mapping[str, Mapping[str, str]],
+) -> DriverEntry:
+    """Pick the driver: explicit name, else the one that made this store, else by priority."""
+    if explicit is not None:
+        if explicit not in drivers:
+            raise InvalidArgument(
+                f"driver {explicit!r}: not installed (installed: {', '.join(sorted(drivers))})"
+            )
+        if recorded is not None and recorded != explicit:
+            raise FailedPrecondition(
+                f"store {root} was made by driver {recorded!r}; it cannot be opened with "
+                f"{explicit!r} (pick another --root, or remove the store)"
+            )
+        entry = drivers[explicit]
+        reason = entry.probe(root / entry.name, options.get(entry.name, {}))
+        if reason is not None:
+            raise DriverUnavailable(f"driver {explicit!r}: {reason}")
+        return entry
+    if recorded is not None:
+        if recorded not in drivers:
+            raise DriverUnavailable(
+                f"store {root} was made by driver {recorded!r}, which is not installed"
+            )
+        entry = drivers[recorded]
+        reason = entry.probe(root / entry.name, options.get(entry.name, {}))
+        if reason is not None:
+            raise DriverUnavailable(f"driver {recorded!r} (which made store {root}): {reason}")
+        return entry
+    for name in priority:
+        if name not in drivers:
+            raise InvalidArgument(f"driver_priority: driver {name!r} is not installed")
+    order = list(priority) or sorted(drivers, key=lambda n: (-drivers[n].priority, n))
+    reasons = []
+    for name in order:
+        entry = drivers[name]
+        reason = entry.probe(root / name, options.get(name, {}))
+        if reason is None:
+            return entry
+        reasons.append(f"{name}: {reason}")
+    raise DriverUnavailable("no driver can run here: " + "; ".join(reasons))
+
+
+def open_store(
+    root: str | Path | None = None,
+    *,
+    runroot: str | Path | None = None,
+    driver: str | None = None,
+    driver_options: Mapping[str, str] | None = None,
+    config: StoreConfig | None = None,
+    limits: Limits | None = None,
+) -> Store:
+    """Open (or create) the store at ``root``.
+
+    Arguments override ``config``; with no ``config``, :func:`laminae.load_config` finds one
+    (``$LAMINAE_CONFIG``, ``~/.config/laminae/storage.toml``, ``/etc/laminae/storage.toml``).
+
+    :raises InvalidArgument: a bad root, driver name or option.
+    :raises DriverUnavailable: no driver (or not the named one) can run here.
+    :raises FailedPrecondition: the store was made by another driver than the one named.
+    """
+    config = config or load_config()
+    root_path = Path(root) if root is not None else config.graphroot
+    run_path = Path(runroot) if runroot is not None else config.runroot
+    for what, path in (("root", root_path), ("runroot", run_path)):
+        if not str(path) or "\x00" in str(path):
+            raise InvalidArgument(f"store {what} {str(path)!r}: not a usable path")
+        if path.exists() and not path.is_dir():
+            raise InvalidArgument(f"store {what} {path}: exists and is not a directory")
+    root_path = root_path.absolute()
+    run_path = run_path.absolute()
+    options = {name: dict(opts) for name, opts in config.driver_options.items()}
+    name = driver if driver is not None else config.driver
+    if driver_options is not None:
+        if name is None:
+            raise InvalidArgument("driver options given without naming a driver")
+        options[name] = {**options.get(name, {}), **driver_options}
+    with map_os_errors(f"create store directories {root_path}, {run_path}"):
+        root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Store(root_path, run_path, name, options, config.driver_priority, limits or config.limits)
+
+
+@final
+class Store:
+    """Layers, images and containers in one root, stored by one driver.
+
+    Use :func:`open_store` to get one; close it (or use it as a context manager) when done.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        runroot: Path,
+        driver: str | None,
+        options: Mapping[str, Mapping[str, str]],
+        priority: Sequence[str],
+        limits: Limits,
+    ) -> None:
+        self.root = root
+        self.runroot = runroot
+        self.limits = limits
+        self._closed = False
+        self._lock = _StoreLock(root / "laminae.lock")
+        self._graph = Graph(root / "graph.db")
+        try:
+            with self._lock.held():
+                recorded = self._graph.meta("driver")
+                entry = _select_driver(
+                    available_drivers(), root, driver, recorded, priority, options
+                )
+                home = root / entry.name
+                with map_os_errors(f"create driver home {home}"):
+                    home.mkdir(mode=0o700, exist_ok=True)
+                    (root / "locks").mkdir(mode=0o700, exist_ok=True)
+                self._entry = entry
+                self.driver: Driver = entry.cls(home, options.get(entry.name, {}))
+                if recorded is None:
+                    with self._graph.transaction():
+                        self._graph.set_meta("driver", entry.name)
+                self._remove_stale_incomplete()
+                self._reconcile_mounts()
+        except BaseException:
+            self._graph.close()
+            self._lock.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def driver_name(self) -> str:
+        return self._entry.name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._entry.capabilities
+
+    def close(self) -> None:
+        """Close the driver and the graph. Mounts stay (they are counted); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.driver.close()
+        finally:
+            self._graph.close()
+            self._lock.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"store {self.root} is closed")
+
+    def info(self) -> StoreInfo:
+        """A summary: paths, driver, capabilities, backing filesystem, counts."""
+        self._check_open()
+        layers, images, containers = self._graph.counts()
+        return StoreInfo(
+            root=self.root,
+            runroot=self.runroot,
+            driver=self.driver_name,
+            driver_origin=self._entry.origin,
+            capabilities=self.capabilities,
+            backing_fs=_backing_fs(self.root),
+            layers=layers,
+            images=images,
+            containers=containers,
+        )
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _resolve(self, ref: str) -> LayerRow:
+        if not isinstance(ref, str) or not ref or "\x00" in ref:
+            raise InvalidArgument(f"layer reference {ref!r}: empty or not a string")
+        row = self._graph.layer(ref)
+        if row is None:
+            named = self._graph.layer_for_name(ref)
+            if named is not None:
+                row = self._graph.layer(named)
+        if row is None and _PREFIX.fullmatch(ref):
+            matches = self._graph.match_prefix(ref.removeprefix("sha256:"))
+            if len(matches) > 1:
+                raise InvalidArgument(f"layer reference {ref!r}: ambiguous, give more digits")
+            if matches:
+                row = self._graph.layer(matches[0])
+        if row is None or row.incomplete:
+            raise NotFound(f"layer {ref!r}: no such layer")
+        return row
+
+    def _to_layer(self, row: LayerRow) -> Layer:
+        return Layer(
+            id=row.id,
+            parent=row.parent,
+            kind=LayerKind(row.kind),
+            storage_id=row.storage_id,
+            diff_id=row.diff_id,
+            digest=row.digest,
+            size=row.size,
+            names=self._graph.names(row.id),
+            labels=MappingProxyType(self._graph.labels(row.id)),
+            created=_when(row.created),
+            updated=_when(row.updated),
+            mount_count=row.mount_count,
+            mount_point=Path(row.mount_point) if row.mount_point else None,
+            depth=row.depth,
+        )
+
+    def _parents(self, row: LayerRow) -> list[str]:
+        """Storage ids of ``row``'s parents, immediate parent first."""
+        return [r.storage_id for r in self._graph.chain(row.id)[1:]]
+
+    def layer(self, ref: str) -> Layer:
+        """The layer ``ref`` names: an id, a unique id prefix, or a name.
+
+        :raises NotFound: nothing matches.
+        :raises InvalidArgument: ``ref`` is malformed or ambiguous.
+        """
+        self._check_open()
+        return self._to_layer(self._resolve(ref))
+
+    def layers(self, *, kind: LayerKind | None = None) -> list[Layer]:
+        """Every complete layer (of ``kind``), oldest first."""
+        self._check_open()
+        rows = self._graph.all_layers(None if kind is None else LayerKind(kind).value)
+        return [self._to_layer(r) for r in rows if not r.incomplete]
+
+    # -- creating layers -------------------------------------------------------------------
+
+    def _committed_parent(self, parent: str | None) -> LayerRow | None:
+        if parent is None:
+            return None
+        row = self._resolve(parent)
+        if row.kind != LayerKind.COMMITTED.value:
+            raise FailedPrecondition(
+                f"parent {parent!r}: is a{'n' if row.kind == 'active' else ''} {row.kind} layer; "
+                "only committed layers can have children"
+            )
+        depth = row.depth + 1
+        if depth > self.capabilities.max_depth:
+            raise FailedPrecondition(
+                f"parent {parent!r}: a child would have {depth} parents; driver "
+                f"{self.driver_name!r} supports at most {self.capabilities.max_depth}"
+            )
+        return row
+
+    @contextlib.contextmanager
+    def _new_storage(
+        self, key: str, parent: LayerRow | None, kind: LayerKind
+    ) -> Iterator[tuple[LayerRow, list[str]]]:
+        """Create an incomplete layer row and its storage; on error, remove both.
+
+        The per-layer lock is held for the whole block: while it is, no other process's
+        cleanup takes this incomplete layer for a crashed one.
+        """
+        storage_id = secrets.token_hex(16)
+        lock_path = self.root / "locks" / f"{storage_id}.lock"
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        stamp = now()
+        row = LayerRow(
+            id=key,
+            storage_id=storage_id,
+            parent=None if parent is None else parent.id,
+            kind=kind.value,
+            depth=0 if parent is None else parent.depth + 1,
+            diff_id=None,
+            digest=None,
+            size=None,
+            created=stamp,
+            updated=stamp,
+            incomplete=True,
+            mount_count=0,
+            mount_point=None,
+        )
+        created = False
+        try:
+            with self._lock.held(), self._graph.transaction():
+                if self._graph.layer(key) is not None or self._graph.layer_for_name(key):
+                    raise AlreadyExists(f"layer {key!r}: already exists")
+                if parent is not None and self._graph.layer(parent.id) is None:
+                    raise NotFound(f"layer {parent.id!r}: removed while in use")
+                self._graph.insert_layer(row)
+            parents = [] if parent is None else [parent.storage_id, *self._parents(parent)]
+            with map_os_errors(f"create layer {key!r} in driver {self.driver_name}"):
+                self.driver.create(storage_id, parents, kind is not LayerKind.VIEW)
+            created = True
+            yield row, parents
+        except BaseException:
+            with self._lock.held():
+                if created:
+                    with contextlib.suppress(LaminaeError, OSError):
+                        self.driver.remove(storage_id)
+                with self._graph.transaction():
+                    current = self._graph.layer_by_storage(storage_id)
+                    if current is not None:
+                        self._graph.delete_layer(current.id)
+            raise
+        finally:
+            os.close(lock_fd)
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+
+    def create_layer(
+        self,
+        key: str | None = None,
+        parent: str | None = None,
+        *,
+        view: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> Layer:
+        """Create an active (writable) layer, or a read-only view, on committed ``parent``.
+
+        :param key: the layer's id; a random one if ``None``.
+        :raises AlreadyExists: ``key`` is taken.
+        :raises FailedPrecondition: ``parent`` is not committed, or too deep for the driver.
+        """
+        self._check_open()
+        key = secrets.token_hex(32) if key is None else _check_key("layer key", key)
+        checked = _check_labels(labels)
+        parent_row = self._committed_parent(parent)
+        kind = LayerKind.VIEW if view else LayerKind.ACTIVE
+        with self._new_storage(key, parent_row, kind) as (row, _), self._lock.held():
+            with self._graph.transaction():
+                self._graph.set_labels(key, checked)
+                self._graph.update_layer(key, incomplete=False)
+        return self.layer(key)
+
+    def apply_layer(
+        self,
+        tar: BinaryIO | str | Path,
+        parent: str | None = None,
+        *,
+        diff_id: str | None = None,
+        digest: str | None = None,
+        names: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+    ) -> Layer:
+        """Import a layer tar (plain, gzip or zstd) as a committed layer on ``parent``.
+
+        The layer's id is its ChainID. If that layer exists already, it is returned (with
+        ``names`` and ``labels`` added) and the new copy is thrown away.
+
+        :param digest: the expected digest of the bytes as given (compressed).
+        :param diff_id: the expected DiffID (digest of the uncompressed tar).
+        :raises CorruptLayer: a digest does not match.
+        :raises InvalidArgument: the tar is malformed or hostile (the message names the entry).
+        :raises LimitExceeded: the tar breaks a configured limit.
+        """
+        self._check_open()
+        _check_digest("digest", digest)
+        _check_digest("diff_id", diff_id)
+        names = [_check_key("layer name", n) for n in names]
+        checked = _check_labels(labels)
+        parent_row = self._committed_parent(parent)
+        with contextlib.ExitStack() as stack:
+            if isinstance(tar, (str, Path)):
+                with map_os_errors(f"open layer tar {str(tar)!r}"):
+                    raw: IO[bytes] = stack.enter_context(open(tar, "rb"))  # noqa: SIM115
+            else:
+                raw = tar
+            compressed = DigestReader(raw)
+            plain = DigestReader(open_decompressed(compressed, max_bytes=self.limits.max_bytes))
+            key = f"incomplete-{secrets.token_hex(16)}"
+            with self._new_storage(key, parent_row, LayerKind.ACTIVE) as (row, parents):
+                self._apply(row, parents, plain)
+                _drain(plain)
+                _drain(compressed)
+                if digest is not None and compressed.digest != digest:
+                    raise CorruptLayer(
+                        f"layer tar: digest is {compressed.digest}, expected {digest}"
+                    )
+                if diff_id is not None and plain.digest != diff_id:
+                    raise CorruptLayer(f"layer tar: DiffID is {plain.digest}, expected {diff_id}")
+                self._sync()
+                return self._commit(
+                    row,
+                    parent_row,
+                    plain.digest,
+                    plain.size,
+                    compressed.digest if compressed.digest != plain.digest else None,
+                    names,
+                    checked,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _apply(self, row: LayerRow, parents: list[str], tar: BinaryIO) -> None:
+        what = f"apply layer tar onto {row.id!r}"
+        if Feature.APPLY in self.capabilities.features:
+            assert isinstance(self.driver, Applier)
+            with map_os_errors(what):
+                self.driver.apply(row.storage_id, parents, tar, self.limits)
+            return
+        with self._materialized(row, parents, readonly=False) as path, map_os_errors(what):
+            apply_tar(path, tar, limits=self.limits)
+
+    @contextlib.contextmanager
+    def _materialized(self, row: LayerRow, parents: list[str], *, readonly: bool) -> Iterator[Path]:
+        """The layer's root as a path, for the core's own reading and writing.
+
+        A single bind mount needs no mount at all: its source *is* the tree. Anything else
+        is mounted privately under ``<runroot>/tmp`` for the duration.
+        """
+        with map_os_errors(f"describe mounts of layer {row.id!r}"):
+            specs = self.driver.mounts(row.storage_id, parents, readonly)
+        if len(specs) == 1 and specs[0].type == "bind" and not specs[0].target:
+            yield Path(specs[0].source)
+            return
+        target = self.runroot / "tmp" / secrets.token_hex(8)
+        with mounted(specs, target) as path:
+            yield path
+
+    def _sync(self) -> None:
+        """Flush the driver's filesystem before a layer counts as present (moby#36135)."""
+        fd = os.open(self.driver_home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    @property
+    def driver_home(self) -> Path:
+        return self.root / self.driver_name
+
+    def _commit(
+        self,
+        row: LayerRow,
+        parent: LayerRow | None,
+        diff_id: str,
+        size: int,
+        digest: str | None,
+        names: Sequence[str],
+        labels: Mapping[str, str],
+    ) -> Layer:
+        """Make ``row`` the committed layer with its ChainID, or merge it into an existing one."""
+        new_id = diff_id if parent is None else chain_id([parent.id, diff_id])
+        with self._lock.held():
+            existing = self._graph.layer(new_id)
+            if existing is not None and not existing.incomplete:
+                with self._graph.transaction():
+                    self._graph.update_layer(row.id, incomplete=True)
+                with map_os_errors(f"remove duplicate of layer {new_id}"):
+                    self.driver.remove(row.storage_id)
+                with self._graph.transaction():
+                    self._graph.delete_layer(row.id)
+                    self._add_names_labels(new_id, names, labels, replace_labels=False)
+                return self.layer(new_id)
+            with self._graph.transaction():
+                for name in names:
+                    owner = self._graph.layer_for_name(name)
+                    if owner is not None:
+                        raise AlreadyExists(f"layer name {name!r}: already names layer {owner}")
+                self._graph.update_layer(
+                    row.id,
+                    id=new_id,
+                    kind=LayerKind.COMMITTED.value,
+                    diff_id=diff_id,
+                    size=size,
+                    digest=digest,
+                    incomplete=False,
+                )
+                self._add_names_labels(new_id, names, labels, replace_labels=True)
+        return self.layer(new_id)
+
+    def _add_names_labels(
+        self, layer_id: str, names: Sequence[str], labels: Mapping[str, str], *, replace_labels: bool
+    ) -> None:
+        for name in names:
+            owner = self._graph.layer_for_name(name)
+            if owner == layer_id:
+                continue
+            if owner is not None:
+                raise AlreadyExists(f"layer name {name!r}: already names layer {owner}")
+            self._graph.add_name(layer_id, name)
+        if replace_labels:
+            self._graph.set_labels(layer_id, labels)
+        elif labels:
+            self._graph.set_labels(layer_id, {**self._graph.labels(layer_id), **labels})
+
+    def commit_layer(
+        self,
+        key: str,
+        *,
+        names: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+    ) -> Layer:
+        """Turn active layer ``key`` into a committed layer whose id is its ChainID.
+
+        Labels are replaced by ``labels`` (containerd's Commit does the same). If a committed
+        layer with the same ChainID exists, ``key`` is removed and that layer returned.
+
+        :raises FailedPrecondition: ``key`` is not active, is mounted, or is a container's.
+        """
+        self._check_open()
+        names = [_check_key("layer name", n) for n in names]
+        checked = _check_labels(labels)
+        row = self._resolve(key)
+        if row.kind != LayerKind.ACTIVE.value:
+            raise FailedPrecondition(f"layer {key!r}: is {row.kind}; only active layers commit")
+        if self._graph.containers_using(layer=row.id):
+            raise FailedPrecondition(f"layer {key!r}: belongs to a container")
+        self._reconcile_mounts()
+        row = self._resolve(key)
+        if row.mount_count:
+            raise FailedPrecondition(f"layer {key!r}: is mounted ({row.mount_count}); unmount it")
+        sink = DigestWriter(_Discard())
+        self._write_diff(row, sink)
+        parent = None if row.parent is None else self._graph.layer(row.parent)
+        self._sync()
+        return self._commit(row, parent, sink.digest, sink.size, None, names, checked)
+
+    # -- reading layers --------------------------------------------------------------------
+
+    def changes(self, ref: str) -> list[Change]:
+        """The changes of layer ``ref`` against its parent, sorted by path."""
+        self._check_open()
+        row = self._resolve(ref)
+        with self._changes(row) as (changes, _):
+            return list(changes)
+
+    @contextlib.contextmanager
+    def _changes(self, row: LayerRow) -> Iterator[tuple[Iterator[Change], Path]]:
+        """The change stream and the layer's root to read content from, while both hold."""
+        parents = self._parents(row)
+        with contextlib.ExitStack() as stack:
+            root = stack.enter_context(self._materialized(row, parents, readonly=True))
+            if Feature.CHANGES in self.capabilities.features:
+                assert isinstance(self.driver, ChangeReporter)
+                with map_os_errors(f"changes of layer {row.id!r}"):
+                    yield self.driver.changes(row.storage_id, parents), root
+                return
+            parent_root = None
+            if row.parent is not None:
+                parent_row = self._graph.layer(row.parent)
+                assert parent_row is not None
+                parent_root = stack.enter_context(
+                    self._materialized(parent_row, parents[1:], readonly=True)
+                )
+            with map_os_errors(f"changes of layer {row.id!r}"):
+                yield naive_changes(parent_root, root), root
+
+    def _write_diff(self, row: LayerRow, out: BinaryIO) -> None:
+        with self._changes(row) as (changes, root), map_os_errors(f"diff of layer {row.id!r}"):
+            write_changes_tar(root, changes, out)
+
+    def diff(
+        self, ref: str, out: BinaryIO, *, compression: Compression = Compression.NONE
+    ) -> DiffResult:
+        """Write the OCI layer tar of ``ref``'s changes to ``out``, compressed as asked."""
+        self._check_open()
+        row = self._resolve(ref)
+        compression = Compression(compression)
+        written = DigestWriter(out)
+        compressor = open_compressor(written, compression)
+        plain = DigestWriter(compressor)
+        self._write_diff(row, plain)
+        compressor.close()
+        return DiffResult(plain.digest, written.digest, written.size, compression)
+
+    def usage(self, ref: str) -> Usage:
+        """Disk used by layer ``ref`` itself, parents excluded."""
+        self._check_open()
+        row = self._resolve(ref)
+        with map_os_errors(f"usage of layer {ref!r}"):
+            return self.driver.usage(row.storage_id)
+
+    def set_quota(self, ref: str, size: int) -> None:
+        """Limit the writable layer ``ref`` to ``size`` bytes.
+
+        :raises Unsupported: the driver has no quota support.
+        """
+        self._check_open()
+        row = self._resolve(ref)
+        if Feature.QUOTA not in self.capabilities.features:
+            raise Unsupported(f"driver {self.driver_name!r}: no quota support")
+        if not isinstance(size, int) or size <= 0:
+            raise InvalidArgument(f"quota size {size!r}: must be a positive number of bytes")
+        assert isinstance(self.driver, QuotaSetter)
+        with map_os_errors(f"set quota of layer {ref!r}"):
+            self.driver.set_quota(row.storage_id, size)
+
+    # -- names and labels ------------------------------------------------------------------
+
+    def set_labels(self, ref: str, labels: Mapping[str, str]) -> Layer:
+        """Replace every label of ``ref`` with ``labels``."""
+        self._check_open()
+        checked = _check_labels(labels)
+        with self._lock.held():
+            row = self._resolve(ref)
+            with self._graph.transaction():
+                self._graph.set_labels(row.id, checked)
+                self._graph.update_layer(row.id)
+        return self.layer(row.id)
+
+    def add_names(self, ref: str, names: Sequence[str]) -> Layer:
+        """Give ``ref`` more names. :raises AlreadyExists: a name belongs to another layer."""
+        self._check_open()
+        checked = [_check_key("layer name", n) for n in names]
+        with self._lock.held():
+            row = self._resolve(ref)
+            with self._graph.transaction():
+                self._add_names_labels(row.id, checked, {}, replace_labels=False)
+                self._graph.update_layer(row.id)
+        return self.layer(row.id)
+
+    def remove_names(self, ref: str, names: Sequence[str]) -> Layer:
+        """Take ``names`` away from ``ref``. :raises NotFound: one of them is not ``ref``'s."""
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve(ref)
+            with self._graph.transaction():
+                for name in names:
+                    if self._graph.layer_for_name(name) != row.id:
+                        raise NotFound(f"layer name {name!r}: not a name of layer {row.id}")
+                    self._graph.remove_name(name)
+                self._graph.update_layer(row.id)
+        return self.layer(row.id)
+
+    # -- mounts ----------------------------------------------------------------------------
+
+    def _mount_target(self, row: LayerRow) -> Path:
+        return self.runroot / "mounts" / row.storage_id
+
+    def mount(self, ref: str, *, readonly: bool = False) -> Path:
+        """Mount layer ``ref`` and return where. Counted: each mount needs an unmount.
+
+        Committed layers and views always mount read-only. The first mount decides the
+        mode; later ones share it.
+        """
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve(ref)
+            self._reconcile_row(row)
+            row = self._resolve(ref)
+            target = self._mount_target(row)
+            if row.mount_count == 0:
+                readonly = readonly or row.kind != LayerKind.ACTIVE.value
+                with map_os_errors(f"describe mounts of layer {ref!r}"):
+                    specs = self.driver.mounts(row.storage_id, self._parents(row), readonly)
+                mount_all(specs, target)
+            with self._graph.transaction():
+                self._graph.update_layer(
+                    row.id, mount_count=row.mount_count + 1, mount_point=str(target)
+                )
+        return target
+
+    def unmount(self, ref: str, *, force: bool = False) -> None:
+        """Drop one mount of ``ref``; the last one unmounts. ``force`` drops them all.
+
+        :raises FailedPrecondition: ``ref`` is not mounted.
+        """
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve(ref)
+            self._reconcile_row(row)
+            row = self._resolve(ref)
+            if row.mount_count == 0 and not force:
+                raise FailedPrecondition(f"layer {ref!r}: is not mounted")
+            count = 0 if force else row.mount_count - 1
+            if count == 0:
+                unmount_all(self._mount_target(row))
+            with self._graph.transaction():
+                self._graph.update_layer(
+                    row.id, mount_count=count, mount_point=row.mount_point if count else None
+                )
+
+    def _reconcile_row(self, row: LayerRow, points: set[str] | None = None) -> bool:
+        """Reset ``row``'s mount count if its mount is gone. Returns whether it was stale."""
+        if row.mount_count == 0:
+            return False
+        points = _linux.mount_points() if points is None else points
+        if row.mount_point in points:
+            return False
+        with self._graph.transaction():
+            self._graph.update_layer(row.id, mount_count=0, mount_point=None)
+        return True
+
+    def _reconcile_mounts(self) -> None:
+        """Make every mount count agree with ``/proc/self/mountinfo``."""
+        points = _linux.mount_points()
+        with self._lock.held():
+            for row in self._graph.all_layers():
+                self._reconcile_row(row, points)
+
+    # -- removing --------------------------------------------------------------------------
+
+    def remove_layer(self, ref: str) -> None:
+        """Remove layer ``ref`` and its storage.
+
+        :raises FailedPrecondition: it has children, is mounted, or an image or container
+            uses it.
+        """
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve(ref)
+            self._reconcile_row(row)
+            row = self._resolve(ref)
+            children = self._graph.children(row.id)
+            if children:
+                raise FailedPrecondition(
+                    f"cannot remove layer {ref!r}: it has {len(children)} child layer(s)"
+                )
+            if row.mount_count:
+                raise FailedPrecondition(
+                    f"cannot remove layer {ref!r}: mounted {row.mount_count} time(s)"
+                )
+            users = self._graph.images_using_layer(row.id) or self._graph.containers_using(
+                layer=row.id
+            )
+            if users:
+                raise FailedPrecondition(f"cannot remove layer {ref!r}: used by {users[0]}")
+            self._remove_row(row)
+
+    def _remove_row(self, row: LayerRow) -> None:
+        # Marked incomplete first: a crash in the middle leaves a layer the next open removes.
+        with self._graph.transaction():
+            self._graph.update_layer(row.id, incomplete=True)
+        if row.storage_id in set(self.driver.layers()):
+            with map_os_errors(f"remove layer {row.id!r}"):
+                self.driver.remove(row.storage_id)
+        with self._graph.transaction():
+            self._graph.delete_layer(row.id)
+
+    def _stale_incomplete(self) -> list[LayerRow]:
+        """Incomplete layers whose writer is gone (its per-layer lock is free)."""
+        stale = []
+        for row in self._graph.all_layers():
+            if not row.incomplete:
+                continue
+            lock_path = self.root / "locks" / f"{row.storage_id}.lock"
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                stale.append(row)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+            stale.append(row)
+        return stale
+
+    def _remove_stale_incomplete(self) -> list[str]:
+        removed = []
+        with self._lock.held():
+            for row in self._stale_incomplete():
+                for child in self._graph.children(row.id):
+                    # Only incomplete layers can sit on an incomplete one; they go first.
+                    child_row = self._graph.layer(child)
+                    if child_row is not None:
+                        self._remove_row(child_row)
+                self._remove_row(row)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / "locks" / f"{row.storage_id}.lock").unlink()
+                removed.append(row.id)
+        return removed
+
+    # -- check and repair ------------------------------------------------------------------
+
+    def check(self) -> CheckReport:
+        """Compare the graph with the driver's disk and the kernel's mounts; change nothing."""
+        self._check_open()
+        with self._lock.held():
+            rows = self._graph.all_layers()
+            known = {r.storage_id for r in rows}
+            with map_os_errors(f"list layers of driver {self.driver_name}"):
+                on_disk = set(self.driver.layers())
+            points = _linux.mount_points()
+            mounts_dir = str(self.runroot / "mounts") + "/"
+            counted = {r.mount_point for r in rows if r.mount_count}
+            return CheckReport(
+                orphan_storage=tuple(sorted(on_disk - known)),
+                missing_storage=tuple(
+                    r.id for r in rows if not r.incomplete and r.storage_id not in on_disk
+                ),
+                incomplete=tuple(r.id for r in self._stale_incomplete()),
+                orphan_mounts=tuple(
+                    sorted(p for p in points if p.startswith(mounts_dir) and p not in counted)
+                ),
+                stale_counts=tuple(
+                    r.id for r in rows if r.mount_count and r.mount_point not in points
+                ),
+            )
+
+    def repair(self, report: CheckReport | None = None) -> CheckReport:
+        """Fix what :meth:`check` finds (or what ``report`` lists); return what was fixed.
+
+        Orphan storage is removed; layers whose storage is missing are removed from the graph
+        with everything above them; stale incomplete layers are removed; orphan mounts are
+        unmounted; stale counts are reset.
+        """
+        self._check_open()
+        report = report or self.check()
+        fixed: dict[str, list[str]] = {f.name: [] for f in attrs.fields(CheckReport)}
+        with self._lock.held():
+            for storage_id in report.orphan_storage:
+                if self._graph.layer_by_storage(storage_id) is None:
+                    with map_os_errors(f"remove orphan storage {storage_id}"):
+                        self.driver.remove(storage_id)
+                    fixed["orphan_storage"].append(storage_id)
+            for layer_id in report.missing_storage:
+                for row in reversed(self._descendants(layer_id)):
+                    self._drop_users(row.id)
+                    self._remove_row(row)
+                fixed["missing_storage"].append(layer_id)
+            fixed["incomplete"] = self._remove_stale_incomplete()
+            for point in report.orphan_mounts:
+                unmount_all(Path(point))
+                fixed["orphan_mounts"].append(point)
+            points = _linux.mount_points()
+            for layer_id in report.stale_counts:
+                row = self._graph.layer(layer_id)
+                if row is not None and self._reconcile_row(row, points):
+                    fixed["stale_counts"].append(layer_id)
+        return CheckReport(**{k: tuple(v) for k, v in fixed.items()})
+
+    def _descendants(self, layer_id: str) -> list[LayerRow]:
+        """``layer_id`` and every layer above it, parents before children."""
+        result = []
+        todo = [layer_id]
+        while todo:
+            row = self._graph.layer(todo.pop(0))
+            if row is None:
+                continue
+            result.append(row)
+            todo.extend(self._graph.children(row.id))
+        return result
+
+    def _drop_users(self, layer_id: str) -> None:
+        with self._graph.transaction():
+            for container in self._graph.containers_using(layer=layer_id):
+                self._graph.delete_container(container)
+            for image in self._graph.images_using_layer(layer_id):
+                for container in self._graph.containers_using(image=image):
+                    self._graph.delete_container(container)
+                self._graph.delete_image(image)
+
+    # -- images ----------------------------------------------------------------------------
+
+    def _to_image(self, row: Any) -> Image:
+        return Image(
+            id=row["id"],
+            top_layer=row["top_layer"],
+            names=self._graph.image_names(row["id"]),
+            manifest_digest=row["manifest_digest"],
+            config=row["config"],
+            created=_when(row["created"]),
+        )
+
+    def _resolve_image(self, ref: str) -> Any:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidArgument(f"image reference {ref!r}: empty or not a string")
+        row = self._graph.image(ref) or self._graph.image(f"sha256:{ref}")
+        if row is None:
+            named = self._graph.image_for_name(ref)
+            row = None if named is None else self._graph.image(named)
+        if row is None:
+            raise NotFound(f"image {ref!r}: no such image")
+        return row
+
+    def create_image(
+        self,
+        top_layer: str | None,
+        *,
+        names: Sequence[str] = (),
+        config: bytes | None = None,
+        manifest_digest: str | None = None,
+    ) -> Image:
+        """Record an image whose root filesystem is committed layer ``top_layer``.
+
+        Its id is the sha256 of ``config`` (the OCI ImageID) when given, else random.
+        A name already used by another image moves to this one, as ``docker tag`` does.
+        """
+        self._check_open()
+        _check_digest("manifest digest", manifest_digest)
+        checked = [_check_key("image name", n) for n in names]
+        if config is not None and not isinstance(config, bytes):
+            raise InvalidArgument("image config: must be bytes")
+        image_id = (
+            "sha256:" + hashlib.sha256(config).hexdigest()
+            if config is not None
+            else secrets.token_hex(32)
+        )
+        with self._lock.held():
+            top = None
+            if top_layer is not None:
+                top_row = self._resolve(top_layer)
+                if top_row.kind != LayerKind.COMMITTED.value:
+                    raise FailedPrecondition(f"layer {top_layer!r}: an image needs a committed layer")
+                top = top_row.id
+            if self._graph.image(image_id) is not None:
+                raise AlreadyExists(f"image {image_id}: already exists")
+            with self._graph.transaction():
+                self._graph.insert_image(image_id, top, manifest_digest, config)
+                for name in checked:
+                    self._graph.add_image_name(image_id, name)
+        return self.image(image_id)
+
+    def image(self, ref: str) -> Image:
+        """The image ``ref`` names (id or name). :raises NotFound: none does."""
+        self._check_open()
+        return self._to_image(self._resolve_image(ref))
+
+    def images(self) -> list[Image]:
+        """Every image, oldest first."""
+        self._check_open()
+        return [self._to_image(r) for r in self._graph.all_images()]
+
+    def remove_image(self, ref: str) -> None:
+        """Remove the image record (its layers stay). :raises FailedPrecondition: in use."""
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve_image(ref)
+            users = self._graph.containers_using(image=row["id"])
+            if users:
+                raise FailedPrecondition(f"cannot remove image {ref!r}: used by container {users[0]}")
+            with self._graph.transaction():
+                self._graph.delete_image(row["id"])
+
+    # -- containers ------------------------------------------------------------------------
+
+    def _to_container(self, row: Any) -> Container:
+        return Container(
+            id=row["id"],
+            name=row["name"],
+            image=row["image"],
+            layer=row["layer"],
+            created=_when(row["created"]),
+        )
+
+    def _resolve_container(self, ref: str) -> Any:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidArgument(f"container reference {ref!r}: empty or not a string")
+        row = self._graph.container(ref)
+        if row is None:
+            named = self._graph.container_for_name(ref)
+            row = None if named is None else self._graph.container(named)
+        if row is None:
+            raise NotFound(f"container {ref!r}: no such container")
+        return row
+
+    def create_container(
+        self,
+        image: str | None,
+        *,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Container:
+        """Create a container: an active layer on ``image``'s top layer (empty if none)."""
+        self._check_open()
+        if name is not None:
+            _check_key("container name", name)
+            if self._graph.container_for_name(name) is not None:
+                raise AlreadyExists(f"container name {name!r}: already in use")
+        image_row = None if image is None else self._resolve_image(image)
+        container_id = secrets.token_hex(32)
+        top = None if image_row is None else image_row["top_layer"]
+        layer = self.create_layer(container_id, top, labels=labels)
+        try:
+            with self._lock.held(), self._graph.transaction():
+                if name is not None and self._graph.container_for_name(name) is not None:
+                    raise AlreadyExists(f"container name {name!r}: already in use")
+                self._graph.insert_container(
+                    container_id, name, None if image_row is None else image_row["id"], layer.id
+                )
+        except BaseException:
+            self.remove_layer(layer.id)
+            raise
+        return self.container(container_id)
+
+    def container(self, ref: str) -> Container:
+        """The container ``ref`` names (id or name). :raises NotFound: none does."""
+        self._check_open()
+        return self._to_container(self._resolve_container(ref))
+
+    def containers(self) -> list[Container]:
+        """Every container, oldest first."""
+        self._check_open()
+        return [self._to_container(r) for r in self._graph.all_containers()]
+
+    def remove_container(self, ref: str) -> None:
+        """Remove a container and its layer. :raises FailedPrecondition: its layer is mounted."""
+        self._check_open()
+        with self._lock.held():
+            row = self._resolve_container(ref)
+            layer = self._resolve(row["layer"])
+            self._reconcile_row(layer)
+            if self._resolve(row["layer"]).mount_count:
+                raise FailedPrecondition(f"cannot remove container {ref!r}: its layer is mounted")
+            with self._graph.transaction():
+                self._graph.delete_container(row["id"])
+            self.remove_layer(layer.id)
+
+
+class _Discard(io.RawIOBase):
+    """A sink for bytes that only need hashing."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+def _drain(stream: BinaryIO) -> None:
+    while stream.read(1 << 20):
+        pass
+
+
+def _backing_fs(path: Path) -> str:
+    names = {
+        _linux.EXT4_SUPER_MAGIC: "ext4",
+        _linux.BTRFS_SUPER_MAGIC: "btrfs",
+        _linux.TMPFS_MAGIC: "tmpfs",
+        _linux.OVERLAYFS_SUPER_MAGIC: "overlay",
+        0x58465342: "xfs",
+    }
+    try:
+        magic = _linux.statfs_type(str(path))
+    except OSError:
+        return "unknown"
+    return names.get(magic, hex(magic))
+
+
