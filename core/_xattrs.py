@@ -34,6 +34,12 @@ __all__ = ["get_xattr", "list_xattrs", "read_xattrs", "remove_xattr", "set_xattr
 _ABSENT: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
+def _raw(target: str | int) -> bytes | int:
+    # pyxattr_compat encodes a str path strictly (no surrogateescape) and so fails on a file
+    # name that is not UTF-8; os.fsencode gives the kernel's bytes back.
+    return target if isinstance(target, int) else os.fsencode(target)
+
+
 def _nofollow(target: str | int, follow: bool) -> bool:
     # The package's f*xattr wrappers return -1 without setting errno when asked not to follow
     # on an fd (xattr 1.3.0, lib_build.c); an fd is the file itself anyway.
@@ -63,7 +69,8 @@ def get_xattr(target: str | int, name: bytes, *, follow: bool = False) -> bytes 
     :raises OSError: for anything else (``ENOENT``, ``EACCES``, ...).
     """
     try:
-        value: bytes = pyxattr_compat.getxattr(target, name, nofollow=_nofollow(target, follow))
+        nofollow = _nofollow(target, follow)
+        value: bytes = pyxattr_compat.getxattr(_raw(target), name, nofollow=nofollow)
     except OSError as exc:
         if exc.errno in _ABSENT:
             return None
@@ -77,7 +84,7 @@ def set_xattr(target: str | int, name: bytes, value: bytes, *, follow: bool = Fa
     :raises OSError: ``EPERM`` for ``user.*`` on a symlink or device, ``ENOTSUP`` where the
         filesystem has no xattrs, ``EPERM`` for ``trusted.*`` without ``CAP_SYS_ADMIN``.
     """
-    pyxattr_compat.setxattr(target, name, value, nofollow=_nofollow(target, follow))
+    pyxattr_compat.setxattr(_raw(target), name, value, nofollow=_nofollow(target, follow))
 
 
 def remove_xattr(target: str | int, name: bytes, *, follow: bool = False) -> None:
@@ -85,7 +92,7 @@ def remove_xattr(target: str | int, name: bytes, *, follow: bool = False) -> Non
 
     :raises OSError: ``ENODATA`` when it is absent.
     """
-    pyxattr_compat.removexattr(target, name, nofollow=_nofollow(target, follow))
+    pyxattr_compat.removexattr(_raw(target), name, nofollow=_nofollow(target, follow))
 
 
 def read_xattrs(target: str | int, *, follow: bool = False) -> dict[bytes, bytes]:

@@ -33,6 +33,15 @@ def test_non_utf8_name_and_binary_value_round_trip(file: str) -> None:
     assert os.getxattr(file, ODD_NAME) == BINARY
 
 
+def test_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    Path(path).write_bytes(b"")
+    _xattrs.set_xattr(path, ODD_NAME, b"v")
+    assert _xattrs.read_xattrs(path) == {ODD_NAME: b"v"}
+    _xattrs.remove_xattr(path, ODD_NAME)
+    assert _xattrs.list_xattrs(path) == []
+
+
 def test_fd_target_sees_the_same_attributes(file: str) -> None:
     fd = os.open(file, os.O_RDONLY)
     try:
