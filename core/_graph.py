@@ -260,7 +260,11 @@ class Graph:
     # -- images and containers -------------------------------------------------------------
 
     def insert_image(
-        self, image_id: str, top_layer: str | None, manifest_digest: str | None, config: bytes | None
+        self,
+        image_id: str,
+        top_layer: str | None,
+        manifest_digest: str | None,
+        config: bytes | None,
     ) -> None:
         self._db.execute(
             "INSERT INTO images (id, top_layer, manifest_digest, config, created) "

@@ -180,7 +180,9 @@ def available_drivers(pm: pluggy.PluginManager | None = None) -> dict[str, Drive
     return registry.entries
 
 
-def conformance_home(driver_name: str, base: Path) -> contextlib.AbstractContextManager[Path] | None:
+def conformance_home(
+    driver_name: str, base: Path
+) -> contextlib.AbstractContextManager[Path] | None:
     """Ask the plugins for a conformance home for ``driver_name`` (see the hookspec)."""
     result: contextlib.AbstractContextManager[Path] | None = (
         plugin_manager().hook.laminae_conformance_home(driver_name=driver_name, base=base)

@@ -174,8 +174,10 @@ class CheckReport:
             *(f"orphan storage {s}: on disk, owned by no layer" for s in self.orphan_storage),
             *(f"layer {i}: its storage is missing from disk" for i in self.missing_storage),
             *(f"layer {i}: left incomplete by a process that is gone" for i in self.incomplete),
-            *(f"mount {m}: mounted under the run directory, counted by nothing"
-              for m in self.orphan_mounts),
+            *(
+                f"mount {m}: mounted under the run directory, counted by nothing"
+                for m in self.orphan_mounts
+            ),
             *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
         ]
 
@@ -350,7 +352,9 @@ def open_store(
     with map_os_errors(f"create store directories {root_path}, {run_path}"):
         root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         run_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Store(root_path, run_path, name, options, config.driver_priority, limits or config.limits)
+    return Store(
+        root_path, run_path, name, options, config.driver_priority, limits or config.limits
+    )
 
 
 @final
@@ -596,10 +600,13 @@ class Store:
         checked = _check_labels(labels)
         parent_row = self._committed_parent(parent)
         kind = LayerKind.VIEW if view else LayerKind.ACTIVE
-        with self._new_storage(key, parent_row, kind) as (row, _), self._lock.held():
-            with self._graph.transaction():
-                self._graph.set_labels(key, checked)
-                self._graph.update_layer(key, incomplete=False)
+        with (
+            self._new_storage(key, parent_row, kind),
+            self._lock.held(),
+            self._graph.transaction(),
+        ):
+            self._graph.set_labels(key, checked)
+            self._graph.update_layer(key, incomplete=False)
         return self.layer(key)
 
     def apply_layer(
@@ -632,7 +639,7 @@ class Store:
         with contextlib.ExitStack() as stack:
             if isinstance(tar, (str, Path)):
                 with map_os_errors(f"open layer tar {str(tar)!r}"):
-                    raw: IO[bytes] = stack.enter_context(open(tar, "rb"))  # noqa: SIM115
+                    raw: IO[bytes] = stack.enter_context(open(tar, "rb"))
             else:
                 raw = tar
             compressed = DigestReader(raw)
@@ -739,7 +746,12 @@ class Store:
         return self.layer(new_id)
 
     def _add_names_labels(
-        self, layer_id: str, names: Sequence[str], labels: Mapping[str, str], *, replace_labels: bool
+        self,
+        layer_id: str,
+        names: Sequence[str],
+        labels: Mapping[str, str],
+        *,
+        replace_labels: bool,
     ) -> None:
         for name in names:
             owner = self._graph.layer_for_name(name)
@@ -1164,7 +1176,9 @@ class Store:
             if top_layer is not None:
                 top_row = self._resolve(top_layer)
                 if top_row.kind != LayerKind.COMMITTED.value:
-                    raise FailedPrecondition(f"layer {top_layer!r}: an image needs a committed layer")
+                    raise FailedPrecondition(
+                        f"layer {top_layer!r}: an image needs a committed layer"
+                    )
                 top = top_row.id
             if self._graph.image(image_id) is not None:
                 raise AlreadyExists(f"image {image_id}: already exists")
@@ -1191,7 +1205,9 @@ class Store:
             row = self._resolve_image(ref)
             users = self._graph.containers_using(image=row["id"])
             if users:
-                raise FailedPrecondition(f"cannot remove image {ref!r}: used by container {users[0]}")
+                raise FailedPrecondition(
+                    f"cannot remove image {ref!r}: used by container {users[0]}"
+                )
             with self._graph.transaction():
                 self._graph.delete_image(row["id"])
 
@@ -1298,5 +1314,3 @@ def _backing_fs(path: Path) -> str:
     except OSError:
         return "unknown"
     return names.get(magic, hex(magic))
-
-

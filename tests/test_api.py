@@ -55,8 +55,17 @@ def test_built_in_drivers_come_through_entry_points() -> None:
 @pytest.mark.slow
 def test_wheel_offers_the_same_imports_as_the_checkout(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(tmp_path / "dist"), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("laminae-*.whl")
@@ -72,15 +81,25 @@ def test_wheel_offers_the_same_imports_as_the_checkout(tmp_path: Path) -> None:
         [str(python), "-c", LIST_PUBLIC], cwd=tmp_path, check=True, capture_output=True, text=True
     )
     here = subprocess.run(
-        [sys.executable, "-c", LIST_PUBLIC], cwd=tmp_path, check=True, capture_output=True,
+        [sys.executable, "-c", LIST_PUBLIC],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
         text=True,
     )
     wheel_names, checkout_names = json.loads(from_wheel.stdout), json.loads(here.stdout)
     assert wheel_names == checkout_names
     assert wheel_names["resolved"] == wheel_names["all"]
     files = subprocess.run(
-        [str(python), "-c", "import laminae, pathlib; "
-         "print(pathlib.Path(laminae.__file__).with_name('py.typed').exists())"],
-        cwd=tmp_path, check=True, capture_output=True, text=True,
+        [
+            str(python),
+            "-c",
+            "import laminae, pathlib; "
+            "print(pathlib.Path(laminae.__file__).with_name('py.typed').exists())",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert files.stdout.strip() == "True"
