@@ -1,0 +1,407 @@
+"""One conformance run: the driver under test, its capabilities, and the results by area.
+
+Registered as a pytest plugin by :mod:`laminae.conformance.plugin` once a driver is
+selected. It resolves the driver, prepares the mount namespace, turns ``laminae_requires``
+and the driver's known failures into skips and strict xfails, records every test's outcome,
+and reports them: a header, a table by area, an optional JSON file, and a failing exit
+status for a run where nothing passed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Final, NoReturn, final
+
+import attrs
+import laminae
+import pytest
+from laminae import _linux, _plugins
+
+from ._leaks import private_propagation
+
+__all__ = ["SESSION_KEY", "ConformanceSession", "TestResult", "installed_drivers"]
+
+OUTCOMES: Final = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+_LAMINAE_HOOKS: Final = ("laminae_register_drivers", "laminae_conformance_home")
+
+
+def installed_drivers() -> str:
+    """The installed drivers' names, for a usage message."""
+    try:
+        names = sorted(laminae.available_drivers())
+    except laminae.LaminaeError as exc:
+        return f"(cannot list them: {exc})"
+    return ", ".join(names) or "none"
+
+
+@attrs.define
+class TestResult:
+    """One test's outcome over its setup, call and teardown."""
+
+    __test__: ClassVar[bool] = False  # not a test class, whatever pytest's patterns say
+
+    id: str
+    area: str
+    outcome: str = "passed"
+    duration: float = 0.0
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "area": self.area,
+            "outcome": self.outcome,
+            "duration": round(self.duration, 4),
+            "message": self.message,
+        }
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _failure_message(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message)
+    return _first_line(report.longreprtext)
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return _first_line(report.longreprtext)
+
+
+def conformance_id(item: pytest.Item) -> tuple[str, str] | None:
+    """``(id, area)`` of a conformance test, or ``None`` for any other test.
+
+    The id is ``<area>::<test name>`` with the parameters, ``apply::test_fifo`` or
+    ``diff::test_echo[3]``: it names the test whatever class or module runs it, so that a
+    driver can list it in ``Capabilities.known_failures``. Ids are API: never renamed.
+    """
+    marker = item.get_closest_marker("laminae_area")
+    if marker is None or not marker.args:
+        return None
+    area = str(marker.args[0])
+    return f"{area}::{item.name}", area
+
+
+SESSION_KEY: Final = pytest.StashKey["ConformanceSession"]()
+SUITE_DIR: Final = Path(__file__).resolve().parent
+SUITE_PACKAGE: Final = __name__.rpartition(".")[0]
+
+
+class SuiteModule(pytest.Module):
+    """A test module of the suite, imported by its package name (``laminae.conformance.x``)
+    however laminae is installed, so that it shares its helpers with the plugin."""
+
+    def _getobj(self) -> Any:
+        module = importlib.import_module(f"{SUITE_PACKAGE}.{self.path.stem}")
+        self.config.pluginmanager.consider_module(module)
+        return module
+
+
+@final
+class ConformanceSession:
+    """The state of one conformance run; its methods are pytest hooks."""
+
+    PLUGIN_NAME: ClassVar[str] = "laminae-conformance"
+
+    def __init__(
+        self, config: pytest.Config, driver_name: str, *, strict: bool, report: str | None
+    ) -> None:
+        self.config = config
+        self.driver_name = driver_name
+        self.strict = strict
+        self.report_path = Path(report) if report else None
+        self.entry: laminae.DriverEntry | None = None
+        self.namespace = "not changed"
+        self.results: dict[str, TestResult] = {}
+        self.ids: dict[str, tuple[str, str]] = {}
+        self.unused_known_failures: list[str] = []
+        self.unavailable_reasons: set[str] = set()
+        self.nothing_passed = False
+        self._bridged: list[object] = []
+        config.stash[SESSION_KEY] = self
+
+    # -- the driver ---------------------------------------------------------------------
+
+    def select_driver(self) -> None:
+        """Find the driver by name among the installed ones.
+
+        :raises pytest.UsageError: no installed driver has that name.
+        """
+        try:
+            drivers = laminae.available_drivers()
+        except laminae.LaminaeError as exc:
+            raise pytest.UsageError(f"laminae: cannot load the installed drivers: {exc}") from exc
+        if self.driver_name not in drivers:
+            raise pytest.UsageError(
+                f"--laminae-driver {self.driver_name!r}: no such driver; installed drivers: "
+                f"{', '.join(sorted(drivers)) or 'none'}"
+            )
+        self.entry = drivers[self.driver_name]
+
+    @property
+    def capabilities(self) -> laminae.Capabilities:
+        assert self.entry is not None
+        return self.entry.capabilities
+
+    def unavailable(self, reason: str) -> NoReturn:
+        """Skip the test because the driver cannot run here, or fail it in strict mode."""
+        self.unavailable_reasons.add(reason)
+        if self.strict:
+            pytest.fail(
+                f"driver {self.driver_name!r} is unavailable: {reason} "
+                "(strict mode: an unavailable driver is an error, not a skip)",
+                pytrace=False,
+            )
+        pytest.skip(f"driver {self.driver_name!r} is unavailable: {reason}")
+
+    def check_available(self, home: Path) -> None:
+        """Skip or fail (see :meth:`unavailable`) unless the driver can run at ``home``."""
+        assert self.entry is not None
+        if os.geteuid() != 0:
+            # Whatever the driver needs, the store's mount executor mounts for real, and
+            # the suite reads every result back from a real mount.
+            self.unavailable("the conformance suite mounts layers and needs root (CAP_SYS_ADMIN)")
+        reason = self.entry.probe(home / "root" / self.driver_name, {})
+        if reason is not None:
+            self.unavailable(reason)
+
+    # -- plugins that register drivers ---------------------------------------------------
+
+    def pytest_plugin_registered(self, plugin: object, manager: pytest.PytestPluginManager) -> None:
+        # A conftest.py or a -p module may carry laminae hooks (a driver written for a test,
+        # a conformance home); hand it to laminae's plugin manager too. Historic hook: this
+        # also sees every plugin registered before the session was.
+        if not any(hasattr(getattr(plugin, h, None), "laminae_impl") for h in _LAMINAE_HOOKS):
+            return
+        pm = _plugins.plugin_manager()
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
+            self._bridged.append(plugin)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        pm = _plugins.plugin_manager()
+        for plugin in self._bridged:
+            if pm.is_registered(plugin):
+                pm.unregister(plugin)
+        self._bridged.clear()
+
+    # -- collection: the suite's modules under their one name -----------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> Any:
+        # A plain directory, not a Package: a Package imports ``__init__.py`` by its path,
+        # which for an editable install names it ``core.conformance`` and loads a second
+        # copy of laminae under the name ``core``.
+        if path == SUITE_DIR:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_pycollect_makemodule(self, module_path: Path, parent: pytest.Collector) -> Any:
+        if module_path.parent == SUITE_DIR:
+            return SuiteModule.from_parent(parent, path=module_path)
+        return None
+
+    # -- session start: mount namespace, header ------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.entry is None:
+            return
+        if os.geteuid() != 0:
+            self.namespace = "the caller's (not root: no mounts are made)"
+            return
+        if private_propagation():
+            self.namespace = "private (it was already)"
+            return
+        # Mounts made by the tests must never propagate to the host: move this process into
+        # a mount namespace of its own, and make every mount in it private.
+        try:
+            _linux.unshare(_linux.CLONE_NEWNS)
+            _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+        except OSError as exc:
+            raise pytest.UsageError(
+                f"laminae: cannot make a private mount namespace for the tests: {exc}"
+            ) from exc
+        self.namespace = "private (unshared by the laminae plugin at session start)"
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        if self.entry is None:
+            return []
+        caps = self.capabilities
+        features = ",".join(sorted(f.value for f in caps.features)) or "none"
+        return [
+            f"laminae driver: {self.driver_name} ({self.entry.origin})",
+            f"laminae capabilities: features={features} max_depth={caps.max_depth} "
+            f"needs_root={'yes' if caps.needs_root else 'no'} "
+            f"independent_layers={'yes' if caps.independent_layers else 'no'} "
+            f"known_failures={len(caps.known_failures)}",
+            "laminae mode: "
+            + (
+                "strict (an unavailable driver is an error)"
+                if self.strict
+                else "lenient (an unavailable driver is skipped)"
+            ),
+            f"laminae mount namespace: {self.namespace}",
+        ]
+
+    # -- collection: requirements and known failures -------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        if self.entry is None:
+            return
+        caps = self.capabilities
+        known = dict(caps.known_failures)
+        used: set[str] = set()
+        for item in items:
+            identity = conformance_id(item)
+            if identity is None:
+                continue
+            self.ids[item.nodeid] = identity
+            cid = identity[0]
+            for marker in item.iter_markers("laminae_requires"):
+                missing = [str(f) for f in marker.args if not self._declares(f)]
+                if missing:
+                    item.add_marker(
+                        pytest.mark.skip(
+                            reason=f"driver {self.driver_name!r} does not declare "
+                            f"{', '.join(missing)}"
+                        )
+                    )
+            key = cid if cid in known else cid.split("[", 1)[0]
+            if key in known:
+                used.add(key)
+                item.add_marker(
+                    pytest.mark.xfail(
+                        reason=f"known failure of {self.driver_name}: {known[key]}", strict=True
+                    )
+                )
+        self.unused_known_failures = sorted(known.keys() - used)
+
+    def _declares(self, feature: object) -> bool:
+        try:
+            wanted = laminae.Feature(getattr(feature, "value", feature))
+        except ValueError:
+            return False
+        return wanted in self.capabilities.features
+
+    # -- results -------------------------------------------------------------------------
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        identity = self.ids.get(report.nodeid)
+        if identity is None:
+            return
+        result = self.results.setdefault(report.nodeid, TestResult(*identity))
+        result.duration += report.duration
+        xfail = getattr(report, "wasxfail", None)
+        if report.when == "setup":
+            if report.failed:
+                result.outcome, result.message = "error", _failure_message(report)
+            elif report.skipped:
+                if xfail is not None:
+                    result.outcome, result.message = "xfailed", str(xfail)
+                else:
+                    result.outcome, result.message = "skipped", _skip_reason(report)
+        elif report.when == "call":
+            if report.failed:
+                result.outcome, result.message = "failed", _failure_message(report)
+            elif report.skipped:
+                if xfail is not None:
+                    result.outcome, result.message = "xfailed", str(xfail)
+                else:
+                    result.outcome, result.message = "skipped", _skip_reason(report)
+            elif xfail is not None:
+                result.outcome, result.message = "xpassed", str(xfail)
+        elif report.when == "teardown" and report.failed:
+            # A leak or a store that does not check clean after the test fails the test.
+            message = _failure_message(report)
+            if result.outcome in ("passed", "xpassed", "skipped"):
+                result.outcome, result.message = "failed", message
+            else:
+                result.message = f"{result.message}; then at teardown: {message}"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Outcome counts by area, areas sorted."""
+        table: dict[str, dict[str, int]] = {}
+        for result in self.results.values():
+            row = table.setdefault(result.area, dict.fromkeys(OUTCOMES, 0))
+            row[result.outcome] += 1
+        return dict(sorted(table.items()))
+
+    def _report_json(self) -> dict[str, Any]:
+        caps = self.capabilities
+        return {
+            "driver": self.driver_name,
+            "origin": self.entry.origin if self.entry else None,
+            "strict": self.strict,
+            "capabilities": {
+                "features": sorted(f.value for f in caps.features),
+                "max_depth": caps.max_depth,
+                "needs_root": caps.needs_root,
+                "independent_layers": caps.independent_layers,
+                "known_failures": dict(caps.known_failures),
+            },
+            "areas": self.counts(),
+            "tests": [r.to_json() for r in sorted(self.results.values(), key=lambda r: r.id)],
+        }
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.entry is None:
+            return
+        outcomes = {r.outcome for r in self.results.values()}
+        if self.ids and not outcomes & {"passed", "failed", "error", "xpassed"}:
+            self.nothing_passed = True
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.report_path is not None:
+            self.report_path.parent.mkdir(parents=True, exist_ok=True)
+            self.report_path.write_text(json.dumps(self._report_json(), indent=2) + "\n")
+
+    def _table(self) -> Iterator[str]:
+        counts = self.counts()
+        width = max([len("area"), len("total"), *(len(a) for a in counts)])
+        yield f"{'area':<{width}}  " + "  ".join(f"{o:>7}" for o in OUTCOMES)
+        totals = dict.fromkeys(OUTCOMES, 0)
+        for area, row in counts.items():
+            yield f"{area:<{width}}  " + "  ".join(f"{row[o]:>7}" for o in OUTCOMES)
+            for outcome in OUTCOMES:
+                totals[outcome] += row[outcome]
+        yield f"{'total':<{width}}  " + "  ".join(f"{totals[o]:>7}" for o in OUTCOMES)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.entry is None or not self.ids:
+            return
+        terminalreporter.section(f"laminae conformance: driver {self.driver_name}")
+        for line in self._table():
+            terminalreporter.write_line(line)
+        for reason in sorted(self.unavailable_reasons):
+            terminalreporter.write_line(f"driver unavailable: {reason}")
+        if self.unused_known_failures:
+            terminalreporter.write_line(
+                "known failures declared by the driver that name no collected test: "
+                + ", ".join(self.unused_known_failures)
+            )
+        if self.nothing_passed:
+            terminalreporter.write_line(
+                f"FAILED: no conformance test passed for driver {self.driver_name!r}: "
+                "a run that skips everything does not show the driver works",
+                red=True,
+                bold=True,
+            )
+        if self.report_path is not None:
+            terminalreporter.write_line(f"report written to {self.report_path}")
