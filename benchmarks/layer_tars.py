@@ -17,7 +17,7 @@ import os
 import random
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,6 +49,51 @@ class TreeSummary:
     """Sum of the regular files' sizes."""
     foreign_owned: int
     """Entries owned by uid 1000 (the rest are root's), to see that owners were restored."""
+    digest: str
+    """Over every entry's path, type, mode bits, owner, mtime (seconds) and content, in any
+    order: equal digests mean the same tree, down to the bytes."""
+
+
+class _TreeDigest:
+    """Accumulates a :class:`TreeSummary` entry by entry, in whatever order they come."""
+
+    def __init__(self) -> None:
+        self.files = self.dirs = self.file_bytes = self.foreign_owned = 0
+        self._sum = 0
+
+    def add(
+        self,
+        path: str,
+        st_mode: int,
+        uid: int,
+        gid: int,
+        mtime: int,
+        chunks: Iterable[bytes | memoryview] = (),
+    ) -> int:
+        """Count one entry (``st_mode`` with its type bits); returns the content's size."""
+        h = hashlib.sha256(f"{path}\0{st_mode:o}\0{uid}\0{gid}\0{mtime}\0".encode())
+        size = 0
+        for chunk in chunks:
+            h.update(chunk)
+            size += len(chunk)
+        # A sum modulo 2**256 does not depend on the order of the entries.
+        self._sum = (self._sum + int.from_bytes(h.digest(), "big")) % (1 << 256)
+        self.foreign_owned += uid == _OTHER_UID and gid == _OTHER_UID
+        if stat.S_ISDIR(st_mode):
+            self.dirs += 1
+        else:
+            self.files += 1
+            self.file_bytes += size
+        return size
+
+    def summary(self) -> TreeSummary:
+        return TreeSummary(
+            files=self.files,
+            dirs=self.dirs,
+            file_bytes=self.file_bytes,
+            foreign_owned=self.foreign_owned,
+            digest=f"{self._sum:064x}",
+        )
 
 
 @attrs.frozen
@@ -64,11 +109,13 @@ class LayerTar:
 
 
 class _TarWriter:
-    """Writes tar entries to ``out`` and hashes every byte on the way (the DiffID)."""
+    """Writes tar entries to ``out``, hashing every byte on the way (the DiffID) and
+    summarising the tree the entries make."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._sha = hashlib.sha256()
+        self.tree = _TreeDigest()
         self.size = 0
         self.entries = 0
 
@@ -88,29 +135,34 @@ class _TarWriter:
         self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         self.entries += 1
 
-    def _pad(self, size: int) -> None:
-        if size % _BLOCK:
-            self._write(bytes(_BLOCK - size % _BLOCK))
-
-    def directory(self, name: str, *, uid: int = 0, mode: int = 0o755) -> None:
-        self._header(name, tarfile.DIRTYPE, mode, uid, 0)
-
-    def file(self, name: str, chunks: Iterable[bytes | memoryview], size: int, **kw: int) -> None:
-        """Add a regular file whose content is ``chunks``, which must add up to ``size``."""
-        self._header(name, tarfile.REGTYPE, kw.get("mode", 0o644), kw.get("uid", 0), size)
-        written = 0
+    def _through(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         for chunk in chunks:
             self._write(chunk)
-            written += len(chunk)
+            yield chunk
+
+    def directory(self, name: str, *, uid: int = 0, mode: int = 0o755) -> None:
+        self._header(name + "/", tarfile.DIRTYPE, mode, uid, 0)
+        self.tree.add(name, stat.S_IFDIR | mode, uid, uid, _MTIME)
+
+    def file(
+        self, name: str, chunks: Iterable[bytes | memoryview], size: int, *, uid: int, mode: int
+    ) -> None:
+        """Add a regular file whose content is ``chunks``, which must add up to ``size``."""
+        self._header(name, tarfile.REGTYPE, mode, uid, size)
+        written = self.tree.add(name, stat.S_IFREG | mode, uid, uid, _MTIME, self._through(chunks))
         if written != size:
             raise ValueError(f"{name}: {written} bytes of content for a header of {size}")
-        self._pad(size)
+        if size % _BLOCK:
+            self._write(bytes(_BLOCK - size % _BLOCK))
 
     def finish(self) -> str:
         """Write the two zero blocks that end a tar, pad to a record; return the DiffID."""
         end = self.size + 2 * _BLOCK
         self._write(bytes(2 * _BLOCK + (-end) % _RECORD))
         return f"sha256:{self._sha.hexdigest()}"
+
+    def layer(self, path: Path, diff_id: str) -> LayerTar:
+        return LayerTar(path, diff_id, self.size, self.entries, self.tree.summary())
 
 
 def _nested_dir(index: int) -> list[str]:
@@ -135,7 +187,6 @@ def write_small_files_tar(
     rng = random.Random(seed)
     pool = rng.randbytes(MIB + max_file_bytes)
     view = memoryview(pool)
-    files = total = foreign = 0
     seen: set[str] = set()
     with open(path, "wb", buffering=MIB) as out:
         tar = _TarWriter(out)
@@ -145,24 +196,16 @@ def write_small_files_tar(
                 name = "/".join(parts[:depth])
                 if name not in seen:
                     seen.add(name)
-                    uid = _OTHER_UID if rng.random() < 0.25 else 0
-                    foreign += uid == _OTHER_UID
-                    tar.directory(name + "/", uid=uid)
+                    tar.directory(name, uid=_OTHER_UID if rng.random() < 0.25 else 0)
             leaf = "/".join(parts)
             for f in range(files_per_dir):
                 size = rng.randint(0, max_file_bytes)
                 offset = rng.randrange(MIB)
                 uid = _OTHER_UID if rng.random() < 0.25 else 0
                 mode = 0o755 if rng.random() < 0.125 else 0o644
-                foreign += uid == _OTHER_UID
-                tar.file(
-                    f"{leaf}/f{f:03d}", [view[offset : offset + size]], size, uid=uid, mode=mode
-                )
-                files += 1
-                total += size
-        diff_id = tar.finish()
-    tree = TreeSummary(files=files, dirs=len(seen), file_bytes=total, foreign_owned=foreign)
-    return LayerTar(path=path, diff_id=diff_id, size=tar.size, entries=tar.entries, tree=tree)
+                content = [view[offset : offset + size]]
+                tar.file(f"{leaf}/f{f:03d}", content, size, uid=uid, mode=mode)
+        return tar.layer(path, tar.finish())
 
 
 def write_large_files_tar(
@@ -188,24 +231,27 @@ def write_large_files_tar(
 
     with open(path, "wb", buffering=MIB) as out:
         tar = _TarWriter(out)
-        tar.directory("big/")
+        tar.directory("big")
         for f in range(files):
             tar.file(f"big/blob{f}", content(), file_bytes, uid=_OTHER_UID, mode=0o600)
-        diff_id = tar.finish()
-    tree = TreeSummary(files=files, dirs=1, file_bytes=files * file_bytes, foreign_owned=files)
-    return LayerTar(path=path, diff_id=diff_id, size=tar.size, entries=tar.entries, tree=tree)
+        return tar.layer(path, tar.finish())
 
 
 def summarize_tree(root: Path) -> TreeSummary:
-    """Count what is under ``root`` (not ``root`` itself), without following symlinks."""
-    files = dirs = total = foreign = 0
+    """Summarise what is under ``root`` (not ``root`` itself), without following symlinks,
+    reading every regular file."""
+    tree = _TreeDigest()
     for top, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            st = os.lstat(os.path.join(top, name))
-            foreign += st.st_uid == _OTHER_UID and st.st_gid == _OTHER_UID
-            if stat.S_ISDIR(st.st_mode):
-                dirs += 1
-            elif stat.S_ISREG(st.st_mode):
-                files += 1
-                total += st.st_size
-    return TreeSummary(files=files, dirs=dirs, file_bytes=total, foreign_owned=foreign)
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            meta = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns // 1_000_000_000)
+            tree.add(rel, *meta, _read(path) if stat.S_ISREG(st.st_mode) else ())
+    return tree.summary()
+
+
+def _read(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            yield chunk
