@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, final
@@ -140,9 +139,8 @@ class _Hooks:
         """
 
 
-def _origin(dist: importlib.metadata.Distribution | None) -> str:
-    if dist is None:
-        return "unknown"
+def _origin(dist: Any) -> str:
+    """``"name version"`` of a pluggy ``DistFacade`` (it wraps importlib's Distribution)."""
     return f"{dist.metadata['Name']} {dist.version}"
 
 

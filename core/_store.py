@@ -1099,8 +1099,8 @@ class Store:
                 fixed["orphan_mounts"].append(point)
             points = _linux.mount_points()
             for layer_id in report.stale_counts:
-                row = self._graph.layer(layer_id)
-                if row is not None and self._reconcile_row(row, points):
+                stale = self._graph.layer(layer_id)
+                if stale is not None and self._reconcile_row(stale, points):
                     fixed["stale_counts"].append(layer_id)
         return CheckReport(**{k: tuple(v) for k, v in fixed.items()})
 
