@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Protocol
 
 import attrs
-import laminae
 import pytest
+
+import laminae
 from laminae import _plugins
 
 from ._leaks import FileWatch, HostState, cleanup, describe

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, final
 
 import attrs
-import laminae
 import pytest
+
+import laminae
 from laminae import _linux, _plugins
 
 from ._leaks import private_propagation
@@ -126,6 +127,7 @@ class ConformanceSession:
         self.namespace = "not changed"
         self.results: dict[str, TestResult] = {}
         self.ids: dict[str, tuple[str, str]] = {}
+        self.selected: set[str] = set()
         self.unused_known_failures: list[str] = []
         self.unavailable_reasons: set[str] = set()
         self.nothing_passed = False
@@ -293,6 +295,9 @@ class ConformanceSession:
                 )
         self.unused_known_failures = sorted(known.keys() - used)
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.selected = {item.nodeid for item in session.items if item.nodeid in self.ids}
+
     def _declares(self, feature: object) -> bool:
         try:
             wanted = laminae.Feature(getattr(feature, "value", feature))
@@ -363,11 +368,10 @@ class ConformanceSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.entry is None:
             return
-        outcomes = {r.outcome for r in self.results.values()}
-        if self.ids and not outcomes & {"passed", "failed", "error", "xpassed"}:
+        passed = any(r.outcome == "passed" for r in self.results.values())
+        if self.selected and not passed and session.exitstatus == pytest.ExitCode.OK:
             self.nothing_passed = True
-            if session.exitstatus == pytest.ExitCode.OK:
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.report_path is not None:
             self.report_path.parent.mkdir(parents=True, exist_ok=True)
             self.report_path.write_text(json.dumps(self._report_json(), indent=2) + "\n")
@@ -384,7 +388,7 @@ class ConformanceSession:
         yield f"{'total':<{width}}  " + "  ".join(f"{totals[o]:>7}" for o in OUTCOMES)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.entry is None or not self.ids:
+        if self.entry is None or not self.selected:
             return
         terminalreporter.section(f"laminae conformance: driver {self.driver_name}")
         for line in self._table():

@@ -8,8 +8,9 @@ import os
 import stat
 from pathlib import Path
 
-import laminae
 import pytest
+
+import laminae
 from laminae import LayerKind
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, commit_written, mounted
