@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from laminae import _config
 from laminae._archive import Limits
 from laminae._config import StoreConfig, load_config, parse_size
