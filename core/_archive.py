@@ -332,12 +332,12 @@ class _Applier(_Tree):
         super().__init__(root)
         self._limits = limits
         self._overlay = whiteouts is WhiteoutMode.OVERLAY
-        self._parent_fds: list[int] = []
+        self._lowers: list[_Tree] = []
         try:
             for parent in parent_roots:
-                self._parent_fds.append(os.open(parent, _O_PATH_DIR))
+                self._lowers.append(_Tree(parent))
         except BaseException:
-            self._close_parents()
+            self._close_lowers()
             super().close()
             raise
         # DELETE mode must know what this layer created, to spare it from whiteouts and
@@ -351,13 +351,18 @@ class _Applier(_Tree):
         self._creating = False
 
     def close(self) -> None:
-        self._close_parents()
+        self._close_lowers()
         super().close()
 
-    def _close_parents(self) -> None:
-        fds, self._parent_fds = self._parent_fds, []
-        for fd in fds:
-            os.close(fd)
+    def release(self) -> None:
+        super().release()
+        for lower in self._lowers:
+            lower.release()
+
+    def _close_lowers(self) -> None:
+        lowers, self._lowers = self._lowers, []
+        for lower in lowers:
+            lower.close()
 
     def is_fresh(self, key: int) -> bool:
         return key in self._fresh
@@ -396,18 +401,29 @@ class _Applier(_Tree):
             parent_key = _dir_key(dir_fd)
             self._note((dir_fd, parent_key, parent_key in self._fresh), name)
             self._fresh.add(_dir_key(fd))
-            if not self._copy_parent_attributes(fd, b"/".join([*resolved, name])):
+            path = b"/".join([*resolved, name])
+            times = self._copy_parent_attributes(fd, path)
+            if times is None:
                 os.fchmod(fd, 0o755)  # mkdir's mode went through the umask
+            else:
+                # Set again after the last entry: children added below move the mtime.
+                self._dir_times.append((path, *times))
         finally:
             os.close(fd)
         return True
 
-    def _copy_parent_attributes(self, fd: int, path: bytes) -> bool:
-        for lower_fd in self._parent_fds:
+    def _copy_parent_attributes(self, fd: int, path: bytes) -> tuple[int, int] | None:
+        """Give a new directory the attributes it has in the nearest lower tree, if any.
+
+        :returns: the (atime, mtime) copied, or ``None`` when no lower tree has it.
+        """
+        above, _, name = path.rpartition(b"/")
+        for lower in self._lowers:
+            found = lower.lookup(above)
+            if found is None:
+                continue
             try:
-                source = _linux.openat2(
-                    lower_fd, path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, resolve=_RESOLVE
-                )
+                source = os.open(name, _O_LIST_DIR, dir_fd=found[0])
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     continue
@@ -420,9 +436,8 @@ class _Applier(_Tree):
             os.fchown(fd, st.st_uid, st.st_gid)
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
             _set_xattrs(fd, xattrs, overlay=True, regular_or_dir=True)
-            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            return True
-        return False
+            return st.st_atime_ns, st.st_mtime_ns
+        return None
 
     # --- removal ------------------------------------------------------------------------
 
@@ -777,7 +792,11 @@ def _rename_error(exc: LaminaeError, entry: TarEntry) -> NoReturn:
 
 
 def _entry_os_error(exc: OSError, entry: TarEntry) -> NoReturn:
-    with map_os_errors(f"layer tar entry '{_text(entry.name)}'"):
+    what = f"layer tar entry '{_text(entry.name)}'"
+    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
+        # The tar asked for something the kernel calls invalid: a bad input, not a failure.
+        raise InvalidArgument(f"{what}: {exc.strerror}") from exc
+    with map_os_errors(what):
         raise exc
     raise AssertionError("unreachable")  # pragma: no cover
 
