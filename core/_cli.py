@@ -195,10 +195,25 @@ class _LaminaeGroup(click.Group):
                 ctx.close()
         except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except LaminaeError as exc:
-            _fail(exc, exc.exit_code, debug)
-        except Exception as exc:  # anything unexpected is still one line, exit 1
-            _fail(exc, 1, debug)
+        except Exception as exc:
+            broken_pipe = _broken_pipe(exc)
+            if broken_pipe is not None:
+                # The reader went away (`laminae layer ls | head -1`): not an error worth a
+                # line. Click's own handling exits 1 quietly and silences the final flush.
+                raise broken_pipe from None
+            if isinstance(exc, LaminaeError):
+                _fail(exc, exc.exit_code, debug)
+            _fail(exc, 1, debug)  # anything unexpected is still one line
+
+
+def _broken_pipe(exc: BaseException) -> BrokenPipeError | None:
+    """The ``BrokenPipeError`` behind ``exc`` (the API keeps it as ``__cause__``), if any."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, BrokenPipeError):
+            return current
+        current = current.__cause__
+    return None
 
 
 # -- arguments --------------------------------------------------------------------------------
@@ -247,7 +262,9 @@ def _with_store(command: _F) -> _F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
-        return command(ctx.find_object(_Settings).open_store(ctx), *args, **kwargs)  # type: ignore[union-attr]
+        settings = ctx.find_object(_Settings)
+        assert settings is not None, "the top group sets it"
+        return command(settings.open_store(ctx), *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

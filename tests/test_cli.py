@@ -626,3 +626,23 @@ def test_json_converter_writes_paths_enums_and_datetimes() -> None:
         "k": "view",
         "t": "2026-01-02T03:04:05",
     }
+
+
+def test_script_is_quiet_when_the_reader_goes_away(store_args: list[str]) -> None:
+    big = make_tar({"big": os.urandom(4 << 20)})
+    assert (
+        run_script([*store_args, "layer", "apply", "--name", "big", "-"], input=big).returncode == 0
+    )
+    process = subprocess.Popen(
+        [str(SCRIPT), *store_args, "layer", "export", "big"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=script_env(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert len(process.stdout.read(10)) == 10
+    process.stdout.close()  # like `| head -c 10`
+    with process.stderr:
+        errors = process.stderr.read()
+    assert process.wait() == 1
+    assert errors == b""
