@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, TypeVar
+from typing import Any, BinaryIO, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import attrs
 import click
@@ -42,7 +42,8 @@ from ._store import Layer, LayerKind, Store, open_store
 
 __all__ = ["cli", "main"]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 # -- JSON -------------------------------------------------------------------------------------
@@ -256,17 +257,17 @@ class _Settings:
         return ctx.find_root().with_resource(store)
 
 
-def _with_store(command: _F) -> _F:
+def _with_store(command: Callable[Concatenate[Store, _P], _R]) -> Callable[_P, _R]:
     """Call ``command(store, ...)`` with the store opened from the global options."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         ctx = click.get_current_context()
         settings = ctx.find_object(_Settings)
         assert settings is not None, "the top group sets it"
         return command(settings.open_store(ctx), *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
