@@ -87,20 +87,25 @@ class LeakGuard:
     """What a test may leave behind: nothing. Collects findings until the test ends."""
 
     before: HostState
+    scope: Path
     findings: list[str] = attrs.field(factory=list)
 
     def finish(self) -> list[str]:
         """Compare the host with :attr:`before`, clean up, and return every finding."""
-        mounts, loops = HostState.now().leaks_since(self.before)
+        mounts, loops = HostState.now().leaks_since(self.before, self.scope)
         findings = [*self.findings, *describe(mounts, loops), *cleanup(mounts, loops)]
         self.findings.clear()
         return findings
 
 
 @pytest.fixture(autouse=True)
-def laminae_leak_guard() -> Iterator[LeakGuard]:
-    """Fail the test if it leaves mounts, loop devices or files outside the store."""
-    guard = LeakGuard(HostState.now())
+def laminae_leak_guard(tmp_path: Path) -> Iterator[LeakGuard]:
+    """Fail the test if it leaves mounts, loop devices or files outside the store.
+
+    Everything a test makes is below its ``tmp_path`` (the driver's home, the store, the
+    scratch and sentinel directories), so mounts and loop devices are looked for there.
+    """
+    guard = LeakGuard(HostState.now(), tmp_path.resolve())
     yield guard
     findings = guard.finish()
     if findings:

@@ -164,15 +164,30 @@ class HostState:
         """The host as it is."""
         return cls(mount_table(), loop_devices())
 
-    def leaks_since(self, before: HostState) -> tuple[list[Mount], list[tuple[str, str]]]:
-        """Mounts and loop devices present now that were not ``before``."""
-        mounts = [m for i, m in self.mounts.items() if i not in before.mounts]
+    def leaks_since(
+        self, before: HostState, scope: Path
+    ) -> tuple[list[Mount], list[tuple[str, str]]]:
+        """Mounts and loop devices present now that were not ``before``, and that belong to
+        ``scope`` (mounted below it, or from a source below it; backed by a file below it).
+
+        Only those: other processes on the host mount and attach loop devices too, and the
+        guard must never take theirs for a leak, let alone undo them.
+        """
+        mounts = [
+            m
+            for i, m in self.mounts.items()
+            if i not in before.mounts and (_below(m.mount_point, scope) or _below(m.source, scope))
+        ]
         loops = [
             (device, backing)
             for device, backing in self.loops.items()
-            if before.loops.get(device) != backing
+            if before.loops.get(device) != backing and _below(backing, scope)
         ]
         return mounts, loops
+
+
+def _below(path: str, scope: Path) -> bool:
+    return path == str(scope) or path.startswith(str(scope).rstrip("/") + "/")
 
 
 def describe(mounts: list[Mount], loops: list[tuple[str, str]]) -> list[str]:

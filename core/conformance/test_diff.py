@@ -136,7 +136,7 @@ class TestDiff:
 
         base = commit_written(store, None, write_base)
         upper = commit_written(store, base, write_upper)
-        base_tar, base_diff = diff_bytes(store, base.id)
+        base_tar, _ = diff_bytes(store, base.id)
         upper_tar, upper_diff = diff_bytes(store, upper.id)
         assert upper_diff.diff_id == upper.diff_id and upper_diff.size == upper.size == len(
             upper_tar
