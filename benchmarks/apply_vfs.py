@@ -373,7 +373,9 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "gnu_tar": output("tar", "--version"),
-        "laminae_commit": output("git", "rev-parse", "--short", "HEAD"),
+        # The editable install runs the working tree: say so when core/ or drivers/ differ.
+        "laminae_commit": output("git", "rev-parse", "--short", "HEAD")
+        + ("-dirty" if output("git", "status", "--porcelain", "--", "core", "drivers") else ""),
     }
 
 
@@ -445,6 +447,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _loads(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     require_root()
@@ -464,10 +470,16 @@ def main(argv: Sequence[str]) -> int:
         "I/O); caches dropped before every run; runs alternate laminae and tar"
     )
     results: list[CaseResult] = []
+    # Other work on the host shows up as spread between runs; the load average says how much.
+    load_before = os.getloadavg()
     with scratch_ext4(args.workdir, int(args.image_gib * GIB)) as mnt:
         for name in args.case_names:
             results.append(run_case(console, mnt, CASES[name], args.scale, args.repeat))
+    load_after = os.getloadavg()
     print_report(console, results, args.repeat, floor_kib)
+    console.print(
+        f"load average (1, 5, 15 min) before {_loads(load_before)}, after {_loads(load_after)}"
+    )
     if args.json is not None:
         document = {
             "command": command,
@@ -481,6 +493,8 @@ def main(argv: Sequence[str]) -> int:
                 "filesystem": "ext4 (mkfs.ext4 -q, no lazy init) on a loop device, direct I/O",
                 "caches": "sync; echo 3 > /proc/sys/vm/drop_caches before every run",
                 "rss_floor_kib": floor_kib,
+                "load_average_before": load_before,
+                "load_average_after": load_after,
             },
             "cases": [_json_result(r) for r in results],
         }
