@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from laminae import _linux
 from laminae._driver import Capabilities, MountSpec
 from laminae._exceptions import (

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from laminae import _xattrs
 
 ODD_NAME = b"user.\xff\xfeodd"
