@@ -68,6 +68,7 @@ __all__ = [
     "open_tree",
     "openat2",
     "openat2_available",
+    "parse_mountinfo",
     "rename_noreplace",
     "statfs_type",
     "syncfs",
