@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -362,21 +364,33 @@ def machine() -> dict[str, Any]:
     )
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
 
-    def output(*argv: str) -> str:
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
-        return done.stdout.strip().splitlines()[0] if done.stdout.strip() else "?"
-
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "memory_gib": round(mem_kib / (1 << 20), 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "gnu_tar": output("tar", "--version"),
-        # The editable install runs the working tree: say so when core/ or drivers/ differ.
-        "laminae_commit": output("git", "rev-parse", "--short", "HEAD")
-        + ("-dirty" if output("git", "status", "--porcelain", "--", "core", "drivers") else ""),
+        "gnu_tar": _first_line("tar", "--version") or "?",
+        "laminae": _laminae_origin(),
     }
+
+
+def _first_line(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
+    return done.stdout.strip().partition("\n")[0]
+
+
+def _laminae_origin() -> str:
+    """The commit of this checkout when laminae is imported from it (an editable install),
+    with ``-dirty`` when core/ or drivers/ have uncommitted changes; else where it is."""
+    spec = importlib.util.find_spec("laminae")
+    origin = Path(spec.origin) if spec and spec.origin else None
+    if origin is None or not origin.is_relative_to(REPO):
+        where = origin.parent if origin else "nowhere"
+        return f"{importlib.metadata.version('laminae')} installed at {where}"
+    commit = _first_line("git", "rev-parse", "--short", "HEAD") or "?"
+    dirty = _first_line("git", "status", "--porcelain", "--", "core", "drivers")
+    return f"{commit}{'-dirty' if dirty else ''} (this checkout)"
 
 
 def _json_result(result: CaseResult) -> dict[str, Any]:
@@ -463,7 +477,7 @@ def main(argv: Sequence[str]) -> int:
     console.print(
         f"[bold]laminae vfs apply benchmark[/]  {datetime.date.today()}  "
         f"nproc {info['nproc']}, {info['cpu']}, {info['memory_gib']} GiB, "
-        f"kernel {info['kernel']}, {info['gnu_tar']}, laminae {info['laminae_commit']}"
+        f"kernel {info['kernel']}, {info['gnu_tar']}, laminae {info['laminae']}"
     )
     console.print(
         f"ext4 on a {args.image_gib:.0f} GiB sparse image under {args.workdir} (loop, direct "
