@@ -1003,9 +1003,10 @@ class Store:
         # Marked incomplete first: a crash in the middle leaves a layer the next open removes.
         with self._graph.transaction():
             self._graph.update_layer(row.id, incomplete=True)
-        if row.storage_id in set(self.driver.layers()):
-            with map_os_errors(f"remove layer {row.id!r}"):
-                self.driver.remove(row.storage_id)
+        # Called for incomplete layers too, whose storage may be half made or absent: the
+        # driver sweeps what is there, and NotFound means there was nothing.
+        with contextlib.suppress(NotFound), map_os_errors(f"remove layer {row.id!r}"):
+            self.driver.remove(row.storage_id)
         with self._graph.transaction():
             self._graph.delete_layer(row.id)
 

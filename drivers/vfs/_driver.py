@@ -138,16 +138,22 @@ class VfsDriver:
     def remove(self, id: str) -> None:
         """Remove layer ``id`` and everything in it.
 
-        :raises NotFound: ``id`` is not on disk.
+        Also sweeps what a crash left of ``id`` (a half copy, a half removal).
+
+        :raises NotFound: nothing of ``id`` is on disk.
         """
         _check_id(id)
         path = self._dir / id
         doomed = self._home / f"rm-{id}"
+        # What a crash left: a half copy (create) or a half removal of this id.
+        leftovers = [p for p in (self._home / f"tmp-{id}", doomed) if os.path.lexists(p)]
         with map_os_errors(f"vfs: remove layer {id}"):
+            for leftover in leftovers:
+                _remove_tree(leftover)
             if not os.path.lexists(path):
+                if leftovers:
+                    return
                 raise NotFound(f"vfs: layer {id} is not on disk")
-            if os.path.lexists(doomed):
-                _remove_tree(doomed)
             # Out of dir/ in one step, so a crash mid-removal leaves no half layer listed.
             os.rename(path, doomed)
             _remove_tree(doomed)
