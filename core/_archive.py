@@ -166,7 +166,7 @@ class _Tree:
             os.close(self.root_fd)
             raise
         self._cache: collections.OrderedDict[bytes, _Dir] = collections.OrderedDict()
-        self._retired: list[int] = []
+        self.retired: list[int] = []
         self._last_path = b""
         self._last: _Dir = self.root
         self.openat2 = _linux.openat2_available()
@@ -177,13 +177,13 @@ class _Tree:
         os.close(self.root_fd)
 
     def invalidate(self) -> None:
-        self._retired.extend(fd for fd, _, _ in self._cache.values())
+        self.retired.extend(fd for fd, _, _ in self._cache.values())
         self._cache.clear()
         self._last_path = b""
         self._last = self.root
 
     def release(self) -> None:
-        retired, self._retired = self._retired, []
+        retired, self.retired = self.retired, []
         for fd in retired:
             os.close(fd)
 
@@ -213,7 +213,7 @@ class _Tree:
         self._cache[path] = found
         if len(self._cache) > _DIR_CACHE_SIZE:
             _, (old_fd, _, _) = self._cache.popitem(last=False)
-            self._retired.append(old_fd)
+            self.retired.append(old_fd)
         return found
 
     def is_fresh(self, key: int) -> bool:
@@ -523,7 +523,13 @@ class _Applier(_Tree):
             self._remove(dir_fd, name)
             fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
         try:
-            if entry.sparse is None:
+            data = entry.buffered()
+            if data is not None:
+                if data:
+                    written = os.write(fd, data)
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+            elif entry.sparse is None:
                 write = os.write
                 for _, piece in entry.chunks():
                     written = write(fd, piece)
@@ -775,7 +781,8 @@ def apply_tar(
             except OSError as exc:
                 _entry_os_error(exc, entry)
             finally:
-                applier.release()
+                if applier.retired:
+                    applier.release()
         with map_os_errors("layer tar: setting directory times"):
             applier.finish()
     finally:
