@@ -277,7 +277,9 @@ class ConformanceSession:
             self.ids[item.nodeid] = identity
             cid = identity[0]
             for marker in item.iter_markers("laminae_requires"):
-                missing = [str(f) for f in marker.args if not self._declares(f)]
+                missing = [
+                    str(getattr(f, "value", f)) for f in marker.args if not self._declares(f)
+                ]
                 if missing:
                     item.add_marker(
                         pytest.mark.skip(

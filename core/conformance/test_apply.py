@@ -25,8 +25,6 @@ from laminae.conformance._layers import apply, mounted
 from laminae.conformance._tars import LayerTar
 from laminae.conformance._tree import hardlink_groups, read_xattrs, snapshot
 
-pytestmark = pytest.mark.laminae_area("apply")
-
 NS = 1_000_000_000
 MTIME_NS = 1_234_567_890 * NS + 123_456_789
 # VFS_CAP_REVISION_2 (0x02000000) | VFS_CAP_FLAGS_EFFECTIVE, permitted = CAP_NET_BIND_SERVICE.
@@ -59,6 +57,7 @@ def no_whiteout_names(root: Path) -> list[str]:
     return [p for p in snapshot(root) if os.path.basename(p).startswith(".wh.")]
 
 
+@pytest.mark.laminae_area("apply")
 class TestApply:
     def test_regular_files(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         big = os.urandom(1 << 20)

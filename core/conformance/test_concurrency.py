@@ -15,12 +15,11 @@ from laminae.conformance._fixtures import StorePaths
 from laminae.conformance._layers import mounted
 from laminae.conformance._workers import driver_class_name, worker_command, worker_env
 
-pytestmark = pytest.mark.laminae_area("concurrency")
-
 ROUNDS = 20
 TIMEOUT = 240  # seconds; a deadlock fails the test instead of hanging the run
 
 
+@pytest.mark.laminae_area("concurrency")
 class TestConcurrency:
     def test_two_processes_one_store(
         self,

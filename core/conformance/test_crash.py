@@ -21,8 +21,6 @@ from laminae.conformance._leaks import mount_points
 from laminae.conformance._tars import LayerTar, file_header
 from laminae.conformance._workers import driver_class_name, worker_command, worker_env
 
-pytestmark = pytest.mark.laminae_area("crash")
-
 TIMEOUT = 120  # seconds; a worker that never gets going fails the test instead of hanging it
 SIGNAL_AFTER = 4 << 20  # bytes read: far past any sniffing of the compression format
 CHUNK = 1 << 16
@@ -98,6 +96,7 @@ def kill_during_apply(
     assert process.returncode == -9, f"worker ended with {process.returncode}, not SIGKILL"
 
 
+@pytest.mark.laminae_area("crash")
 class TestCrash:
     @pytest.mark.parametrize("on", ["base", "child"])
     def test_sigkill_during_apply(

@@ -16,8 +16,6 @@ import laminae
 from laminae.conformance._layers import Writer, apply, build_checked_chain, mounted
 from laminae.conformance._tars import LayerTar
 
-pytestmark = pytest.mark.laminae_area("depth")
-
 DEPTH_CAP = 500
 """Deepest chain the suite builds: overlayfs stacks at most 500 lower layers."""
 
@@ -42,6 +40,7 @@ def check_depth_top(root: Path, depth: int) -> None:
             )
 
 
+@pytest.mark.laminae_area("depth")
 class TestDepth:
     def test_deep_layer_read_128(
         self, store: laminae.Store, tar: type[LayerTar], capabilities: laminae.Capabilities

@@ -23,8 +23,6 @@ from laminae.conformance._layers import apply, commit_written, mounted
 from laminae.conformance._tars import LayerTar
 from laminae.conformance._tree import assert_same_tree, hardlink_groups, snapshot
 
-pytestmark = pytest.mark.laminae_area("diff")
-
 
 def diff_bytes(
     store: laminae.Store, ref: str, compression: laminae.Compression = laminae.Compression.NONE
@@ -117,6 +115,7 @@ def rich_chain(tar: type[LayerTar]) -> list[LayerTar]:
     return [base, middle, top]
 
 
+@pytest.mark.laminae_area("diff")
 class TestDiff:
     @pytest.mark.parametrize("file_count", [10, 100], ids=["10-files", "100-files"])
     def test_diff_apply(self, make_store: StoreFactory, scratch: Path, file_count: int) -> None:

@@ -27,8 +27,6 @@ import laminae
 from laminae.conformance._fixtures import VICTIM_CONTENT, StoreFactory, StorePaths
 from laminae.conformance._tars import LayerTar, file_header, pax_header, pax_record
 
-pytestmark = pytest.mark.laminae_area("hostile")
-
 UP: Final = "../" * 64  # more than any store's depth below /
 
 
@@ -255,6 +253,7 @@ def assert_untouched(sentinel: Path, before: os.stat_result) -> None:
     assert after.st_mode == before.st_mode, "the layer changed the mode of a file outside"
 
 
+@pytest.mark.laminae_area("hostile")
 class TestHostile:
     @pytest.mark.parametrize("case", list(CASES))
     def test_hostile_layer(

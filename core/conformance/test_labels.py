@@ -14,8 +14,6 @@ from laminae import LayerKind
 from laminae.conformance._layers import Writer, apply, commit_written
 from laminae.conformance._tars import LayerTar
 
-pytestmark = pytest.mark.laminae_area("labels")
-
 
 def write_file(name: str) -> Writer:
     def write(root: Path) -> None:
@@ -42,6 +40,7 @@ def walk_fixture(store: laminae.Store, tar: type[LayerTar]) -> dict[str, laminae
     return {name: store.layer(layer.id) for name, layer in layers.items()}
 
 
+@pytest.mark.laminae_area("labels")
 class TestLabels:
     def test_update(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         """containerd Update: created within the call, updated moves and created does not,

@@ -17,8 +17,6 @@ from laminae.conformance._layers import apply, commit_written, mounted
 from laminae.conformance._tars import LayerTar
 from laminae.conformance._tree import assert_same_tree, snapshot
 
-pytestmark = pytest.mark.laminae_area("layers")
-
 
 def write_base(root: Path) -> None:
     """graphtest's ``createBase``: a sticky 0705 dir owned 1:2, a setuid 0222 file."""
@@ -51,6 +49,7 @@ def twenty_files(prefix: str) -> LayerTar:
     return layer
 
 
+@pytest.mark.laminae_area("layers")
 class TestLayers:
     def test_create_empty(self, store: laminae.Store) -> None:
         layer = store.create_layer("empty")

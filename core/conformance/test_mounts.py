@@ -23,8 +23,6 @@ from laminae.conformance._layers import (
 from laminae.conformance._leaks import mount_points
 from laminae.conformance._tars import LayerTar
 
-pytestmark = pytest.mark.laminae_area("mounts")
-
 
 def create_file(path: str, data: bytes, mode: int = 0o644) -> Writer:
     def write(root: Path) -> None:
@@ -83,6 +81,7 @@ def rename(source: str, destination: str) -> Writer:
     return write
 
 
+@pytest.mark.laminae_area("mounts")
 class TestMounts:
     def test_view_readonly(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         """containerd ViewReadonly: writing into a mounted view fails with EROFS, for real."""
