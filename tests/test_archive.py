@@ -134,6 +134,26 @@ def test_owner_and_setuid_setgid_sticky(root: Path) -> None:
     assert stat.S_IMODE(os.lstat(root / "shared").st_mode) == 0o2775
 
 
+@pytest.mark.root
+def test_group_under_setgid_directories(root: Path, resolution: str) -> None:
+    """New files take a setgid directory's group; the header's group must still win."""
+    data = (
+        Layer()
+        .file("late/before", b"", gid=0)
+        .dir("late", mode=0o2775, gid=100)
+        .file("late/after", b"", gid=0)
+        .file("late/same", b"", gid=100)
+        .dir("s", mode=0o2770, gid=200)
+        .file("s/root-group", b"", gid=0)
+        .bytes()
+    )
+    apply(root, data)
+    assert os.lstat(root / "late/before").st_gid == 0
+    assert os.lstat(root / "late/after").st_gid == 0
+    assert os.lstat(root / "late/same").st_gid == 100
+    assert os.lstat(root / "s/root-group").st_gid == 0
+
+
 def test_subsecond_mtimes_and_directory_times_after_children(root: Path) -> None:
     data = (
         Layer()
