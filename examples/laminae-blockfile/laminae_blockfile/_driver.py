@@ -35,11 +35,11 @@ import struct
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 import laminae
 
-from ._size import format_size, parse_size
+from ._size import MIN_SIZE, format_size, parse_size
 
 __all__ = ["DEFAULT_SIZE", "BlockfileDriver", "BlockfileOptions", "parse_options"]
 
@@ -75,6 +75,10 @@ _MKFS_ARGS = (
 _SBIN = ("/usr/sbin", "/sbin")
 
 _EXT4_MAGIC = 0xEF53
+
+# Any: laminae 0.1's Capabilities converts ``features`` with the bare ``frozenset``, whose
+# generic parameter mypy cannot bind, so no non-empty set type-checks as the argument.
+_FEATURES: Any = frozenset({laminae.Feature.QUOTA})
 
 
 @final
@@ -158,6 +162,18 @@ def _inodes_in_use(image: Path) -> int:
     return total - free - (first_ino - 1) + 1
 
 
+def _loop_device_of(image: Path) -> str | None:
+    """The loop device backed by ``image``, if one is (that is: the layer is mounted)."""
+    target = os.path.realpath(image)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip() == target:
+                return f"/dev/{backing.parent.parent.name}"
+        except OSError:  # detached between glob and read
+            continue
+    return None
+
+
 @contextlib.contextmanager
 def _removed_on_error(path: Path) -> Iterator[None]:
     try:
@@ -178,7 +194,7 @@ class BlockfileDriver:
 
     name: ClassVar[str] = "blockfile"
     capabilities: ClassVar[laminae.Capabilities] = laminae.Capabilities(
-        features=frozenset(),
+        features=_FEATURES,
         # Each image holds its whole tree, so a chain's depth costs nothing at mount time;
         # the bound only keeps a runaway chain from filling the disk with copies.
         max_depth=1000,
@@ -209,6 +225,7 @@ class BlockfileDriver:
             )
         _require_tool("mkfs.ext4", "e2fsprogs")
         _require_tool("debugfs", "e2fsprogs")
+        _require_tool("resize2fs", "e2fsprogs")
         _require_tool("cp", "coreutils")
 
     def __init__(self, home: Path, options: Mapping[str, str]) -> None:
@@ -374,6 +391,57 @@ class BlockfileDriver:
                     ids.add(stem)
                     break
         return sorted(ids)
+
+    def set_quota(self, id: str, size: int) -> None:
+        """Resize layer ``id``'s filesystem, and its image, to ``size`` bytes.
+
+        Works on an unmounted layer only (``resize2fs`` offline): set the quota after
+        ``create`` and before the first mount. Shrinking fails if the files do not fit.
+        The filesystem's own metadata counts against ``size``, so slightly less than
+        ``size`` bytes of file data fit.
+
+        :raises laminae.InvalidArgument: ``size`` is below the driver's minimum of 16 MiB.
+        :raises laminae.FailedPrecondition: the layer is mounted, or is a view.
+        :raises laminae.LimitExceeded: the files do not fit in ``size`` bytes.
+        """
+        image = self._existing_image(id)
+        if size < MIN_SIZE:
+            raise laminae.InvalidArgument(
+                f"blockfile quota of layer {id}: {size} bytes is below the minimum "
+                f"of {format_size(MIN_SIZE)}"
+            )
+        size -= size % 4096
+        st = image.stat()
+        if st.st_nlink > 1:
+            raise laminae.FailedPrecondition(
+                f"blockfile layer {id} shares its image with its parent (a view): no quota"
+            )
+        device = _loop_device_of(image)
+        if device is not None:
+            raise laminae.FailedPrecondition(
+                f"blockfile layer {id} is in use ({device}): set its quota before mounting it"
+            )
+        if size == st.st_size:
+            return
+        resize2fs = _require_tool("resize2fs", "e2fsprogs")
+        # -f: resize2fs wants an e2fsck after the last mount, which would put lost+found
+        # back; the image is unmounted (checked above) and has no journal to replay.
+        argv = [resize2fs, "-f", str(image), f"{size // 1024}K"]
+        what = f"blockfile quota of layer {id}: resize to {format_size(size)}"
+        try:
+            if size > st.st_size:
+                os.truncate(image, size)
+                _run(argv, what)
+            else:
+                try:
+                    _run(argv, what)
+                except laminae.LaminaeError as exc:
+                    raise laminae.LimitExceeded(
+                        f"{exc} (do the layer's files fit in {format_size(size)}?)"
+                    ) from exc
+                os.truncate(image, size)
+        except OSError as exc:
+            raise laminae.LaminaeError(f"{what}: {exc.strerror}") from exc
 
     def close(self) -> None:
         """Nothing to release: every mount and loop device belongs to the store."""

@@ -259,3 +259,76 @@ def test_a_layer_is_empty_when_mounted_and_full_at_its_size(tmp_path: Path) -> N
         assert store.layer(layer.id).mount_count == 0
         store.remove_layer(layer.id)
         assert list((tmp_path / "root").rglob("*.img")) == []
+
+
+# -- quota --------------------------------------------------------------------------------
+
+
+def _fill(image: Path, tmp_path: Path, size: int) -> None:
+    """Write a file of ``size`` bytes into the image without mounting it."""
+    data = tmp_path / "data"
+    data.write_bytes(b"\x5a" * size)
+    subprocess.run(
+        ["debugfs", "-w", "-R", f"write {data} data", str(image)],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"},
+    )
+
+
+def test_quota_grows_and_shrinks_the_image(driver: _driver.BlockfileDriver) -> None:
+    driver.create(BASE, [], writable=True)
+    image = driver.image(BASE)
+    driver.set_quota(BASE, 128 * 1024**2)
+    assert image.stat().st_size == 128 * 1024**2
+    driver.set_quota(BASE, 50 * 1024**2 + 123)
+    assert image.stat().st_size == 50 * 1024**2
+    with open(image, "rb") as f:
+        f.seek(1024 + 4)
+        blocks = int.from_bytes(f.read(4), "little")
+        f.seek(1024 + 24)
+        block_size = 1024 << int.from_bytes(f.read(4), "little")
+    assert blocks * block_size == 50 * 1024**2, "the filesystem follows the file"
+    assert _debugfs_ls(image) == [], "no lost+found comes back"
+    driver.set_quota(BASE, 50 * 1024**2)  # same size: nothing to do
+
+
+def test_quota_below_the_minimum_is_refused(driver: _driver.BlockfileDriver) -> None:
+    driver.create(BASE, [], writable=True)
+    with pytest.raises(laminae.InvalidArgument, match=r"below the minimum of 16M"):
+        driver.set_quota(BASE, 1024**2)
+
+
+def test_quota_smaller_than_the_files_is_refused(
+    driver: _driver.BlockfileDriver, tmp_path: Path
+) -> None:
+    driver.create(BASE, [], writable=True)
+    _fill(driver.image(BASE), tmp_path, 24 * 1024**2)
+    with pytest.raises(laminae.LimitExceeded, match=r"fit in 16M"):
+        driver.set_quota(BASE, 16 * 1024**2)
+    assert driver.image(BASE).stat().st_size == 64 * 1024**2
+    assert _debugfs_ls(driver.image(BASE)) == ["data"]
+
+
+def test_quota_of_a_view_is_refused(driver: _driver.BlockfileDriver) -> None:
+    driver.create(BASE, [], writable=True)
+    driver.create(VIEW, [BASE], writable=False)
+    with pytest.raises(laminae.FailedPrecondition, match=r"view"):
+        driver.set_quota(VIEW, 128 * 1024**2)
+
+
+@pytest.mark.root
+def test_quota_of_a_layer_in_use_is_refused(driver: _driver.BlockfileDriver) -> None:
+    driver.create(BASE, [], writable=True)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(driver.image(BASE))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        with pytest.raises(laminae.FailedPrecondition, match=rf"in use \({device}\)"):
+            driver.set_quota(BASE, 128 * 1024**2)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+    assert driver.image(BASE).stat().st_size == 64 * 1024**2
