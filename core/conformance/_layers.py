@@ -31,8 +31,9 @@ __all__ = [
     "remove_tree",
 ]
 
-Writer = Callable[[Path], None]
-"""Writes a change into a root directory: the mounted layer, or a flat copy."""
+Writer = Callable[[Path], object]
+"""Writes a change into a root directory: the mounted layer, or a flat copy (what it
+returns is ignored, so a lambda may return what ``write_bytes`` returns)."""
 
 
 @contextlib.contextmanager

@@ -92,7 +92,8 @@ def kill_during_apply(
         process.wait(TIMEOUT)
         os.close(signal_read)
         for stream in (process.stdin, process.stdout, process.stderr):
-            stream.close()
+            if stream is not None:
+                stream.close()
     assert process.returncode == -9, f"worker ended with {process.returncode}, not SIGKILL"
 
 

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tarfile
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,10 @@ def many_files(root: Path, count: int, seed: int) -> list[str]:
 
 
 def assert_changes(
-    got: list[Change], expected: dict[str, ChangeKind], *, optional_dirs: set[str] = frozenset()
+    got: list[Change],
+    expected: dict[str, ChangeKind],
+    *,
+    optional_dirs: Collection[str] = frozenset(),
 ) -> None:
     """``got`` lists exactly ``expected``, sorted; a directory in ``optional_dirs`` may also
     be reported modified (its children changed; drivers differ on reporting that)."""

@@ -51,11 +51,7 @@ def rel(path: Path) -> str:
     return str(path).lstrip("/")
 
 
-def header_only(info: tarfile.TarInfo) -> bytes:
-    return info.tobuf(tarfile.USTAR_FORMAT)
-
-
-def gzip_bomb(_: Path) -> bytes:
+def gzip_bomb(sentinel: Path) -> bytes:
     size = 64 << 20
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
     parts = [compressor.compress(file_header("bomb", size))]
@@ -67,35 +63,35 @@ def gzip_bomb(_: Path) -> bytes:
     return b"".join(parts)
 
 
-def entry_bomb(_: Path) -> bytes:
+def entry_bomb(sentinel: Path) -> bytes:
     layer = LayerTar().dir("many")
     for number in range(2000):
         layer.file(f"many/{number}")
     return layer.build()
 
 
-def pax_bomb(_: Path) -> bytes:
+def pax_bomb(sentinel: Path) -> bytes:
     records = pax_record(b"comment", b"x" * (64 << 10))
     return LayerTar().raw(pax_header(records)).file("after-the-header", b"x").build()
 
 
-def pax_size_claim(_: Path) -> bytes:
+def pax_size_claim(sentinel: Path) -> bytes:
     records = pax_record(b"comment", b"x" * 1000)
     return pax_header(records, declared_size=(8 << 30) - 1)  # and the stream ends
 
 
-def gnu_long_name_claim(_: Path) -> bytes:
+def gnu_long_name_claim(sentinel: Path) -> bytes:
     info = tarfile.TarInfo("././@LongLink")
     info.type = tarfile.GNUTYPE_LONGNAME
     info.size = 1 << 30
     return info.tobuf(tarfile.GNU_FORMAT) + b"n" * 4096  # and the stream ends
 
 
-def truncated(_: Path) -> bytes:
+def truncated(sentinel: Path) -> bytes:
     return file_header("cut-short", 1 << 20) + b"only this much"
 
 
-def bad_checksum(_: Path) -> bytes:
+def bad_checksum(sentinel: Path) -> bytes:
     data = bytearray(LayerTar().file("file", b"data").build())
     data[148:156] = b"0000000\0"  # the header checksum field
     return bytes(data)
