@@ -28,6 +28,7 @@ __all__ = [
     "detect_compression",
     "open_compressor",
     "open_decompressed",
+    "sniff_compression",
 ]
 
 _INPUT_CHUNK: Final = 1 << 18
@@ -367,6 +368,18 @@ class _ZstdReader(_Reader):
         return data
 
 
+def sniff_compression(stream: _Source) -> tuple[Compression, BinaryIO]:
+    """Read the first bytes of ``stream`` to tell its compression; return it and a stream
+    that gives those bytes again, then the rest."""
+    head = b""
+    while len(head) < _HEAD:
+        data = stream.read(_HEAD - len(head))
+        if not data:
+            break
+        head += data
+    return detect_compression(head), _Prefixed(head, stream)
+
+
 def open_decompressed(stream: _Source, *, max_bytes: int) -> BinaryIO:
     """The plain tar inside ``stream``, whatever of gzip, zstd or nothing it is wrapped in.
 
@@ -376,14 +389,7 @@ def open_decompressed(stream: _Source, *, max_bytes: int) -> BinaryIO:
     :raises Unsupported: xz, bzip2 and other formats (named).
     :raises InvalidArgument: (when reading) corrupt or truncated compressed data.
     """
-    head = b""
-    while len(head) < _HEAD:
-        data = stream.read(_HEAD - len(head))
-        if not data:
-            break
-        head += data
-    compression = detect_compression(head)
-    source = _Prefixed(head, stream)
+    compression, source = sniff_compression(stream)
     inner: BinaryIO
     if compression is Compression.GZIP:
         inner = _GzipReader(source)

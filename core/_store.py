@@ -39,6 +39,7 @@ from ._compression import (
     DigestWriter,
     open_compressor,
     open_decompressed,
+    sniff_compression,
 )
 from ._config import StoreConfig, load_config
 from ._driver import Applier, Capabilities, ChangeReporter, Driver, Feature, QuotaSetter, Usage
@@ -642,17 +643,21 @@ class Store:
                     raw: IO[bytes] = stack.enter_context(open(tar, "rb"))
             else:
                 raw = tar
-            compressed = DigestReader(raw)
-            plain = DigestReader(open_decompressed(compressed, max_bytes=self.limits.max_bytes))
+            compression, source = sniff_compression(raw)
+            # A plain tar's digest is its DiffID: hash it once, not twice.
+            compressed = None if compression is Compression.NONE else DigestReader(source)
+            plain = DigestReader(
+                open_decompressed(compressed or source, max_bytes=self.limits.max_bytes)
+            )
             key = f"incomplete-{secrets.token_hex(16)}"
             with self._new_storage(key, parent_row, LayerKind.ACTIVE) as (row, parents):
                 self._apply(row, parents, plain)
                 _drain(plain)
-                _drain(compressed)
-                if digest is not None and compressed.digest != digest:
-                    raise CorruptLayer(
-                        f"layer tar: digest is {compressed.digest}, expected {digest}"
-                    )
+                if compressed is not None:
+                    _drain(compressed)
+                blob_digest = plain.digest if compressed is None else compressed.digest
+                if digest is not None and blob_digest != digest:
+                    raise CorruptLayer(f"layer tar: digest is {blob_digest}, expected {digest}")
                 if diff_id is not None and plain.digest != diff_id:
                     raise CorruptLayer(f"layer tar: DiffID is {plain.digest}, expected {diff_id}")
                 self._sync()
@@ -661,7 +666,7 @@ class Store:
                     parent_row,
                     plain.digest,
                     plain.size,
-                    compressed.digest if compressed.digest != plain.digest else None,
+                    None if compressed is None else compressed.digest,
                     names,
                     checked,
                 )
