@@ -401,6 +401,33 @@ def test_replace_one_type_with_another(root: Path, resolution: str, lower: str, 
     assert listing(root / "other") == ["kept"]
 
 
+def test_cached_directory_replaced_by_a_symlink(root: Path, resolution: str) -> None:
+    """The dir-fd cache must not keep writing into a directory an entry replaced."""
+    data = Layer().file("d/a").symlink("d", "e").dir("e").file("d/b", b"b").bytes()
+    apply(root, data)
+    assert os.readlink(root / "d") == "e"
+    assert listing(root / "e") == ["b"]
+
+
+def test_cached_directory_removed_by_a_whiteout(root: Path, resolution: str) -> None:
+    (root / "x").mkdir()
+    (root / "x/old").write_bytes(b"old")
+    apply(root, Layer().file("x/a").file("y/.wh.x").file(".wh.x").file("x/b", b"b").bytes())
+    assert listing(root) == ["x", "x/b"]
+
+
+def test_missing_parents_are_made_through_a_dangling_symlink(root: Path, resolution: str) -> None:
+    """Like containerd's RootPath: a dangling link in the path is followed inside the root."""
+    apply(root, Layer().symlink("l", "/made/here").file("l/f", b"f").bytes())
+    assert (root / "made/here/f").read_bytes() == b"f"
+    assert os.readlink(root / "l") == "/made/here"
+
+
+def test_parent_that_is_a_file_is_refused(root: Path, resolution: str) -> None:
+    with pytest.raises(InvalidArgument, match="layer tar entry 'f/x': .*not a directory"):
+        apply(root, Layer().file("f").file("f/x").bytes())
+
+
 def test_hardlink_replaced_file_does_not_change_its_partner(root: Path) -> None:
     (root / "a").write_bytes(b"shared")
     os.link(root / "a", root / "b")
