@@ -424,7 +424,7 @@ def test_missing_parents_are_made_through_a_dangling_symlink(root: Path, resolut
 
 
 def test_parent_that_is_a_file_is_refused(root: Path, resolution: str) -> None:
-    with pytest.raises(InvalidArgument, match="layer tar entry 'f/x': .*not a directory"):
+    with pytest.raises(InvalidArgument, match=r"layer tar entry 'f/x': .*not a directory"):
         apply(root, Layer().file("f").file("f/x").bytes())
 
 
