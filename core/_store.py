@@ -970,8 +970,9 @@ class Store:
 
     def _reconcile_mounts(self) -> None:
         """Make every mount count agree with ``/proc/self/mountinfo``."""
-        points = _linux.mount_points()
         with self._lock.held():
+            # Read under the lock: another process may mount between a read and the lock.
+            points = _linux.mount_points()
             for row in self._graph.all_layers():
                 self._reconcile_row(row, points)
 
