@@ -310,8 +310,12 @@ class BlockfileDriver:
 
     def _format(self, image: Path) -> None:
         try:
-            with open(image, "xb") as f:
-                f.truncate(self._options.size)
+            # 0600: a layer's files keep their own modes inside; the image itself is root's.
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self._options.size)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise laminae.LaminaeError(
                 f"blockfile: make a {format_size(self._options.size)} image {image}: {exc.strerror}"

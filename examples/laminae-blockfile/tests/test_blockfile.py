@@ -142,6 +142,7 @@ def test_base_layer_is_an_empty_sparse_ext4_image(driver: _driver.BlockfileDrive
     image = driver.image(BASE)
     st = image.stat()
     assert st.st_size == 64 * 1024**2
+    assert st.st_mode & 0o777 == 0o600
     assert st.st_blocks * 512 < 4 * 1024**2, "a fresh image stays sparse"
     with open(image, "rb") as f:
         f.seek(1024 + 56)
