@@ -16,7 +16,7 @@ from pathlib import Path
 
 import attrs
 
-from ._xattrs import get_xattr
+from ._xattrs import read_xattrs
 
 __all__ = ["Change", "ChangeKind", "naive_changes"]
 
@@ -43,28 +43,24 @@ class Change:
     kind: ChangeKind = attrs.field(order=False)
 
 
-_CAPABILITY = b"security.capability"
-
-
 def _same_file(a: os.stat_result, b: os.stat_result, a_path: str, b_path: str) -> bool:
     """Whether the layer's entry ``b`` is unchanged from the parent's ``a``.
 
-    Compares type, mode, owner, device number, size, mtime (nanoseconds), the
-    ``security.capability`` xattr and symlink targets, as containerd's walking differ does.
+    Compares type, mode, owner, device number, size, mtime (nanoseconds) and symlink targets,
+    as containerd's walking differ does, and every xattr (containerd compares only
+    ``security.capability``, so a changed ACL or label never reached its diffs).
     """
     if (a.st_mode, a.st_uid, a.st_gid) != (b.st_mode, b.st_uid, b.st_gid):
         return False
-    if stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode):
-        if a.st_rdev != b.st_rdev:
-            return False
-    if not stat.S_ISDIR(a.st_mode):
-        if a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns:
-            return False
+    is_device = stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode)
+    if is_device and a.st_rdev != b.st_rdev:
+        return False
+    # A directory's size and mtime follow its entries, which are compared one by one.
+    if not stat.S_ISDIR(a.st_mode) and (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns):
+        return False
     if stat.S_ISLNK(a.st_mode):
         return os.readlink(a_path) == os.readlink(b_path)
-    if stat.S_ISREG(a.st_mode) or stat.S_ISDIR(a.st_mode):
-        return get_xattr(a_path, _CAPABILITY) == get_xattr(b_path, _CAPABILITY)
-    return True
+    return read_xattrs(a_path) == read_xattrs(b_path)
 
 
 def _scan(path: str) -> dict[str, os.DirEntry[str]]:
@@ -73,7 +69,10 @@ def _scan(path: str) -> dict[str, os.DirEntry[str]]:
 
 
 def naive_changes(parent_root: Path | None, layer_root: Path) -> Iterator[Change]:
-    """Yield the changes from ``parent_root`` to ``layer_root``, sorted by path.
+    """Yield the changes from ``parent_root`` to ``layer_root``, depth first.
+
+    Names are sorted within each directory and a directory comes before its children, so a
+    parent is always seen before anything below it (what the tar writer needs).
 
     Both trees are read with ``os.*`` calls only; neither is changed. With no parent every
     path of the layer is added. A directory whose metadata is unchanged is not reported, but

@@ -78,7 +78,9 @@ class Feature(enum.Enum):
     """``set_quota`` limits the bytes a writable layer may hold."""
 
 
-def _to_failures(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+def _to_failures(
+    value: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
@@ -209,7 +211,9 @@ class ChangeReporter(Protocol):
     """:attr:`Feature.CHANGES`: list a layer's changes against its immediate parent."""
 
     def changes(self, id: str, parents: Sequence[str]) -> Iterator[Change]:
-        """Yield the changes of ``id`` against ``parents[0]`` (all added for a base), sorted."""
+        """Yield the changes of ``id`` against ``parents[0]`` (all added for a base).
+
+        Depth first, names sorted within a directory, a directory before its children."""
         ...
 
 
@@ -218,7 +222,7 @@ class QuotaSetter(Protocol):
     """:attr:`Feature.QUOTA`: limit how many bytes a writable layer may hold."""
 
     def set_quota(self, id: str, size: int) -> None:
-        """Limit layer ``id`` to ``size`` bytes; writes beyond fail with ``EDQUOT`` or ``ENOSPC``."""
+        """Limit layer ``id`` to ``size`` bytes; writing more fails (``EDQUOT``, ``ENOSPC``)."""
 
 
 FEATURE_PROTOCOLS: Mapping[Feature, type] = {
