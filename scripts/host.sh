@@ -4,6 +4,10 @@
 
 # The virtualenv the scripts install into; VENV=/elsewhere keeps a developer's .venv as it is.
 VENV="${VENV:-.venv}"
+case "$VENV" in
+/*) ;;
+*) VENV="$PWD/$VENV" ;; # sourced from the checkout's root
+esac
 
 require_root() {
     if [ "$(id -u)" -ne 0 ]; then
