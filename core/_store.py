@@ -268,6 +268,38 @@ class _StoreLock:
         os.close(self._fd)
 
 
+@contextlib.contextmanager
+def _claim(lock_path: Path) -> Iterator[None]:
+    """Hold ``lock_path`` for the block: "this is mine and in progress" to other processes.
+
+    Used for incomplete layers and temporary mounts. The kernel drops the ``flock`` when the
+    holder dies, so :func:`_is_claimed` tells a live writer's work from a crashed one's.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def _is_claimed(lock_path: Path) -> bool:
+    """Whether a live process holds ``lock_path`` (see :func:`_claim`)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _select_driver(
     drivers: Mapping[str, DriverEntry],
     root: Path,
@@ -397,6 +429,7 @@ class Store:
                         self._graph.set_meta("driver", entry.name)
                 self._remove_stale_incomplete()
                 self._reconcile_mounts()
+                self._unmount_orphans()
         except BaseException:
             self._graph.close()
             self._lock.close()
@@ -535,9 +568,6 @@ class Store:
         cleanup takes this incomplete layer for a crashed one.
         """
         storage_id = secrets.token_hex(16)
-        lock_path = self.root / "locks" / f"{storage_id}.lock"
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         stamp = now()
         row = LayerRow(
             id=key,
@@ -555,6 +585,8 @@ class Store:
             mount_point=None,
         )
         created = False
+        claim = _claim(self._layer_lock(storage_id))
+        claim.__enter__()
         try:
             with self._lock.held(), self._graph.transaction():
                 if self._graph.layer(key) is not None or self._graph.layer_for_name(key):
@@ -578,9 +610,7 @@ class Store:
                         self._graph.delete_layer(current.id)
             raise
         finally:
-            os.close(lock_fd)
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
+            claim.__exit__(None, None, None)
 
     def create_layer(
         self,
@@ -694,8 +724,12 @@ class Store:
         if len(specs) == 1 and specs[0].type == "bind" and not specs[0].target:
             yield Path(specs[0].source)
             return
-        target = self.runroot / "tmp" / secrets.token_hex(8)
-        with mounted(specs, target) as path:
+        nonce = secrets.token_hex(8)
+        (self.runroot / "tmp").mkdir(mode=0o700, exist_ok=True)
+        with (
+            _claim(self.runroot / "tmp" / f"{nonce}.lock"),
+            mounted(specs, self.runroot / "tmp" / nonce) as path,
+        ):
             yield path
 
     def _sync(self) -> None:
@@ -968,6 +1002,18 @@ class Store:
             self._graph.update_layer(row.id, mount_count=0, mount_point=None)
         return True
 
+    def _unmount_orphans(self) -> list[str]:
+        """Unmount what crashed processes left mounted under the run directory."""
+        with self._lock.held():
+            orphans = self._orphan_mounts(_linux.mount_points())
+            # Deepest first; unmount_all takes submounts along with their parent.
+            for point in sorted(orphans, key=len, reverse=True):
+                if _linux.is_mountpoint(point):
+                    unmount_all(Path(point))
+                with contextlib.suppress(FileNotFoundError):
+                    Path(point + ".lock").unlink()
+        return orphans
+
     def _reconcile_mounts(self) -> None:
         """Make every mount count agree with ``/proc/self/mountinfo``."""
         with self._lock.held():
@@ -1018,24 +1064,35 @@ class Store:
 
     def _stale_incomplete(self) -> list[LayerRow]:
         """Incomplete layers whose writer is gone (its per-layer lock is free)."""
-        stale = []
-        for row in self._graph.all_layers():
-            if not row.incomplete:
-                continue
-            lock_path = self.root / "locks" / f"{row.storage_id}.lock"
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                stale.append(row)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            finally:
-                os.close(fd)
-            stale.append(row)
-        return stale
+        return [
+            row
+            for row in self._graph.all_layers()
+            if row.incomplete and not _is_claimed(self._layer_lock(row.storage_id))
+        ]
+
+    def _layer_lock(self, storage_id: str) -> Path:
+        return self.root / "locks" / f"{storage_id}.lock"
+
+    def _orphan_mounts(self, points: set[str]) -> list[str]:
+        """Mounts under the run directory that no layer counts and no live process holds.
+
+        ``mounts/<sid>`` belongs to a layer whose count says mounted; ``tmp/<nonce>`` to the
+        process holding ``tmp/<nonce>.lock``. Anything else is what a crash left behind.
+        """
+        counted = {r.mount_point for r in self._graph.all_layers() if r.mount_count}
+        mounts_dir = f"{self.runroot}/mounts/"
+        tmp_dir = f"{self.runroot}/tmp/"
+        orphans = []
+        for point in sorted(points):
+            if point.startswith(mounts_dir):
+                top = mounts_dir + point[len(mounts_dir) :].split("/")[0]
+                if top not in counted:
+                    orphans.append(point)
+            elif point.startswith(tmp_dir):
+                nonce = point[len(tmp_dir) :].split("/")[0]
+                if not _is_claimed(self.runroot / "tmp" / f"{nonce}.lock"):
+                    orphans.append(point)
+        return orphans
 
     def _remove_stale_incomplete(self) -> list[str]:
         removed = []
@@ -1048,7 +1105,7 @@ class Store:
                         self._remove_row(child_row)
                 self._remove_row(row)
                 with contextlib.suppress(FileNotFoundError):
-                    (self.root / "locks" / f"{row.storage_id}.lock").unlink()
+                    self._layer_lock(row.storage_id).unlink()
                 removed.append(row.id)
         return removed
 
@@ -1063,17 +1120,13 @@ class Store:
             with map_os_errors(f"list layers of driver {self.driver_name}"):
                 on_disk = set(self.driver.layers())
             points = _linux.mount_points()
-            mounts_dir = str(self.runroot / "mounts") + "/"
-            counted = {r.mount_point for r in rows if r.mount_count}
             return CheckReport(
                 orphan_storage=tuple(sorted(on_disk - known)),
                 missing_storage=tuple(
                     r.id for r in rows if not r.incomplete and r.storage_id not in on_disk
                 ),
                 incomplete=tuple(r.id for r in self._stale_incomplete()),
-                orphan_mounts=tuple(
-                    sorted(p for p in points if p.startswith(mounts_dir) and p not in counted)
-                ),
+                orphan_mounts=tuple(self._orphan_mounts(points)),
                 stale_counts=tuple(
                     r.id for r in rows if r.mount_count and r.mount_point not in points
                 ),
@@ -1101,9 +1154,8 @@ class Store:
                     self._remove_row(row)
                 fixed["missing_storage"].append(layer_id)
             fixed["incomplete"] = self._remove_stale_incomplete()
-            for point in report.orphan_mounts:
-                unmount_all(Path(point))
-                fixed["orphan_mounts"].append(point)
+            remaining = set(self._unmount_orphans())
+            fixed["orphan_mounts"] = [p for p in report.orphan_mounts if p in remaining]
             points = _linux.mount_points()
             for layer_id in report.stale_counts:
                 stale = self._graph.layer(layer_id)

@@ -305,3 +305,24 @@ def test_images_and_containers(store: laminae.Store) -> None:
     store.remove_image(image.id)
     store.remove_layer(base.id)
     assert store.containers() == [] and store.images() == [] and store.layers() == []
+
+
+@pytest.mark.root
+def test_mounts_a_crash_left_behind_are_found_and_removed(tmp_path: Path) -> None:
+    root, run = tmp_path / "root", tmp_path / "run"
+    with laminae.open_store(root, runroot=run, driver="vfs") as store:
+        layer = store.create_layer("c")
+        # What a process killed mid-operation leaves: a temporary mount whose owner is gone,
+        # and a layer mount the graph never counted.
+        for target in (run / "tmp" / "0123abcd", run / "mounts" / layer.storage_id):
+            target.mkdir(parents=True)
+            _linux.bind_mount(str(store.driver_home), str(target))
+        report = store.check()
+        assert set(report.orphan_mounts) == {
+            str(run / "tmp" / "0123abcd"),
+            str(run / "mounts" / layer.storage_id),
+        }
+    with laminae.open_store(root, runroot=run) as store:
+        assert store.check().ok
+        points = _linux.mount_points()
+        assert not [p for p in points if p.startswith(str(run))]
