@@ -78,6 +78,10 @@ class Feature(enum.Enum):
     """``set_quota`` limits the bytes a writable layer may hold."""
 
 
+def _to_features(value: Iterable[Feature]) -> frozenset[Feature]:
+    return frozenset(Feature(v) for v in value)
+
+
 def _to_failures(
     value: Mapping[str, str] | Iterable[tuple[str, str]],
 ) -> tuple[tuple[str, str], ...]:
@@ -98,7 +102,7 @@ class Capabilities:
         they run as strict xfails, so an unexpected pass is reported.
     """
 
-    features: frozenset[Feature] = attrs.field(default=frozenset(), converter=frozenset)
+    features: frozenset[Feature] = attrs.field(default=frozenset(), converter=_to_features)
     max_depth: int = 128
     needs_root: bool = True
     independent_layers: bool = False

@@ -35,7 +35,7 @@ import struct
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, final
+from typing import ClassVar, final
 
 import laminae
 
@@ -75,10 +75,6 @@ _MKFS_ARGS = (
 _SBIN = ("/usr/sbin", "/sbin")
 
 _EXT4_MAGIC = 0xEF53
-
-# Any: laminae 0.1's Capabilities converts ``features`` with the bare ``frozenset``, whose
-# generic parameter mypy cannot bind, so no non-empty set type-checks as the argument.
-_FEATURES: Any = frozenset({laminae.Feature.QUOTA})
 
 
 @final
@@ -194,7 +190,7 @@ class BlockfileDriver:
 
     name: ClassVar[str] = "blockfile"
     capabilities: ClassVar[laminae.Capabilities] = laminae.Capabilities(
-        features=_FEATURES,
+        features={laminae.Feature.QUOTA},
         # Each image holds its whole tree, so a chain's depth costs nothing at mount time;
         # the bound only keeps a runaway chain from filling the disk with copies.
         max_depth=1000,
