@@ -171,12 +171,16 @@ class HostState:
         ``scope`` (mounted below it, or from a source below it; backed by a file below it).
 
         Only those: other processes on the host mount and attach loop devices too, and the
-        guard must never take theirs for a leak, let alone undo them.
+        guard must never take theirs for a leak, let alone undo them. In a private mount
+        namespace, though, every new mount is this process's (the host's do not propagate
+        in), so there a mount anywhere counts: a driver mounting outside its home is caught.
         """
+        anywhere = private_propagation()
         mounts = [
             m
             for i, m in self.mounts.items()
-            if i not in before.mounts and (_below(m.mount_point, scope) or _below(m.source, scope))
+            if i not in before.mounts
+            and (anywhere or _below(m.mount_point, scope) or _below(m.source, scope))
         ]
         loops = [
             (device, backing)
