@@ -44,18 +44,17 @@ from ._exceptions import (
     Unsupported,
 )
 from ._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
-from ._store import (
+from ._records import (
     CheckReport,
     Container,
     DiffResult,
     Image,
     Layer,
     LayerKind,
-    Store,
     StoreInfo,
     chain_id,
-    open_store,
 )
+from ._store import Store, open_store
 
 __all__ = [
     "AlreadyExists",

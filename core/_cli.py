@@ -38,7 +38,8 @@ from ._config import StoreConfig, load_config
 from ._driver import Capabilities
 from ._exceptions import CorruptLayer, InvalidArgument, LaminaeError, map_os_errors
 from ._plugins import available_drivers
-from ._store import Layer, LayerKind, Store, open_store
+from ._records import Layer, LayerKind
+from ._store import Store, open_store
 
 __all__ = ["cli", "main"]
 

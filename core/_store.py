@@ -14,16 +14,11 @@ file that tells another process's cleanup "this incomplete layer is still being 
 from __future__ import annotations
 
 import contextlib
-import enum
-import fcntl
 import hashlib
 import io
 import os
-import re
 import secrets
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, BinaryIO, final
@@ -55,249 +50,26 @@ from ._exceptions import (
     map_os_errors,
 )
 from ._graph import Graph, LayerRow, now
+from ._locks import StoreLock, claim, is_claimed
 from ._mount import mount_all, mounted, unmount_all
 from ._plugins import DriverEntry, available_drivers
+from ._records import (
+    ID_PREFIX,
+    CheckReport,
+    Container,
+    DiffResult,
+    Image,
+    Layer,
+    LayerKind,
+    StoreInfo,
+    chain_id,
+    check_digest,
+    check_key,
+    check_labels,
+    parse_time,
+)
 
-__all__ = [
-    "CheckReport",
-    "Container",
-    "DiffResult",
-    "Image",
-    "Layer",
-    "LayerKind",
-    "Store",
-    "StoreInfo",
-    "chain_id",
-    "open_store",
-]
-
-
-class LayerKind(enum.Enum):
-    """Committed layers are immutable; active ones writable; views read-only mounts."""
-
-    COMMITTED = "committed"
-    ACTIVE = "active"
-    VIEW = "view"
-
-
-@attrs.frozen
-class Layer:
-    """A layer as the graph knows it. See the module docstring of :mod:`laminae` for terms."""
-
-    id: str
-    parent: str | None
-    kind: LayerKind
-    storage_id: str
-    diff_id: str | None
-    digest: str | None
-    size: int | None
-    names: tuple[str, ...]
-    labels: Mapping[str, str]
-    created: datetime
-    updated: datetime
-    mount_count: int
-    mount_point: Path | None
-    depth: int
-
-
-@attrs.frozen
-class Image:
-    """An image: names, its manifest digest and config, and its top layer."""
-
-    id: str
-    top_layer: str | None
-    names: tuple[str, ...]
-    manifest_digest: str | None
-    config: bytes | None = attrs.field(repr=False)
-    created: datetime
-
-
-@attrs.frozen
-class Container:
-    """A container: a name, its image, and its active layer."""
-
-    id: str
-    name: str | None
-    image: str | None
-    layer: str
-    created: datetime
-
-
-@attrs.frozen
-class DiffResult:
-    """What :meth:`Store.diff` wrote: the DiffID, the digest of the bytes written, their size."""
-
-    diff_id: str
-    digest: str
-    size: int
-    compression: Compression
-
-
-@attrs.frozen
-class StoreInfo:
-    """A summary of a store, for ``laminae info``."""
-
-    root: Path
-    runroot: Path
-    driver: str
-    driver_origin: str
-    capabilities: Capabilities
-    backing_fs: str
-    layers: int
-    images: int
-    containers: int
-
-
-@attrs.frozen
-class CheckReport:
-    """What :meth:`Store.check` found, or what :meth:`Store.repair` fixed.
-
-    :param orphan_storage: storage ids on disk that no layer owns.
-    :param missing_storage: layer ids whose storage is gone from disk.
-    :param incomplete: layer ids left incomplete by a process that is gone.
-    :param orphan_mounts: mount points under the run directory that nothing counts.
-    :param stale_counts: layer ids whose mount count says mounted, but nothing is.
-    """
-
-    orphan_storage: tuple[str, ...] = ()
-    missing_storage: tuple[str, ...] = ()
-    incomplete: tuple[str, ...] = ()
-    orphan_mounts: tuple[str, ...] = ()
-    stale_counts: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems()
-
-    def problems(self) -> list[str]:
-        """One line per problem."""
-        return [
-            *(f"orphan storage {s}: on disk, owned by no layer" for s in self.orphan_storage),
-            *(f"layer {i}: its storage is missing from disk" for i in self.missing_storage),
-            *(f"layer {i}: left incomplete by a process that is gone" for i in self.incomplete),
-            *(
-                f"mount {m}: mounted under the run directory, counted by nothing"
-                for m in self.orphan_mounts
-            ),
-            *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
-        ]
-
-
-_HEX64 = re.compile(r"sha256:[0-9a-f]{64}")
-_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
-_PREFIX = re.compile(r"(sha256:)?[0-9a-f]{4,64}")
-_MAX_LABEL_BYTES = 4096  # containerd pkg/labels/validate.go: key + value
-
-
-def chain_id(diff_ids: Sequence[str]) -> str:
-    """The ChainID of layers with these DiffIDs, base first (image-spec config.md)."""
-    if not diff_ids:
-        raise InvalidArgument("chain_id: no DiffIDs given")
-    current = ""
-    for diff_id in diff_ids:
-        if not _HEX64.fullmatch(diff_id):
-            raise InvalidArgument(f"DiffID {diff_id!r}: not a sha256 digest")
-        if not current:
-            current = diff_id
-        else:
-            current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
-    return current
-
-
-def _check_key(what: str, value: str) -> str:
-    if not isinstance(value, str) or not _KEY.fullmatch(value) or value != value.strip():
-        raise InvalidArgument(
-            f"{what} {value!r}: must be 1-256 printable characters without surrounding spaces"
-        )
-    if _HEX64.fullmatch(value):
-        raise InvalidArgument(f"{what} {value!r}: sha256 ids are reserved for committed layers")
-    return value
-
-
-def _check_digest(what: str, value: str | None) -> str | None:
-    if value is not None and not _HEX64.fullmatch(value):
-        raise InvalidArgument(f"{what} {value!r}: expected 'sha256:' and 64 lower-case hex digits")
-    return value
-
-
-def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
-    result = {}
-    for key, value in (labels or {}).items():
-        if not isinstance(key, str) or not key or not isinstance(value, str):
-            raise InvalidArgument(f"label {key!r}: keys and values must be strings, keys non-empty")
-        if len(key.encode()) + len(value.encode()) > _MAX_LABEL_BYTES:
-            raise InvalidArgument(f"label {key!r}: key and value exceed {_MAX_LABEL_BYTES} bytes")
-        result[key] = value
-    return result
-
-
-def _when(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-@final
-class _StoreLock:
-    """The store lock: ``flock`` on one file, re-entrant within a process.
-
-    ``flock`` rather than POSIX ``fcntl`` record locks: record locks belong to the process
-    and vanish when *any* descriptor of the file is closed (containers/storage keeps an extra
-    in-process mutex for that reason); ``flock`` locks belong to the open file description.
-    """
-
-    __slots__ = ("_depth", "_fd", "_mutex")
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._mutex = threading.RLock()
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._mutex:
-            if self._depth == 0:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-@contextlib.contextmanager
-def _claim(lock_path: Path) -> Iterator[None]:
-    """Hold ``lock_path`` for the block: "this is mine and in progress" to other processes.
-
-    Used for incomplete layers and temporary mounts. The kernel drops the ``flock`` when the
-    holder dies, so :func:`_is_claimed` tells a live writer's work from a crashed one's.
-    """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
-        os.close(fd)
-
-
-def _is_claimed(lock_path: Path) -> bool:
-    """Whether a live process holds ``lock_path`` (see :func:`_claim`)."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+__all__ = ["Store", "open_store"]
 
 
 def _select_driver(
@@ -410,7 +182,7 @@ class Store:
         self.runroot = runroot
         self.limits = limits
         self._closed = False
-        self._lock = _StoreLock(root / "laminae.lock")
+        self._lock = StoreLock(root / "laminae.lock")
         self._graph = Graph(root / "graph.db")
         try:
             with self._lock.held():
@@ -492,7 +264,7 @@ class Store:
             named = self._graph.layer_for_name(ref)
             if named is not None:
                 row = self._graph.layer(named)
-        if row is None and _PREFIX.fullmatch(ref):
+        if row is None and ID_PREFIX.fullmatch(ref):
             matches = self._graph.match_prefix(ref.removeprefix("sha256:"))
             if len(matches) > 1:
                 raise InvalidArgument(f"layer reference {ref!r}: ambiguous, give more digits")
@@ -513,8 +285,8 @@ class Store:
             size=row.size,
             names=self._graph.names(row.id),
             labels=MappingProxyType(self._graph.labels(row.id)),
-            created=_when(row.created),
-            updated=_when(row.updated),
+            created=parse_time(row.created),
+            updated=parse_time(row.updated),
             mount_count=row.mount_count,
             mount_point=Path(row.mount_point) if row.mount_point else None,
             depth=row.depth,
@@ -585,8 +357,8 @@ class Store:
             mount_point=None,
         )
         created = False
-        claim = _claim(self._layer_lock(storage_id))
-        claim.__enter__()
+        in_progress = claim(self._layer_lock(storage_id))
+        in_progress.__enter__()
         try:
             with self._lock.held(), self._graph.transaction():
                 if self._graph.layer(key) is not None or self._graph.layer_for_name(key):
@@ -610,7 +382,7 @@ class Store:
                         self._graph.delete_layer(current.id)
             raise
         finally:
-            claim.__exit__(None, None, None)
+            in_progress.__exit__(None, None, None)
 
     def create_layer(
         self,
@@ -627,8 +399,8 @@ class Store:
         :raises FailedPrecondition: ``parent`` is not committed, or too deep for the driver.
         """
         self._check_open()
-        key = secrets.token_hex(32) if key is None else _check_key("layer key", key)
-        checked = _check_labels(labels)
+        key = secrets.token_hex(32) if key is None else check_key("layer key", key)
+        checked = check_labels(labels)
         parent_row = self._committed_parent(parent)
         kind = LayerKind.VIEW if view else LayerKind.ACTIVE
         with (
@@ -662,10 +434,10 @@ class Store:
         :raises LimitExceeded: the tar breaks a configured limit.
         """
         self._check_open()
-        _check_digest("digest", digest)
-        _check_digest("diff_id", diff_id)
-        names = [_check_key("layer name", n) for n in names]
-        checked = _check_labels(labels)
+        check_digest("digest", digest)
+        check_digest("diff_id", diff_id)
+        names = [check_key("layer name", n) for n in names]
+        checked = check_labels(labels)
         parent_row = self._committed_parent(parent)
         with contextlib.ExitStack() as stack:
             if isinstance(tar, (str, Path)):
@@ -727,7 +499,7 @@ class Store:
         nonce = secrets.token_hex(8)
         (self.runroot / "tmp").mkdir(mode=0o700, exist_ok=True)
         with (
-            _claim(self.runroot / "tmp" / f"{nonce}.lock"),
+            claim(self.runroot / "tmp" / f"{nonce}.lock"),
             mounted(specs, self.runroot / "tmp" / nonce) as path,
         ):
             yield path
@@ -819,8 +591,8 @@ class Store:
         :raises FailedPrecondition: ``key`` is not active, is mounted, or is a container's.
         """
         self._check_open()
-        names = [_check_key("layer name", n) for n in names]
-        checked = _check_labels(labels)
+        names = [check_key("layer name", n) for n in names]
+        checked = check_labels(labels)
         row = self._resolve(key)
         if row.kind != LayerKind.ACTIVE.value:
             raise FailedPrecondition(f"layer {key!r}: is {row.kind}; only active layers commit")
@@ -911,7 +683,7 @@ class Store:
     def set_labels(self, ref: str, labels: Mapping[str, str]) -> Layer:
         """Replace every label of ``ref`` with ``labels``."""
         self._check_open()
-        checked = _check_labels(labels)
+        checked = check_labels(labels)
         with self._lock.held():
             row = self._resolve(ref)
             with self._graph.transaction():
@@ -922,7 +694,7 @@ class Store:
     def add_names(self, ref: str, names: Sequence[str]) -> Layer:
         """Give ``ref`` more names. :raises AlreadyExists: a name belongs to another layer."""
         self._check_open()
-        checked = [_check_key("layer name", n) for n in names]
+        checked = [check_key("layer name", n) for n in names]
         with self._lock.held():
             row = self._resolve(ref)
             with self._graph.transaction():
@@ -1067,7 +839,7 @@ class Store:
         return [
             row
             for row in self._graph.all_layers()
-            if row.incomplete and not _is_claimed(self._layer_lock(row.storage_id))
+            if row.incomplete and not is_claimed(self._layer_lock(row.storage_id))
         ]
 
     def _layer_lock(self, storage_id: str) -> Path:
@@ -1090,7 +862,7 @@ class Store:
                     orphans.append(point)
             elif point.startswith(tmp_dir):
                 nonce = point[len(tmp_dir) :].split("/")[0]
-                if not _is_claimed(self.runroot / "tmp" / f"{nonce}.lock"):
+                if not is_claimed(self.runroot / "tmp" / f"{nonce}.lock"):
                     orphans.append(point)
         return orphans
 
@@ -1193,7 +965,7 @@ class Store:
             names=self._graph.image_names(row["id"]),
             manifest_digest=row["manifest_digest"],
             config=row["config"],
-            created=_when(row["created"]),
+            created=parse_time(row["created"]),
         )
 
     def _resolve_image(self, ref: str) -> Any:
@@ -1221,8 +993,8 @@ class Store:
         A name already used by another image moves to this one, as ``docker tag`` does.
         """
         self._check_open()
-        _check_digest("manifest digest", manifest_digest)
-        checked = [_check_key("image name", n) for n in names]
+        check_digest("manifest digest", manifest_digest)
+        checked = [check_key("image name", n) for n in names]
         if config is not None and not isinstance(config, bytes):
             raise InvalidArgument("image config: must be bytes")
         image_id = (
@@ -1278,7 +1050,7 @@ class Store:
             name=row["name"],
             image=row["image"],
             layer=row["layer"],
-            created=_when(row["created"]),
+            created=parse_time(row["created"]),
         )
 
     def _resolve_container(self, ref: str) -> Any:
@@ -1302,7 +1074,7 @@ class Store:
         """Create a container: an active layer on ``image``'s top layer (empty if none)."""
         self._check_open()
         if name is not None:
-            _check_key("container name", name)
+            check_key("container name", name)
             if self._graph.container_for_name(name) is not None:
                 raise AlreadyExists(f"container name {name!r}: already in use")
         image_row = None if image is None else self._resolve_image(image)
