@@ -163,3 +163,29 @@ class Layer:
     def bytes(self) -> bytes:
         self._tar.close()
         return self._buffer.getvalue()
+
+
+def make_tar(
+    files: dict[str, bytes], *, dirs: Iterable[str] = (), whiteouts: Iterable[str] = ()
+) -> bytes:
+    """A small uncompressed layer tar with fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in dirs:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            info.mtime = 1_700_000_000
+            tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+        for name in whiteouts:
+            head, _, tail = name.rpartition("/")
+            info = tarfile.TarInfo(f"{head}/.wh.{tail}" if head else f".wh.{tail}")
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()

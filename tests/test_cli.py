@@ -21,38 +21,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from tarbuild import make_tar
 
 import laminae
 from laminae import _cli
 from laminae._cli import cli
 
 SCRIPT = Path(sys.executable).with_name("laminae")
-
-
-def make_tar(
-    files: dict[str, bytes], *, dirs: Sequence[str] = (), whiteouts: Sequence[str] = ()
-) -> bytes:
-    """A small uncompressed layer tar with fixed metadata."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in dirs:
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            info.mtime = 1_700_000_000
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
-        for name in whiteouts:
-            head, _, tail = name.rpartition("/")
-            info = tarfile.TarInfo(f"{head}/.wh.{tail}" if head else f".wh.{tail}")
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(b""))
-    return buf.getvalue()
 
 
 def digest(data: bytes) -> str:

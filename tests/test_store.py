@@ -6,34 +6,15 @@ import hashlib
 import io
 import os
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tarbuild import make_tar
 
 import laminae
 from laminae import _linux
 from laminae._graph import Graph, LayerRow, now
-
-
-def make_tar(files: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes:
-    """A small uncompressed layer tar with fixed metadata."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in dirs:
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            info.mtime = 1_700_000_000
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def digest(data: bytes) -> str:
