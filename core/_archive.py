@@ -35,16 +35,25 @@ Rules, in the order they apply to an entry:
   Hard-link entries change nothing of the inode they share.
 * Whiteouts (image-spec 6.1): ``.wh.<name>`` hides ``<name>`` of the lower layers, and
   ``.wh..wh..opq`` hides every lower child of its directory whatever the marker's position in
-  the tar. With :attr:`WhiteoutMode.DELETE` they are deleted from the target; with
-  :attr:`WhiteoutMode.OVERLAY` a whiteout becomes a ``0:0`` character device owned as the
-  header says, and an opaque directory gets ``trusted.overlay.opaque=y``. Whiteouts hide only
-  lower content: a path this layer created stays. A bare ``.wh.``, a ``.wh..wh.<other>``, and
-  a whiteout for ``.`` or ``..`` are refused. Markers are never written as files.
-* ``trusted.overlay.*`` xattrs in a tar are dropped: they are overlayfs's own bookkeeping, and a
-  forged ``redirect`` or ``opaque`` would let a layer alias or hide content of other layers.
-  With :attr:`WhiteoutMode.OVERLAY` every ``trusted.*`` xattr is dropped for the same reason
-  (containerd refuses them all); with :attr:`WhiteoutMode.DELETE` the rest of ``trusted.*`` is
-  content like any other xattr.
+  the tar. With :attr:`WhiteoutMode.DELETE` they are deleted from the target. Whiteouts hide
+  only lower content: a path this layer created stays. A bare ``.wh.``, a ``.wh..wh.<other>``,
+  and a whiteout for ``.`` or ``..`` are refused. Markers are never written as files.
+* With :attr:`WhiteoutMode.OVERLAY` the target is an overlayfs upper dir and ``parent_roots``
+  are the lower dirs, read with overlayfs's rules (a ``0:0`` character device hides a name, an
+  opaque directory hides what is below it, a non-directory ends the stack, the opaque xattr of
+  a layer's root means nothing). A whiteout becomes a ``0:0`` character device owned as the
+  header says, only where the lowers show the name: in a directory with no lower, overlayfs
+  lists a whiteout as an entry that cannot be opened. An opaque marker sets
+  ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` with ``userxattr``, as a rootless
+  mount reads it) on a directory the layer or the lowers have; at the root, where overlayfs
+  ignores the flag, every lower name gets a whiteout instead. A directory that replaces a
+  non-directory of this layer (a whiteout, a file) is made opaque, since what it replaced hid
+  the lowers. A hard link to a file only the lowers have copies that file up first, as
+  overlayfs does. A ``0:0`` character device entry is refused: overlayfs would read it as a
+  whiteout.
+* ``trusted.overlay.*`` and ``user.overlay.*`` xattrs in a tar are refused: they are
+  overlayfs's own bookkeeping, and a forged ``redirect`` or ``opaque`` would let a layer alias
+  or hide content of other layers. Every other xattr, ``trusted.*`` included, is content.
 
 A failure raises at once and leaves the target half-written (the store throws the whole layer
 away); it never leaves anything outside the root. Errors name the entry.
@@ -79,7 +88,7 @@ from ._exceptions import (
     map_os_errors,
 )
 from ._tarstream import CHUNK_SIZE, EntryType, Limits, TarEntry, TarReader
-from ._xattrs import read_xattrs, set_xattr
+from ._xattrs import get_xattr, read_xattrs, set_xattr
 
 __all__ = ["ApplyResult", "Limits", "WhiteoutMode", "apply_tar", "write_changes_tar"]
 
@@ -114,7 +123,8 @@ _DIR_CACHE_SIZE: Final = 128
 _WHITEOUT: Final = b".wh."
 _OPAQUE: Final = b".wh..wh..opq"
 _CAPABILITY: Final = b"security.capability"
-_OVERLAY_OPAQUE: Final = b"trusted.overlay.opaque"
+_OVERLAY_PREFIXES: Final = (b"trusted.overlay.", b"user.overlay.")
+_OPAQUE_XATTRS: Final = {False: b"trusted.overlay.opaque", True: b"user.overlay.opaque"}
 _DEVICE_TYPES: Final = {
     EntryType.CHAR: stat.S_IFCHR,
     EntryType.BLOCK: stat.S_IFBLK,
@@ -126,6 +136,11 @@ _DEFAULT_LIMITS: Final = Limits()
 
 def _text(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    """Whether ``st`` is an overlayfs whiteout: a ``0:0`` character device."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _clean(name: bytes) -> bytes:
@@ -164,6 +179,7 @@ class _Tree:
     """
 
     def __init__(self, root: Path) -> None:
+        self.root_path = os.fsencode(root)
         self.root_fd = os.open(root, _O_PATH_DIR)
         try:
             st = os.fstat(self.root_fd)
@@ -252,6 +268,12 @@ class _Tree:
         """Create a missing directory while walking; ``False`` if nothing may be created."""
         return False
 
+    def make_parent_over(
+        self, dir_fd: int, name: bytes, st: os.stat_result, resolved: list[bytes]
+    ) -> bool:
+        """Replace the non-directory ``name`` by a directory while walking; ``False`` if not."""
+        return False
+
     def walk(self, path: bytes) -> int | None:
         """Resolve ``path`` within the root one component at a time, without ``openat2``.
 
@@ -282,14 +304,19 @@ class _Tree:
                     if not self.make_parent(current, name, resolved):
                         return None
                     fd = os.open(name, _O_PATH_NOFOLLOW, dir_fd=current)
-                mode = os.fstat(fd).st_mode
+                st = os.fstat(fd)
+                mode = st.st_mode
                 if stat.S_ISDIR(mode):
                     stack.append(fd)
                     resolved.append(name)
                     continue
                 os.close(fd)
                 if not stat.S_ISLNK(mode):
-                    return None
+                    if not self.make_parent_over(current, name, st, resolved):
+                        return None
+                    stack.append(os.open(name, _O_PATH_NOFOLLOW, dir_fd=current))
+                    resolved.append(name)
+                    continue
                 links += 1
                 if links > _MAX_SYMLINKS:
                     raise InvalidArgument(
@@ -309,13 +336,27 @@ class _Tree:
                 os.close(fd)
 
 
-def _set_xattrs(
-    target: str | int, xattrs: dict[bytes, bytes], overlay: bool, regular_or_dir: bool
-) -> None:
-    """Set ``xattrs`` on ``target``, ``security.capability`` last (``chown`` clears it)."""
+def _is_overlay_xattr(name: bytes) -> bool:
+    return name.startswith(_OVERLAY_PREFIXES)
+
+
+def _check_xattrs(xattrs: dict[bytes, bytes]) -> None:
+    """Refuse overlayfs's own attributes: a forged one could hide or alias other layers."""
+    for name in xattrs:
+        if _is_overlay_xattr(name):
+            raise InvalidArgument(
+                f"xattr '{_text(name)}' is overlayfs's own bookkeeping; a layer may not carry it"
+            )
+
+
+def _set_xattrs(target: str | int, xattrs: dict[bytes, bytes], regular_or_dir: bool) -> None:
+    """Set ``xattrs`` on ``target``, ``security.capability`` last (``chown`` clears it).
+
+    overlayfs's own attributes are left out (a layer tar carrying one is refused before).
+    """
     capability = None
     for name, value in sorted(xattrs.items()):
-        if name.startswith(b"trusted.") and (overlay or name.startswith(b"trusted.overlay.")):
+        if _is_overlay_xattr(name):
             continue
         if name == _CAPABILITY:
             capability = value
@@ -343,11 +384,17 @@ class _Applier(_Tree):
     """Applies the entries of one tar onto a root; see the module docstring for the rules."""
 
     def __init__(
-        self, root: Path, limits: Limits, whiteouts: WhiteoutMode, parent_roots: Sequence[Path]
+        self,
+        root: Path,
+        limits: Limits,
+        whiteouts: WhiteoutMode,
+        parent_roots: Sequence[Path],
+        userxattr: bool,
     ) -> None:
         super().__init__(root)
         self._limits = limits
         self._overlay = whiteouts is WhiteoutMode.OVERLAY
+        self._opaque_xattr = _OPAQUE_XATTRS[userxattr]
         self._lowers: list[_Tree] = []
         try:
             for parent in parent_roots:
@@ -409,6 +456,24 @@ class _Applier(_Tree):
             raise InvalidArgument(f"a component of '{_text(path)}' is not a directory")
         return found
 
+    def make_parent_over(
+        self, dir_fd: int, name: bytes, st: os.stat_result, resolved: list[bytes]
+    ) -> bool:
+        # An entry below a path this layer whited out (".wh.x", then "x/y" with no "x/"):
+        # DELETE mode deleted x and makes it again, so here the whiteout becomes a directory,
+        # opaque because the whiteout hid everything below it.
+        if not (self._creating and self._overlay and _is_whiteout(st)):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+        fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o755)  # mkdir's mode went through the umask
+            _set_xattr(fd, self._opaque_xattr, b"y")
+        finally:
+            os.close(fd)
+        return True
+
     def make_parent(self, dir_fd: int, name: bytes, resolved: list[bytes]) -> bool:
         if not self._creating:
             return False
@@ -432,29 +497,149 @@ class _Applier(_Tree):
     def _copy_parent_attributes(self, fd: int, path: bytes) -> tuple[int, int] | None:
         """Give a new directory the attributes it has in the nearest lower tree, if any.
 
+        In OVERLAY mode "nearest" is what overlayfs shows over the lowers at ``path``.
+
         :returns: the (atime, mtime) copied, or ``None`` when no lower tree has it.
         """
+        source = self._open_lower_dir(path)
+        if source is None:
+            return None
+        try:
+            st = os.fstat(source)
+            xattrs = read_xattrs(source)
+        finally:
+            os.close(source)
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        _set_xattrs(fd, xattrs, regular_or_dir=True)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    def _open_lower_dir(self, path: bytes) -> int | None:
+        """Open the directory at ``path`` in the nearest lower tree that has one."""
+        if self._overlay:
+            shown = self._lower_entry(path, upper=False)
+            if shown is None or not stat.S_ISDIR(shown[1].st_mode):
+                return None
+            return os.open(self._lower_path(shown[0], path), _O_LIST_DIR)
         above, _, name = path.rpartition(b"/")
         for lower in self._lowers:
             found = lower.lookup(above)
             if found is None:
                 continue
             try:
-                source = os.open(name, _O_LIST_DIR, dir_fd=found[0])
+                return os.open(name, _O_LIST_DIR, dir_fd=found[0])
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    continue
-                raise
-            try:
-                st = os.fstat(source)
-                xattrs = read_xattrs(source)
-            finally:
-                os.close(source)
-            os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, stat.S_IMODE(st.st_mode))
-            _set_xattrs(fd, xattrs, overlay=True, regular_or_dir=True)
-            return st.st_atime_ns, st.st_mtime_ns
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
         return None
+
+    # --- overlayfs's view of the lowers ---------------------------------------------------
+
+    def _lower_path(self, index: int, path: bytes) -> bytes:
+        root = self.root_path if index < 0 else self._lowers[index].root_path
+        return root + b"/" + path
+
+    def _lower_entry(self, path: bytes, *, upper: bool) -> tuple[int, os.stat_result] | None:
+        """What overlayfs shows at ``path`` over the lowers, and over this layer if ``upper``.
+
+        Read with overlayfs's lookup rules: in each directory the first layer with the name
+        decides; a whiteout hides it, a non-directory ends the stack, an opaque directory
+        ends it below itself; layer roots are never opaque. Lower trees are committed layers
+        and every component is checked to be a real directory in the layer it is read from,
+        so the joined paths follow no symlink.
+
+        :returns: ``(layer, lstat)`` where layer is ``-1`` for this layer, else the index in
+            ``parent_roots``; ``None`` when nothing shows there.
+        """
+        names = [n for n in path.split(b"/") if n]
+        stack = [(-1, b"")] if upper else []
+        stack.extend((index, b"") for index in range(len(self._lowers)))
+        for depth, name in enumerate(names):
+            last = depth == len(names) - 1
+            found: tuple[int, os.stat_result] | None = None
+            below: list[tuple[int, bytes]] = []
+            for index, above in stack:
+                relative = above + b"/" + name if above else name
+                try:
+                    st = os.lstat(self._lower_path(index, relative))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if _is_whiteout(st):
+                    break
+                if found is None:
+                    found = (index, st)
+                if not stat.S_ISDIR(st.st_mode) or last:
+                    break
+                below.append((index, relative))
+                opaque = get_xattr(
+                    os.fsdecode(self._lower_path(index, relative)), self._opaque_xattr
+                )
+                if opaque == b"y":
+                    break
+            if found is None or last:
+                return found
+            if not stat.S_ISDIR(found[1].st_mode):
+                return None
+            stack = below
+        return None
+
+    def _make_whiteout(self, dir_fd: int, name: bytes, uid: int, gid: int) -> None:
+        try:
+            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+        except FileExistsError:
+            return  # this layer's own entry stays: whiteouts hide lower layers only
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def _set_opaque(self, dir_fd: int, name: bytes = b".") -> None:
+        fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
+        try:
+            _set_xattr(fd, self._opaque_xattr, b"y")
+        finally:
+            os.close(fd)
+
+    def _copy_up(self, path: bytes) -> None:
+        """Copy the non-directory overlayfs shows at ``path`` from the lowers into this layer.
+
+        What overlayfs does before linking to a lower file: the copy keeps mode, owner,
+        times and xattrs, so it is the same file to a reader. Nothing happens when the lowers
+        show nothing there, or a directory.
+        """
+        found = self._lower_entry(path, upper=True)
+        if found is None or found[0] < 0 or stat.S_ISDIR(found[1].st_mode):
+            return
+        index, st = found
+        source = self._lower_path(index, path)
+        above, _, name = path.rpartition(b"/")
+        dir_fd = self.parent(above)[0]
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFREG:
+            src = os.open(source, _O_READ_FILE)
+            try:
+                fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
+                try:
+                    while os.copy_file_range(src, fd, CHUNK_SIZE):
+                        pass
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                    _set_xattrs(fd, read_xattrs(src), regular_or_dir=True)
+                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(src)
+            return
+        if kind == stat.S_IFLNK:
+            os.symlink(os.readlink(source), name, dir_fd=dir_fd)
+        else:
+            os.mknod(name, st.st_mode, st.st_rdev, dir_fd=dir_fd)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        if kind != stat.S_IFLNK:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd, follow_symlinks=False)
+        xattrs = read_xattrs(os.fsdecode(source))
+        if xattrs:
+            target = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
+            _set_xattrs(target, xattrs, regular_or_dir=False)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
     # --- removal ------------------------------------------------------------------------
 
@@ -510,6 +695,8 @@ class _Applier(_Tree):
                 f"the path depth is {path.count(b'/') + 1}, above the limit of "
                 f"{self._limits.max_path_depth} (limit max_path_depth)"
             )
+        if entry.xattrs:
+            _check_xattrs(entry.xattrs)
         parent_path, _, name = path.rpartition(b"/")
         if name.startswith(_WHITEOUT):
             self._whiteout(entry, parent_path, name)
@@ -566,13 +753,14 @@ class _Applier(_Tree):
                 os.fchown(fd, entry.uid, entry.gid)
             os.fchmod(fd, entry.mode)
             if entry.xattrs:
-                _set_xattrs(fd, entry.xattrs, self._overlay, True)
+                _set_xattrs(fd, entry.xattrs, regular_or_dir=True)
             mtime = entry.mtime_ns
             os.utime(fd, ns=(mtime if entry.atime_ns is None else entry.atime_ns, mtime))
         finally:
             os.close(fd)
 
     def _directory(self, entry: TarEntry, dir_fd: int, name: bytes, path: bytes) -> None:
+        replaced = False
         try:
             os.mkdir(name, 0o700, dir_fd=dir_fd)
             created = True
@@ -582,7 +770,7 @@ class _Applier(_Tree):
             else:
                 self._remove(dir_fd, name)
                 os.mkdir(name, 0o700, dir_fd=dir_fd)
-                created = True
+                created = replaced = True
         fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
         try:
             if created and not self._overlay:
@@ -590,10 +778,13 @@ class _Applier(_Tree):
             elif not created:
                 # Cached records hold the group new files get here; it may change now.
                 self.forget(_dir_key(fd))
+            if replaced and self._overlay:
+                # What this layer put here before (a whiteout, a file) hid the lowers.
+                _set_xattr(fd, self._opaque_xattr, b"y")
             os.fchown(fd, entry.uid, entry.gid)
             os.fchmod(fd, entry.mode)
             if entry.xattrs:
-                _set_xattrs(fd, entry.xattrs, self._overlay, True)
+                _set_xattrs(fd, entry.xattrs, regular_or_dir=True)
         finally:
             os.close(fd)
         mtime = entry.mtime_ns
@@ -617,6 +808,8 @@ class _Applier(_Tree):
         if not (0 <= major < _DEV_MAX and 0 <= minor < _DEV_MAX):
             raise InvalidArgument(f"device number {major}:{minor} out of range")
         mode = _DEVICE_TYPES[EntryType(entry.type)] | 0o600
+        if self._overlay and stat.S_ISCHR(mode) and major == minor == 0:
+            raise InvalidArgument("a 0:0 character device; overlayfs would read it as a whiteout")
         device = os.makedev(major, minor)
         try:
             os.mknod(name, mode, device, dir_fd=dir_fd)
@@ -633,7 +826,7 @@ class _Applier(_Tree):
         if entry.xattrs:
             # The fd's /proc link pins the directory; the last component is not followed.
             target = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
-            _set_xattrs(target, entry.xattrs, self._overlay, False)
+            _set_xattrs(target, entry.xattrs, regular_or_dir=False)
         mtime = entry.mtime_ns
         atime = mtime if entry.atime_ns is None else entry.atime_ns
         os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
@@ -650,14 +843,14 @@ class _Applier(_Tree):
                 f"{self._limits.max_path_depth} (limit max_path_depth)"
             )
         target_parent, _, target_name = target.rpartition(b"/")
-        source = self.lookup(target_parent)
         missing = InvalidArgument(f"hard link target '{_text(entry.linkname)}' does not exist")
-        if source is None:
+        found = self._link_target(target_parent, target_name)
+        if found is None and self._overlay:
+            self._copy_up(target)
+            found = self._link_target(target_parent, target_name)
+        if found is None:
             raise missing
-        try:
-            mode = os.stat(target_name, dir_fd=source[0], follow_symlinks=False).st_mode
-        except FileNotFoundError:
-            raise missing from None
+        source, mode = found
         if stat.S_ISDIR(mode):
             raise InvalidArgument(f"hard link target '{_text(entry.linkname)}' is a directory")
         parent = self.parent(parent_path)
@@ -685,25 +878,42 @@ class _Applier(_Tree):
                 raise missing from None
         return parent
 
+    def _link_target(self, parent_path: bytes, name: bytes) -> tuple[_Dir, int] | None:
+        """The directory holding hard link target ``name`` and the target's mode, if any.
+
+        A whiteout is no target: in OVERLAY mode it means this layer deleted the path.
+        """
+        source = self.lookup(parent_path)
+        if source is None:
+            return None
+        try:
+            st = os.stat(name, dir_fd=source[0], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if self._overlay and _is_whiteout(st):
+            return None
+        return source, st.st_mode
+
     # --- whiteouts ----------------------------------------------------------------------
 
     def _whiteout(self, entry: TarEntry, parent_path: bytes, name: bytes) -> None:
         if name == _OPAQUE:
-            if self._overlay:
+            if not self._overlay:
+                self._delete_opaque(parent_path)
+            elif parent_path:
                 self._overlay_opaque(parent_path)
             else:
-                self._delete_opaque(parent_path)
+                self._overlay_opaque_root(entry)
             return
         hidden = name[len(_WHITEOUT) :]
         if not hidden or hidden in (b".", b"..") or hidden.startswith(_WHITEOUT):
             raise InvalidArgument(f"invalid whiteout name '{_text(name)}'")
         if self._overlay:
-            parent = self.parent(parent_path)
-            try:
-                os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent[0])
-            except FileExistsError:
-                return  # this layer's own entry stays: whiteouts hide lower layers only
-            os.chown(hidden, entry.uid, entry.gid, dir_fd=parent[0], follow_symlinks=False)
+            path = parent_path + b"/" + hidden if parent_path else hidden
+            shown = self._lower_entry(path, upper=True)
+            if shown is not None and shown[0] >= 0:
+                parent = self.parent(parent_path)
+                self._make_whiteout(parent[0], hidden, entry.uid, entry.gid)
             return
         found = self.lookup(parent_path)
         if found is None or self._created_here(found, hidden):
@@ -711,12 +921,24 @@ class _Applier(_Tree):
         self._remove(found[0], hidden)
 
     def _overlay_opaque(self, path: bytes) -> None:
-        directory = self.parent(path)
-        fd = os.open(".", _O_LIST_DIR, dir_fd=directory[0])
-        try:
-            _set_xattr(fd, _OVERLAY_OPAQUE, b"y")
-        finally:
-            os.close(fd)
+        shown = self._lower_entry(path, upper=True)
+        if shown is None or not stat.S_ISDIR(shown[1].st_mode):
+            return  # no directory there to hide anything below
+        self._set_opaque(self.parent(path)[0])
+
+    def _overlay_opaque_root(self, entry: TarEntry) -> None:
+        """Hide every lower child of the root: overlayfs ignores the flag on a layer's root."""
+        names: set[bytes] = set()
+        for lower in self._lowers:
+            names.update(os.listdir(lower.root_path))
+        for name in sorted(names):
+            shown = self._lower_entry(name, upper=True)
+            if shown is None:
+                continue
+            if shown[0] >= 0:
+                self._make_whiteout(self.root_fd, name, entry.uid, entry.gid)
+            elif stat.S_ISDIR(shown[1].st_mode):
+                self._set_opaque(self.root_fd, name)
 
     def _delete_opaque(self, path: bytes) -> None:
         """Remove every child of ``path`` (and below) that this layer did not create."""
@@ -777,6 +999,7 @@ def apply_tar(
     limits: Limits = _DEFAULT_LIMITS,
     whiteouts: WhiteoutMode = WhiteoutMode.DELETE,
     parent_roots: Sequence[Path] = (),
+    userxattr: bool = False,
 ) -> ApplyResult:
     """Apply an uncompressed OCI layer tar onto ``root``; reads ``tar`` to its end.
 
@@ -787,13 +1010,16 @@ def apply_tar(
     :param limits: bounds for a hostile tar.
     :param whiteouts: delete whiteout targets, or write overlayfs whiteouts.
     :param parent_roots: lower trees, nearest first, whose directories lend their attributes
-        to parent directories this tar needs but does not carry.
+        to parent directories this tar needs but does not carry; in OVERLAY mode, the lower
+        dirs of the overlay whose upper dir ``root`` is.
+    :param userxattr: OVERLAY mode: mark opaque directories with ``user.overlay.opaque``, as
+        overlayfs mounted with ``userxattr`` (in a user namespace) reads them.
     :raises InvalidArgument: a malformed or refused entry ("layer tar entry 'a/b': ...").
     :raises LimitExceeded: a limit was broken.
     :raises Unsupported: the target filesystem refused an xattr.
     """
     reader = TarReader(tar, limits)
-    applier = _Applier(root, limits, whiteouts, parent_roots)
+    applier = _Applier(root, limits, whiteouts, parent_roots, userxattr)
     count = 0
     try:
         for entry in reader:

@@ -242,7 +242,6 @@ def test_xattrs_binary_capability_and_non_utf8_names(root: Path) -> None:
                 (b"SCHILY.xattr.user.\xff\xfe", b"odd"),
                 (b"SCHILY.xattr.security.capability", CAPABILITY),
                 (b"SCHILY.xattr.trusted.kept", b"t"),
-                (b"SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
                 (b"SCHILY.xattr.user.empty", b""),
             ]
         ),
@@ -260,21 +259,31 @@ def test_xattrs_binary_capability_and_non_utf8_names(root: Path) -> None:
     assert got[b"user.\xff\xfe"] == b"odd"
     assert got[b"user.empty"] == b""
     assert got[b"trusted.kept"] == b"t"
-    assert b"trusted.overlay.redirect" not in got
     assert _xattrs.read_xattrs(str(root / "dir")) == {b"user.dir": b"d"}
     assert _xattrs.get_xattr(str(root / "sym"), b"security.selinux") is not None
 
 
+@pytest.mark.parametrize("mode", [WhiteoutMode.DELETE, WhiteoutMode.OVERLAY])
+@pytest.mark.parametrize("name", [b"trusted.overlay.redirect", b"user.overlay.opaque"])
+def test_overlay_xattrs_are_refused(root: Path, mode: WhiteoutMode, name: bytes) -> None:
+    # A forged redirect or opaque flag would let a layer alias or hide other layers' files.
+    data = tar(pax([(b"SCHILY.xattr." + name, b"y")]), member(b"d", b"", b"5", mode=0o755))
+    with pytest.raises(InvalidArgument, match=r"layer tar entry 'd': xattr '.*overlay\.") as caught:
+        apply(root, data, whiteouts=mode)
+    assert name.decode() in str(caught.value)
+    assert not (root / "d").exists()
+
+
 @pytest.mark.root
-def test_overlay_mode_drops_trusted_xattrs(root: Path) -> None:
+def test_overlay_mode_keeps_other_trusted_xattrs(root: Path) -> None:
     data = tar(
-        pax([(b"SCHILY.xattr.trusted.overlay.opaque", b"y"), (b"SCHILY.xattr.trusted.x", b"1")]),
+        pax([(b"SCHILY.xattr.trusted.x", b"1")]),
         member(b"d", b"", b"5", mode=0o755),
         pax([(b"SCHILY.xattr.user.ok", b"1")]),
         member(b"f", b"x"),
     )
     apply(root, data, whiteouts=WhiteoutMode.OVERLAY)
-    assert _xattrs.read_xattrs(str(root / "d")) == {}
+    assert _xattrs.read_xattrs(str(root / "d")) == {b"trusted.x": b"1"}
     assert _xattrs.read_xattrs(str(root / "f")) == {b"user.ok": b"1"}
 
 
@@ -526,8 +535,29 @@ def test_opaque_marker_through_a_symlinked_path(root: Path) -> None:
     assert listing(root / "a") == ["new"]
 
 
+def _whiteout(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR, os.makedev(0, 0))
+
+
+def _is_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Path:
+    """A lower dir of an overlay: a/gone, o/old, implied/x, mine, x/child, y/w."""
+    path = tmp_path / "lower"
+    for directory in ("a", "o", "implied", "x", "y"):
+        (path / directory).mkdir(parents=True)
+    for name in ("a/gone", "o/old", "implied/x", "mine", "x/child", "y/w"):
+        (path / name).write_bytes(b"lower")
+    return path
+
+
 @pytest.mark.root
-def test_whiteouts_in_overlay_mode(root: Path, resolution: str) -> None:
+def test_whiteouts_in_overlay_mode(root: Path, lower: Path, resolution: str) -> None:
     data = (
         Layer()
         .file("a/.wh.gone", uid=1000, gid=1000)
@@ -539,7 +569,7 @@ def test_whiteouts_in_overlay_mode(root: Path, resolution: str) -> None:
         .file(".wh.mine")
         .bytes()
     )
-    apply(root, data, whiteouts=WhiteoutMode.OVERLAY)
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
     gone = os.lstat(root / "a/gone")
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
     assert (gone.st_uid, gone.st_gid) == (1000, 1000)
@@ -548,6 +578,133 @@ def test_whiteouts_in_overlay_mode(root: Path, resolution: str) -> None:
     assert (root / "o/new").read_bytes() == b"n"
     assert (root / "mine").read_bytes() == b"mine"
     assert not any(name.startswith(".wh.") for name in listing(root))
+
+
+@pytest.mark.root
+def test_overlay_whiteouts_only_where_the_lowers_show_the_name(
+    tmp_path: Path, root: Path, lower: Path
+) -> None:
+    # overlayfs lists a whiteout in a directory with no lower as an entry nobody can open,
+    # so a whiteout of what no lower shows is not written, nor are its parents.
+    upper_lower = tmp_path / "upper-lower"
+    _whiteout(upper_lower / "mine")
+    (upper_lower / "x").mkdir()
+    os.setxattr(upper_lower / "x", "trusted.overlay.opaque", b"y")
+    data = (
+        Layer()
+        .file(".wh.never")
+        .file("no/such/.wh.dir")
+        .file(".wh.mine")  # hidden already by the nearer lower's whiteout
+        .file("x/.wh.child")  # hidden already by the nearer lower's opaque x
+        .file("x/.wh..wh..opq")  # x is a directory there: it is made here, opaque
+        .file("a/.wh..wh..opq")
+        .file("mine/.wh..wh..opq")  # not a directory over there: nothing to do
+        .bytes()
+    )
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[upper_lower, lower])
+    assert listing(root) == ["a", "x"]
+    assert os.getxattr(root / "a", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(root / "x", "trusted.overlay.opaque") == b"y"
+
+
+@pytest.mark.root
+def test_overlay_opaque_marker_at_the_root_whites_out_every_lower_name(
+    root: Path, lower: Path
+) -> None:
+    # overlayfs ignores the opaque flag on a layer's root.
+    data = Layer().dir("x").file("x/new", b"n").file("fresh", b"f").file(".wh..wh..opq").bytes()
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
+    assert listing(root) == ["a", "fresh", "implied", "mine", "o", "x", "x/new", "y"]
+    for name in ("a", "implied", "mine", "o", "y"):
+        assert _is_whiteout(root / name), name
+    assert os.getxattr(root / "x", "trusted.overlay.opaque") == b"y"
+    assert _xattrs.get_xattr(str(root), b"trusted.overlay.opaque") is None
+
+
+@pytest.mark.root
+def test_overlay_directory_made_over_a_whiteout_is_opaque(
+    root: Path, lower: Path, resolution: str
+) -> None:
+    data = (
+        Layer()
+        .file(".wh.x")
+        .dir("x", mode=0o700)
+        .file("x/new", b"n")
+        .file(".wh.y")
+        .file("y/z", b"z")  # no "y/" entry: made through the whiteout
+        .bytes()
+    )
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
+    assert listing(root) == ["x", "x/new", "y", "y/z"]
+    for name, mode in (("x", 0o700), ("y", 0o755)):
+        assert os.getxattr(root / name, "trusted.overlay.opaque") == b"y", name
+        assert stat.S_IMODE(os.lstat(root / name).st_mode) == mode, name
+
+
+@pytest.mark.root
+def test_overlay_hardlink_to_a_lower_file_copies_it_up(tmp_path: Path, root: Path) -> None:
+    lower = tmp_path / "lower"
+    (lower / "usr/bin").mkdir(parents=True)
+    python = lower / "usr/bin/python3.11"
+    python.write_bytes(b"interpreter")
+    os.chown(python, 3, 4)
+    os.chmod(python, 0o755)
+    os.setxattr(python, "user.k", b"v")
+    os.utime(python, ns=(NS, NS))
+    (lower / "usr/bin/sh").symlink_to("dash")
+    data = (
+        Layer()
+        .hardlink("usr/bin/python3", "usr/bin/python3.11")
+        .hardlink("usr/bin/sh-link", "usr/bin/sh")
+        .bytes()
+    )
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
+    copy = os.lstat(root / "usr/bin/python3.11")
+    want = os.lstat(python)
+    assert os.path.samefile(root / "usr/bin/python3", root / "usr/bin/python3.11")
+    assert (root / "usr/bin/python3").read_bytes() == b"interpreter"
+    assert (copy.st_mode, copy.st_uid, copy.st_gid, copy.st_mtime_ns) == (
+        want.st_mode,
+        want.st_uid,
+        want.st_gid,
+        want.st_mtime_ns,
+    )
+    assert _xattrs.read_xattrs(str(root / "usr/bin/python3")) == {b"user.k": b"v"}
+    assert os.readlink(root / "usr/bin/sh-link") == "dash"
+    assert os.lstat(root / "usr/bin/sh").st_ino == os.lstat(root / "usr/bin/sh-link").st_ino
+
+
+@pytest.mark.root
+def test_overlay_hardlink_to_a_path_this_layer_deleted_is_refused(root: Path, lower: Path) -> None:
+    data = Layer().file(".wh.mine").hardlink("link", "mine").bytes()
+    with pytest.raises(InvalidArgument, match="hard link target 'mine' does not exist"):
+        apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
+
+
+@pytest.mark.root
+def test_overlay_mode_refuses_a_0_0_character_device(root: Path) -> None:
+    with pytest.raises(InvalidArgument, match="would read it as a whiteout"):
+        apply(root, Layer().char("dev/zero-zero", 0, 0).bytes(), whiteouts=WhiteoutMode.OVERLAY)
+
+
+@pytest.mark.root
+def test_userxattr_marks_and_reads_opaque_directories_with_user_xattrs(
+    tmp_path: Path, root: Path, lower: Path
+) -> None:
+    upper_lower = tmp_path / "upper-lower"
+    (upper_lower / "o").mkdir(parents=True)
+    os.setxattr(upper_lower / "o", "user.overlay.opaque", b"y")
+    data = Layer().file("o/.wh.old").file("a/.wh..wh..opq").bytes()
+    apply(
+        root,
+        data,
+        whiteouts=WhiteoutMode.OVERLAY,
+        parent_roots=[upper_lower, lower],
+        userxattr=True,
+    )
+    assert listing(root) == ["a"]
+    assert os.getxattr(root / "a", "user.overlay.opaque") == b"y"
+    assert _xattrs.get_xattr(str(root / "a"), b"trusted.overlay.opaque") is None
 
 
 @pytest.mark.root
