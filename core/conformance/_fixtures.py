@@ -17,7 +17,8 @@ through them, so the suite also runs when a driver package subclasses its test c
 ``tar``
     :class:`laminae.conformance._tars.LayerTar`, to build layer tars.
 ``scratch``
-    A directory for the test's own files (flat copies, tars).
+    A directory for the test's own files (flat copies, tars, other stores), beside the
+    driver's home and on the same filesystem, so a store made there can run the driver too.
 ``sentinel``
     A directory outside every store holding one file, ``victim``; hostile layers aim at it,
     and nothing may change in it.
@@ -113,14 +114,6 @@ def laminae_leak_guard(tmp_path: Path) -> Iterator[LeakGuard]:
 
 
 @pytest.fixture
-def scratch(tmp_path: Path) -> Path:
-    """A directory for the test's own files."""
-    path = tmp_path / "scratch"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def sentinel(tmp_path: Path) -> Path:
     """A directory outside every store, holding ``victim``; nothing may change in it."""
     path = tmp_path / "outside"
@@ -135,7 +128,6 @@ def driver_home(
     tmp_path: Path,
     laminae_session: ConformanceSession,
     laminae_leak_guard: LeakGuard,
-    scratch: Path,
     sentinel: Path,
 ) -> Iterator[Path]:
     """A fresh home for the driver under test, where it can run (else skip or error)."""
@@ -147,12 +139,18 @@ def driver_home(
             home = tmp_path / "home"
             home.mkdir()
         else:
-            home = Path(stack.enter_context(provided))
+            try:
+                home = Path(stack.enter_context(provided))
+            except laminae.DriverUnavailable as exc:
+                laminae_session.unavailable(exc.reason)
         laminae_session.check_available(home)
+        # Beside the home, on its filesystem: stores a test makes in scratch need it too.
+        scratch = home.parent / "scratch"
+        scratch.mkdir()
         watches = [FileWatch.start(tmp_path, excluded=(home, scratch, base))]
         if provided is not None and home.parent != tmp_path:
             # Around a provided home only new files count: its own image changes as it works.
-            watches.append(FileWatch.start(home.parent, excluded=(home,)))
+            watches.append(FileWatch.start(home.parent, excluded=(home, scratch)))
         yield home
         # Checked before the provided home goes away: files written beside it go with it.
         for number, watch in enumerate(watches):
@@ -160,6 +158,12 @@ def driver_home(
             if number > 0:
                 changes = [c for c in changes if c.startswith("file written")]
             laminae_leak_guard.findings.extend(changes)
+
+
+@pytest.fixture
+def scratch(driver_home: Path) -> Path:
+    """A directory for the test's own files, on the driver home's filesystem."""
+    return driver_home.parent / "scratch"
 
 
 @attrs.frozen
