@@ -1,0 +1,409 @@
+"""The btrfs driver: every layer is a subvolume, and a child is a snapshot of its parent.
+
+Creating a layer on a parent costs one snapshot ioctl, whatever the parent holds: the child
+shares the parent's tree until one of them writes. Committed layers are made read-only
+subvolumes, views are read-only snapshots, and removing a layer is one subvolume deletion per
+subvolume (nested ones first), never a walk that unlinks file by file (podman#26975).
+Every kernel call goes through :mod:`laminae._linux` ioctls; no ``btrfs`` process runs.
+
+On disk, below ``home`` (which must be on btrfs)::
+
+    subvolumes/<id>     a layer: a subvolume (read-only once committed, and for views)
+    qgroups-pending     qgroup ids whose subvolume the kernel had not yet dropped when its
+                        layer went; retried on later removals and on close
+
+Quotas (:attr:`Feature.QUOTA`): :meth:`BtrfsDriver.set_quota` turns btrfs quota on when it is
+off, and limits the referenced bytes (``max_rfer``) of the layer's qgroup ``0/<subvolid>``,
+as Moby's and containers-storage's btrfs drivers do: the limit counts what the layer
+references, its parent's shared content included. The ``size`` option (``storage.toml``:
+``[storage.options.btrfs] size = "10G"``) sets that limit on every writable layer at create.
+
+Committed layers: the driver contract has no commit hook yet, so a layer is frozen (made a
+read-only subvolume) when it gets its first child, the first moment the driver learns that
+the store committed it (only committed layers have children). :meth:`BtrfsDriver.commit`
+freezes at once and is what a store commit hook should call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar, Final, final
+
+from laminae import _linux
+from laminae._config import parse_size
+from laminae._driver import Capabilities, Feature, MountSpec, Usage
+from laminae._exceptions import (
+    AlreadyExists,
+    DriverUnavailable,
+    InvalidArgument,
+    LaminaeError,
+    NotFound,
+    map_os_errors,
+)
+
+__all__ = ["BtrfsDriver"]
+
+# Storage ids are [0-9a-f] (driver contract); anything path-safe is accepted, nothing that
+# could climb out of subvolumes/ ("..", "/").
+_ID: Final = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_-]{0,127}")
+_OPTIONS: Final = frozenset({"size"})
+_PENDING: Final = "qgroups-pending"
+
+
+def _parse_options(options: Mapping[str, str]) -> int | None:
+    """The ``size`` option in bytes, or ``None``.
+
+    :raises InvalidArgument: an unknown option, or a size that is not one.
+    """
+    for key in options:
+        if key not in _OPTIONS:
+            raise InvalidArgument(f"btrfs: unknown option {key!r} (known: size)")
+    if "size" not in options:
+        return None
+    try:
+        return parse_size(options["size"])
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"btrfs: option size: {exc}") from exc
+
+
+def _check_id(id: str) -> None:
+    if not _ID.fullmatch(id):
+        raise InvalidArgument(f"btrfs: invalid storage id {id!r}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem mounted where ``path`` lives, from mountinfo."""
+    real = os.path.realpath(path)
+    best, fs_type = "", "unknown"
+    for entry in _linux.mountinfo():
+        point = entry.mount_point.rstrip("/") + "/"
+        if (real + "/").startswith(point) and len(point) > len(best):
+            best, fs_type = point, entry.fs_type
+    return fs_type
+
+
+@final
+class BtrfsDriver:
+    """Layers as btrfs subvolumes and snapshots. See the module docstring for the layout."""
+
+    name: ClassVar[str] = "btrfs"
+    # A snapshot holds its whole tree: depth costs nothing at mount time, so the limit is
+    # vfs's (Moby's layer store stops at 125 anyway).
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        features=frozenset({Feature.QUOTA}),
+        max_depth=1000,
+        needs_root=True,
+        independent_layers=False,
+    )
+
+    __slots__ = ("_home", "_size", "_subvolumes")
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, str]) -> None:
+        """btrfs runs as root where ``home`` (or its nearest existing ancestor) is on btrfs.
+
+        :raises InvalidArgument: a bad option.
+        :raises DriverUnavailable: not root, or not on btrfs (naming the filesystem found).
+        """
+        _parse_options(options)
+        if os.geteuid() != 0:
+            raise DriverUnavailable(
+                "btrfs needs root for subvolume, quota and tree-search ioctls and for bind "
+                f"mounts (running as uid {os.geteuid()})"
+            )
+        existing = _nearest_existing(home)
+        try:
+            magic = _linux.statfs_type(str(existing))
+        except OSError as exc:
+            raise DriverUnavailable(f"btrfs: cannot examine {existing}: {exc.strerror}") from exc
+        if magic != _linux.BTRFS_SUPER_MAGIC:
+            raise DriverUnavailable(
+                f"btrfs: {existing} is on {_filesystem_type(existing)}, not on btrfs "
+                "(put the store's root on a btrfs filesystem)"
+            )
+
+    def __init__(self, home: Path, options: Mapping[str, str]) -> None:
+        self._size = _parse_options(options)
+        self._home = Path(home)
+        self._subvolumes = self._home / "subvolumes"
+        with map_os_errors(f"btrfs: prepare {self._subvolumes}"):
+            # 0700: layer roots hold setuid binaries that other users must not reach
+            # (CVE-2021-41091 was this hole in Moby's overlay2 home).
+            self._home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._subvolumes.mkdir(mode=0o700, exist_ok=True)
+
+    # -- layers ------------------------------------------------------------------------------
+
+    def create(self, id: str, parents: Sequence[str], writable: bool) -> None:
+        """Create layer ``id``: an empty subvolume (mode 0755), or a snapshot of
+        ``parents[0]``, read-only unless ``writable``.
+
+        ``parents[0]`` is committed (the store makes children of committed layers only), so
+        it is frozen first if it is not yet. With the ``size`` option, a writable layer gets
+        that quota; otherwise a snapshot has none (not even its parent's).
+
+        :raises AlreadyExists: ``id`` is on disk already.
+        :raises NotFound: ``parents[0]`` is not on disk.
+        """
+        _check_id(id)
+        path = self._subvolumes / id
+        if os.path.lexists(path):
+            raise AlreadyExists(f"btrfs: layer {id} exists")
+        source = None
+        if parents:
+            source = self._layer(parents[0], what="parent layer")
+        with map_os_errors(f"btrfs: create layer {id}"):
+            if source is not None:
+                _linux.btrfs_set_readonly(str(source), True)
+                _linux.btrfs_create_snapshot(str(source), str(path), readonly=not writable)
+            else:
+                _linux.btrfs_create_subvolume(str(path))
+            try:
+                if source is None:
+                    os.chmod(path, 0o755)  # whatever the umask
+                    os.chown(path, 0, 0)
+                    if not writable:
+                        _linux.btrfs_set_readonly(str(path), True)
+                if writable and self._size is not None:
+                    self._limit(path, self._size)
+                elif source is not None:
+                    self._drop_inherited_limit(path)
+            except BaseException:
+                # The original failure is the one to report, not a cleanup hiccup.
+                with contextlib.suppress(OSError):
+                    _linux.btrfs_delete_subvolume(str(path))
+                raise
+
+    def commit(self, id: str) -> None:
+        """Freeze layer ``id``: make its subvolume read-only, for good.
+
+        The store does not call this yet (the contract has no commit hook); ``create``
+        freezes a parent instead.
+
+        :raises NotFound: ``id`` is not on disk.
+        """
+        path = self._layer(id)
+        with map_os_errors(f"btrfs: freeze layer {id}"):
+            _linux.btrfs_set_readonly(str(path), True)
+
+    def remove(self, id: str) -> None:
+        """Remove layer ``id``: delete the subvolumes a container nested in it, deepest
+        first, then its own; and their qgroups when quota is on.
+
+        Each is one ioctl; nothing is unlinked file by file. Read-only subvolumes that hold
+        nested ones are made writable first (the nested names live in them).
+
+        :raises NotFound: ``id`` is not on disk.
+        """
+        path = self._layer(id)
+        with map_os_errors(f"btrfs: remove layer {id}"):
+            own = _linux.btrfs_subvolume_id(str(path))
+            nested = _linux.btrfs_nested_subvolumes(str(path))
+            holders = {sub.parent_id for sub in nested}
+            for sub in [_linux.BtrfsSubvolume(own, 0, str(path)), *nested]:
+                if sub.id in holders:
+                    _linux.btrfs_set_readonly(sub.path, False)
+            # nested lists parents before children: reversed, every child goes first.
+            for sub in reversed(nested):
+                _linux.btrfs_delete_subvolume(sub.path)
+            _linux.btrfs_delete_subvolume(str(path))
+            if _linux.btrfs_quota_status(str(self._subvolumes)) is not None:
+                self._drop_qgroups([own, *(sub.id for sub in nested)])
+
+    def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[MountSpec]:
+        """One bind of the layer's subvolume, ``ro`` when ``readonly``.
+
+        :raises NotFound: ``id`` is not on disk.
+        """
+        path = self._layer(id)
+        return [
+            MountSpec(type="bind", source=str(path), options=("rbind", "ro" if readonly else "rw"))
+        ]
+
+    def usage(self, id: str) -> Usage:
+        """Bytes and inodes layer ``id`` references.
+
+        With quota on (and its numbers consistent), the bytes are the qgroup's referenced
+        bytes, read in constant time after a commit, and the inodes a count of directory
+        entries (no ``stat`` per file). Otherwise a walk adds up allocated blocks, each
+        hardlinked inode once. Either way the parent's shared content counts: an upper
+        bound, as the contract allows.
+
+        :raises NotFound: ``id`` is not on disk.
+        """
+        path = self._layer(id)
+        with map_os_errors(f"btrfs: usage of layer {id}"):
+            status = _linux.btrfs_quota_status(str(path))
+            if status is not None and status.consistent:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    _linux.syncfs(fd)  # qgroup numbers change at transaction commit
+                finally:
+                    os.close(fd)
+                subvolid = _linux.btrfs_subvolume_id(str(path))
+                qgroup = _linux.btrfs_qgroups(str(path)).get(_linux.btrfs_qgroup_id(subvolid))
+                if qgroup is not None:
+                    return Usage(size=qgroup.referenced, inodes=1 + _count_entries(str(path)))
+            return _walk_usage(str(path))
+
+    def layers(self) -> list[str]:
+        """The storage ids under ``subvolumes/`` that are subvolumes, sorted."""
+        with (
+            map_os_errors(f"btrfs: list {self._subvolumes}"),
+            os.scandir(self._subvolumes) as entries,
+        ):
+            return sorted(
+                entry.name
+                for entry in entries
+                if _ID.fullmatch(entry.name)
+                and entry.is_dir(follow_symlinks=False)
+                # d_ino of a subvolume's entry is its tree id; its root is inode 256.
+                and entry.stat(follow_symlinks=False).st_ino == _linux.BTRFS_FIRST_FREE_OBJECTID
+            )
+
+    def close(self) -> None:
+        """Retry dropping the qgroups of removed layers that the kernel still held."""
+        with contextlib.suppress(OSError):
+            if os.path.exists(self._home / _PENDING):
+                self._drop_qgroups([])
+
+    # -- quotas ------------------------------------------------------------------------------
+
+    def set_quota(self, id: str, size: int) -> None:
+        """Limit the bytes layer ``id`` references to ``size``; writing more fails with
+        ``EDQUOT``.
+
+        Turns quota on for the whole filesystem if it is off (and waits for the kernel's
+        first count), and makes the layer's qgroup if it has none.
+
+        :raises InvalidArgument: ``size`` is not positive.
+        :raises NotFound: ``id`` is not on disk.
+        """
+        if size <= 0:
+            raise InvalidArgument(f"btrfs: quota size {size!r}: must be positive")
+        path = self._layer(id)
+        with map_os_errors(f"btrfs: set quota of layer {id}"):
+            self._limit(path, size)
+
+    def _limit(self, path: Path, size: int) -> None:
+        where = str(path)
+        if _linux.btrfs_quota_status(where) is None:
+            _linux.btrfs_quota_enable(where)
+            # Enabling starts a rescan; limits are only as good as the numbers behind them.
+            _linux.btrfs_quota_rescan_wait(where)
+        qgroup = _linux.btrfs_qgroup_id(_linux.btrfs_subvolume_id(where))
+        # With quota on, the kernel makes 0/<id> with every subvolume (and for every existing
+        # one when quota is turned on); this covers a qgroup somebody destroyed by hand.
+        if qgroup not in _linux.btrfs_qgroups(where):
+            _linux.btrfs_qgroup_create(where, qgroup)
+        _linux.btrfs_qgroup_limit(where, qgroup, size)
+
+    def _drop_inherited_limit(self, path: Path) -> None:
+        """A snapshot's qgroup copies its source's limit (btrfs_qgroup_inherit): a layer's
+        limit is its own, so a copied one goes."""
+        where = str(path)
+        if _linux.btrfs_quota_status(where) is None:
+            return
+        qgroup = _linux.btrfs_qgroup_id(_linux.btrfs_subvolume_id(where))
+        numbers = _linux.btrfs_qgroups(where).get(qgroup)
+        if numbers is not None and numbers.max_referenced is not None:
+            _linux.btrfs_qgroup_limit(where, qgroup, None)
+
+    def _drop_qgroups(self, subvolids: Sequence[int]) -> None:
+        """Destroy the qgroups of deleted subvolumes ``subvolids`` and of earlier ones still
+        pending; keep in ``qgroups-pending`` those the kernel refuses yet.
+
+        Since Linux 6.8 (and its stable backports) a subvolume's qgroup cannot go while the
+        cleaner has not dropped the subvolume (``EBUSY``); since 6.10 the kernel then
+        removes it itself. Retrying later covers the kernels in between (moby#29325 was the
+        same leak with a driver that never tried).
+        """
+        pending_file = self._home / _PENDING
+        try:
+            pending = {int(line) for line in pending_file.read_text().split()}
+        except FileNotFoundError:
+            pending = set()
+        still = set()
+        where = str(self._subvolumes)
+        for subvolid in sorted(pending | set(subvolids)):
+            try:
+                _linux.btrfs_qgroup_destroy(where, _linux.btrfs_qgroup_id(subvolid))
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    still.add(subvolid)
+                elif exc.errno not in (errno.ENOENT, errno.ENOTCONN):  # gone; quota off
+                    raise
+        if still:
+            staging = pending_file.with_name(f"{_PENDING}.{os.getpid()}")
+            staging.write_text("".join(f"{i}\n" for i in sorted(still)))
+            os.replace(staging, pending_file)
+        elif pending:
+            pending_file.unlink(missing_ok=True)
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _layer(self, id: str, *, what: str = "layer") -> Path:
+        _check_id(id)
+        path = self._subvolumes / id
+        try:
+            is_subvolume = _linux.btrfs_is_subvolume(str(path))
+        except OSError as exc:
+            raise LaminaeError(f"btrfs: examine {what} {id}: {exc.strerror}") from exc
+        if not is_subvolume:
+            if os.path.lexists(path):
+                raise LaminaeError(f"btrfs: {path} is not a subvolume; it is not a layer")
+            raise NotFound(f"btrfs: {what} {id} is not on disk")
+        return path
+
+
+def _walk_stats(top: str) -> Iterator[os.stat_result]:
+    """lstat of everything below ``top``, not following symlinks."""
+    pending = [top]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                yield entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+
+
+def _walk_usage(top: str) -> Usage:
+    root = os.lstat(top)
+    size, inodes = root.st_blocks * 512, 1
+    seen: set[tuple[int, int]] = set()
+    for st in _walk_stats(top):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        size += st.st_blocks * 512
+        inodes += 1
+    return Usage(size=size, inodes=inodes)
+
+
+def _count_entries(top: str) -> int:
+    """Directory entries below ``top`` (hardlinks counted each time), with no ``stat``:
+    ``readdir`` gives each entry's type."""
+    count = 0
+    pending = [top]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                count += 1
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return count

@@ -1,0 +1,391 @@
+"""The btrfs driver, called directly on a loop-mounted btrfs: snapshots, read-only layers,
+nested subvolumes, quotas and their qgroups, probing."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import laminae
+from laminae import _linux
+from laminae._driver import MountSpec
+from laminae._exceptions import AlreadyExists, DriverUnavailable, InvalidArgument, NotFound
+from laminae.drivers.btrfs import BtrfsDriver, loop_btrfs
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A driver home on a fresh loop-mounted btrfs, gone after the test."""
+    base = tmp_path / "fs"
+    base.mkdir()
+    with loop_btrfs(base) as home:
+        yield home
+
+
+@pytest.fixture
+def driver(home: Path) -> Iterator[BtrfsDriver]:
+    driver = BtrfsDriver(home, {})
+    yield driver
+    driver.close()
+
+
+def _layer(home: Path, id: str) -> Path:
+    return home / "subvolumes" / id
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _linux.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_mib(path: Path, count: int) -> None:
+    chunk = b"\x5a" * (1 << 20)
+    with open(path, "wb") as file:
+        for _ in range(count):
+            file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def _populate(root: Path, files: int) -> None:
+    for number in range(files):
+        directory = root / f"d{number // 1000}"
+        if number % 1000 == 0:
+            directory.mkdir()
+        (directory / f"f{number}").write_bytes(b"x")
+
+
+def _enable_quota(home: Path) -> None:
+    _linux.btrfs_quota_enable(str(home))
+    _linux.btrfs_quota_rescan_wait(str(home))
+
+
+def test_registered_as_btrfs_with_priority_20() -> None:
+    entry = laminae.available_drivers()["btrfs"]
+    assert (entry.cls, entry.priority) == (BtrfsDriver, 20)
+    assert laminae.Feature.QUOTA in entry.capabilities.features
+
+
+# --- probe and options --------------------------------------------------------------------------
+
+
+def test_probe_off_btrfs_names_the_filesystem(tmp_path: Path) -> None:
+    if _linux.statfs_type(str(tmp_path)) == _linux.BTRFS_SUPER_MAGIC:
+        pytest.fail("this test needs tmp_path off btrfs")
+    with pytest.raises(DriverUnavailable) as caught:
+        BtrfsDriver.probe(tmp_path / "not" / "yet", {})
+    assert str(tmp_path) in caught.value.reason
+    assert "not on btrfs" in caught.value.reason
+    fs_type = next(
+        entry.fs_type
+        for entry in sorted(_linux.mountinfo(), key=lambda e: len(e.mount_point), reverse=True)
+        if str(tmp_path).startswith(entry.mount_point.rstrip("/") + "/")
+    )
+    assert f"is on {fs_type}" in caught.value.reason
+
+
+def test_probe_on_btrfs(home: Path) -> None:
+    BtrfsDriver.probe(home / "not" / "yet", {})
+    BtrfsDriver.probe(home, {"size": "10G"})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"sise": "1G"}, "unknown option 'sise'"), ({"size": "lots"}, "option size")],
+)
+def test_bad_options_are_refused(home: Path, options: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        BtrfsDriver.probe(home, options)
+    with pytest.raises(InvalidArgument, match=message):
+        BtrfsDriver(home, options)
+
+
+# --- creating layers ------------------------------------------------------------------------------
+
+
+def test_base_layer_is_an_empty_subvolume(driver: BtrfsDriver, home: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        driver.create("base", [], writable=True)
+    finally:
+        os.umask(old)
+    path = _layer(home, "base")
+    assert _linux.btrfs_is_subvolume(str(path))
+    st = os.lstat(path)
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, 0, 0)
+    assert os.listdir(path) == []
+    assert not _linux.btrfs_get_readonly(str(path))
+    assert driver.layers() == ["base"]
+
+
+def test_create_refuses_what_exists_or_is_missing(driver: BtrfsDriver) -> None:
+    driver.create("base", [], writable=True)
+    with pytest.raises(AlreadyExists):
+        driver.create("base", [], writable=True)
+    with pytest.raises(NotFound, match="parent layer missing"):
+        driver.create("child", ["missing"], writable=True)
+    with pytest.raises(InvalidArgument):
+        driver.create("../escape", [], writable=True)
+    assert driver.layers() == ["base"]
+
+
+def test_child_is_a_snapshot_sharing_its_parents_extents(driver: BtrfsDriver, home: Path) -> None:
+    """The child is a subvolume of its own whose data is all shared with the parent: its
+    exclusive bytes stay at a tree block's worth however much the parent holds."""
+    _enable_quota(home)
+    driver.create("base", [], writable=True)
+    _write_mib(_layer(home, "base") / "big", 32)
+    _populate(_layer(home, "base"), 2000)
+    driver.create("child", ["base"], writable=True)
+    child = _layer(home, "child")
+    assert _linux.btrfs_is_subvolume(str(child))
+    assert (child / "big").stat().st_size == 32 << 20
+    assert (child / "d1" / "f1999").read_bytes() == b"x"
+    _sync(home)
+    qgroups = _linux.btrfs_qgroups(str(home))
+    numbers = qgroups[_linux.btrfs_subvolume_id(str(child))]
+    assert numbers.referenced >= 32 << 20
+    assert numbers.exclusive < 1 << 20, numbers
+
+
+def test_creating_a_child_does_not_grow_with_the_parent(driver: BtrfsDriver, home: Path) -> None:
+    """A snapshot of 1,000 files and one of 20,000 take the same time, within noise."""
+    timings = {}
+    for files in (1000, 20_000):
+        parent = f"parent-{files}"
+        driver.create(parent, [], writable=True)
+        _populate(_layer(home, parent), files)
+        _sync(home)
+        best = float("inf")
+        for attempt in range(3):
+            started = time.perf_counter()
+            driver.create(f"child-{files}-{attempt}", [parent], writable=True)
+            best = min(best, time.perf_counter() - started)
+        timings[files] = best
+    assert timings[20_000] < 5 * timings[1000] + 0.05, timings
+
+
+def test_child_changes_stay_in_the_child(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("base", [], writable=True)
+    (_layer(home, "base") / "file").write_bytes(b"base")
+    driver.create("child", ["base"], writable=True)
+    child = _layer(home, "child")
+    (child / "file").write_bytes(b"child")
+    (child / "new").write_bytes(b"new")
+    assert (_layer(home, "base") / "file").read_bytes() == b"base"
+    assert not (_layer(home, "base") / "new").exists()
+
+
+# --- read-only layers -----------------------------------------------------------------------------
+
+
+def test_parent_is_frozen_when_it_gets_a_child(driver: BtrfsDriver, home: Path) -> None:
+    """Only committed layers have children: the first child freezes its parent."""
+    driver.create("base", [], writable=True)
+    (_layer(home, "base") / "file").write_bytes(b"base")
+    assert not _linux.btrfs_get_readonly(str(_layer(home, "base")))
+    driver.create("child", ["base"], writable=True)
+    assert _linux.btrfs_get_readonly(str(_layer(home, "base")))
+    with pytest.raises(OSError) as caught:
+        (_layer(home, "base") / "file").write_bytes(b"changed")
+    assert caught.value.errno == errno.EROFS
+    assert not _linux.btrfs_get_readonly(str(_layer(home, "child")))
+    driver.create("second", ["base"], writable=True)  # frozen already: fine
+    assert (_layer(home, "second") / "file").read_bytes() == b"base"
+
+
+def test_commit_freezes(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("layer", [], writable=True)
+    driver.commit("layer")
+    with pytest.raises(OSError) as caught:
+        (_layer(home, "layer") / "file").write_bytes(b"")
+    assert caught.value.errno == errno.EROFS
+    with pytest.raises(NotFound):
+        driver.commit("missing")
+
+
+def test_views_are_readonly_snapshots(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("base", [], writable=True)
+    (_layer(home, "base") / "file").write_bytes(b"base")
+    driver.create("view", ["base"], writable=False)
+    driver.create("empty-view", [], writable=False)
+    for view in ("view", "empty-view"):
+        path = _layer(home, view)
+        assert _linux.btrfs_is_subvolume(str(path))
+        assert _linux.btrfs_get_readonly(str(path))
+    assert (_layer(home, "view") / "file").read_bytes() == b"base"
+    assert os.lstat(_layer(home, "empty-view")).st_mode & 0o7777 == 0o755
+
+
+def test_mounts_are_binds_of_the_subvolume(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("layer", [], writable=True)
+    source = str(_layer(home, "layer"))
+    assert driver.mounts("layer", [], readonly=False) == [
+        MountSpec(type="bind", source=source, options=("rbind", "rw"))
+    ]
+    assert driver.mounts("layer", [], readonly=True) == [
+        MountSpec(type="bind", source=source, options=("rbind", "ro"))
+    ]
+    with pytest.raises(NotFound):
+        driver.mounts("missing", [], readonly=True)
+
+
+# --- removing layers ------------------------------------------------------------------------------
+
+
+def test_remove_deletes_nested_subvolumes_deepest_first(driver: BtrfsDriver, home: Path) -> None:
+    """moby TestBtrfsSubvolDelete, harder: subvolumes a container made in its layer, one
+    read-only and holding another, in a layer that is itself frozen."""
+    driver.create("layer", [], writable=True)
+    path = _layer(home, "layer")
+    (path / "var" / "lib").mkdir(parents=True)
+    _linux.btrfs_create_subvolume(str(path / "var" / "lib" / "inner"))
+    (path / "var" / "lib" / "inner" / "file").write_bytes(b"inner")
+    _linux.btrfs_create_subvolume(str(path / "var" / "lib" / "inner" / "deeper"))
+    _linux.btrfs_set_readonly(str(path / "var" / "lib" / "inner"), True)
+    _linux.btrfs_create_subvolume(str(path / "other"))
+    driver.commit("layer")
+
+    driver.remove("layer")
+
+    assert not os.path.lexists(path)
+    assert driver.layers() == []
+    assert _linux.btrfs_nested_subvolumes(str(home)) == []
+    with pytest.raises(NotFound):
+        driver.remove("layer")
+
+
+def test_remove_leaves_parent_and_siblings(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("base", [], writable=True)
+    (_layer(home, "base") / "file").write_bytes(b"base")
+    driver.create("a", ["base"], writable=True)
+    driver.create("b", ["base"], writable=True)
+    driver.remove("a")
+    assert driver.layers() == ["b", "base"]
+    assert (_layer(home, "b") / "file").read_bytes() == b"base"
+
+
+def test_layers_lists_subvolumes_only(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("layer", [], writable=True)
+    (home / "subvolumes" / "stray").mkdir()
+    assert driver.layers() == ["layer"]
+
+
+# --- quotas ---------------------------------------------------------------------------------------
+
+
+def test_set_quota_turns_quota_on_and_refuses_writes_past_it(
+    driver: BtrfsDriver, home: Path
+) -> None:
+    driver.create("layer", [], writable=True)
+    assert _linux.btrfs_quota_status(str(home)) is None
+    driver.set_quota("layer", 16 << 20)
+    assert _linux.btrfs_quota_status(str(home)) is not None
+    path = _layer(home, "layer")
+    _write_mib(path / "fits", 8)
+    with pytest.raises(OSError) as caught:
+        _write_mib(path / "too-much", 16)
+    assert caught.value.errno == errno.EDQUOT
+    # The driver still works: remove the excess and write again.
+    (path / "too-much").unlink()
+    _write_mib(path / "again", 2)
+    with pytest.raises(InvalidArgument):
+        driver.set_quota("layer", 0)
+    with pytest.raises(NotFound):
+        driver.set_quota("missing", 1 << 20)
+
+
+def test_children_do_not_inherit_a_quota(driver: BtrfsDriver, home: Path) -> None:
+    """btrfs copies a snapshot source's limit to the snapshot; a layer's quota is its own."""
+    driver.create("layer", [], writable=True)
+    driver.set_quota("layer", 16 << 20)
+    driver.create("child", ["layer"], writable=True)
+    driver.create("view", ["layer"], writable=False)
+    qgroups = _linux.btrfs_qgroups(str(home))
+    for id, limit in (("layer", 16 << 20), ("child", None), ("view", None)):
+        subvolid = _linux.btrfs_subvolume_id(str(_layer(home, id)))
+        assert qgroups[subvolid].max_referenced == limit, id
+    _write_mib(_layer(home, "child") / "more-than-the-parent-may", 24)
+
+
+def test_size_option_limits_writable_layers(home: Path) -> None:
+    driver = BtrfsDriver(home, {"size": "16M"})
+    try:
+        driver.create("layer", [], writable=True)
+        driver.create("view", ["layer"], writable=False)
+        _sync(home)
+        qgroups = _linux.btrfs_qgroups(str(home))
+        for id, limit in (("layer", 16 << 20), ("view", None)):
+            subvolid = _linux.btrfs_subvolume_id(str(_layer(home, id)))
+            assert qgroups[subvolid].max_referenced == limit, id
+        driver.create("child", ["layer"], writable=True)
+        with pytest.raises(OSError) as caught:
+            _write_mib(_layer(home, "child") / "too-much", 24)
+        assert caught.value.errno == errno.EDQUOT
+    finally:
+        driver.close()
+
+
+def test_remove_drops_the_qgroups(driver: BtrfsDriver, home: Path) -> None:
+    """No qgroup outlives its layer (moby#29325): the layer's and its nested subvolumes'.
+    The kernel refuses while its cleaner has not dropped a subvolume, so the ids wait in
+    qgroups-pending until a later removal or close succeeds, or the kernel drops them."""
+    driver.create("layer", [], writable=True)
+    path = _layer(home, "layer")
+    _linux.btrfs_create_subvolume(str(path / "nested"))
+    driver.set_quota("layer", 64 << 20)
+    _write_mib(path / "data", 4)
+    ids = [_linux.btrfs_subvolume_id(str(p)) for p in (path, path / "nested")]
+    assert all(i in _linux.btrfs_qgroups(str(home)) for i in ids)
+
+    driver.remove("layer")
+
+    pending = home / "qgroups-pending"
+    if pending.exists():
+        assert {int(i) for i in pending.read_text().split()} <= set(ids)
+    _linux.btrfs_sync(str(home))
+    for subvolid in ids:
+        _linux.btrfs_wait_subvolume_cleaned(str(home), subvolid)
+    driver.close()
+    assert not pending.exists()
+    qgroups = _linux.btrfs_qgroups(str(home))
+    assert not any(i in qgroups for i in ids), sorted(qgroups)
+
+
+# --- usage ----------------------------------------------------------------------------------------
+
+
+def test_usage_walks_without_quota(driver: BtrfsDriver, home: Path) -> None:
+    driver.create("layer", [], writable=True)
+    path = _layer(home, "layer")
+    (path / "dir").mkdir()
+    (path / "dir" / "data").write_bytes(b"y" * 300_000)
+    os.link(path / "dir" / "data", path / "link")
+    usage = driver.usage("layer")
+    assert usage.inodes == 3  # root, dir, data (the hardlink once)
+    assert 300_000 <= usage.size < 400_000
+
+
+def test_usage_reads_qgroup_numbers_with_quota(driver: BtrfsDriver, home: Path) -> None:
+    _enable_quota(home)
+    driver.create("layer", [], writable=True)
+    path = _layer(home, "layer")
+    (path / "dir").mkdir()
+    _write_mib(path / "dir" / "data", 3)
+    usage = driver.usage("layer")
+    assert 3 << 20 <= usage.size < 4 << 20
+    assert usage.inodes == 3
+    subvolid = _linux.btrfs_subvolume_id(str(path))
+    assert usage.size == _linux.btrfs_qgroups(str(home))[subvolid].referenced
+    with pytest.raises(NotFound):
+        driver.usage("missing")
