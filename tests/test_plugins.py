@@ -106,4 +106,3 @@ def test_auto_selection_skips_drivers_that_cannot_run(tmp_path: Path) -> None:
 def test_placeholder_drivers_say_they_are_not_implemented(tmp_path: Path) -> None:
     drivers = laminae.available_drivers()
     assert "not implemented yet (issue 3)" in (drivers["overlay"].probe(tmp_path, {}) or "")
-    assert "not implemented yet (issue 4)" in (drivers["btrfs"].probe(tmp_path, {}) or "")
