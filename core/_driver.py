@@ -119,7 +119,8 @@ class MountSpec:
 
     :param type: filesystem type: ``bind``, ``overlay``, ``btrfs``, ``tmpfs`` ...
     :param source: the source path or device (``overlay`` for overlay mounts).
-    :param options: mount options; ``ro`` makes it read-only.
+    :param options: mount options; ``ro`` makes it read-only (an overlay with an upper dir
+        too: the kernel then writes nothing through it).
     :param lowerdirs: overlay only: lower dirs, uppermost first.
     :param upperdir: overlay only: the writable dir, or ``None`` for a read-only stack.
     :param workdir: overlay only: the work dir that goes with ``upperdir``.
@@ -137,8 +138,8 @@ class MountSpec:
     @property
     def readonly(self) -> bool:
         """Whether the mount cannot be written through."""
-        if self.type == "overlay":
-            return self.upperdir is None
+        if self.type == "overlay" and self.upperdir is None:
+            return True
         return "ro" in self.options
 
 
