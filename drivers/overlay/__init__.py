@@ -1,15 +1,13 @@
-"""The overlay driver. Not implemented yet (issue 3): it registers, and its probe says so."""
+"""The overlay driver: layers as overlayfs layer dirs, stacked up to the kernel's 500 lowers,
+applied without mounting and diffed from their upper dir alone; rootless in a user namespace."""
 
 from __future__ import annotations
 
-from laminae import DriverRegistry, hookimpl
+from laminae._plugins import DriverRegistry, hookimpl
 
-from .._pending import PendingDriver
+from ._driver import OverlayDriver
 
-
-class OverlayDriver(PendingDriver):
-    name = "overlay"
-    issue = 3
+__all__ = ["OverlayDriver", "laminae_register_drivers"]
 
 
 @hookimpl
