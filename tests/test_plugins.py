@@ -101,8 +101,3 @@ def test_auto_selection_skips_drivers_that_cannot_run(tmp_path: Path) -> None:
         _select_driver(drivers, tmp_path, None, None, ("unavailable",), {})
     with pytest.raises(laminae.DriverUnavailable, match="needs a pony"):
         _select_driver(drivers, tmp_path, "unavailable", None, (), {})
-
-
-def test_placeholder_drivers_say_they_are_not_implemented(tmp_path: Path) -> None:
-    drivers = laminae.available_drivers()
-    assert "not implemented yet (issue 3)" in (drivers["overlay"].probe(tmp_path, {}) or "")
