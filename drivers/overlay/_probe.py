@@ -46,7 +46,7 @@ def read_namespace(home: Path) -> str | None:
     """The namespace recorded in ``home``, or ``None`` for a home not made yet."""
     try:
         return (home / XATTR_RECORD).read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
