@@ -76,6 +76,26 @@ def test_registered_as_btrfs_with_priority_20() -> None:
     assert laminae.Feature.QUOTA in entry.capabilities.features
 
 
+def _loops_backed_by(image: Path) -> list[str]:
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip() == str(image):
+            found.append(backing.parent.parent.name)
+    return found
+
+
+def test_loop_btrfs_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    """The conformance home: a failing test still gets its filesystem unmounted and its
+    loop device detached."""
+    with pytest.raises(RuntimeError), loop_btrfs(tmp_path) as home:
+        assert _linux.statfs_type(str(home)) == _linux.BTRFS_SUPER_MAGIC
+        assert _loops_backed_by(tmp_path / "btrfs.img")
+        (home / "file").write_bytes(b"x")
+        raise RuntimeError("the test failed")
+    assert not _linux.is_mountpoint(str(tmp_path / "mnt"))
+    assert _loops_backed_by(tmp_path / "btrfs.img") == []
+
+
 # --- probe and options --------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from laminae._plugins import DriverRegistry, hookimpl
 
 from ._driver import BtrfsDriver
 
-__all__ = ["BtrfsDriver", "laminae_conformance_home", "laminae_register_drivers"]
+__all__ = ["BtrfsDriver", "laminae_conformance_home", "laminae_register_drivers", "loop_btrfs"]
 
 # Sparse: only what a test writes takes disk. Room for the suite's largest test (a quota
 # test writes 75 MiB) with btrfs's metadata duplicated beside it.
