@@ -65,6 +65,7 @@ from ._host import (
     in_user_namespace,
     lowerdir_append_supported,
 )
+from ._known_failures import known_failures, mapped_ids
 from ._options import OverlayOptions, parse_options
 from ._probe import XATTR_RECORD, probe_host, read_namespace
 
@@ -91,30 +92,6 @@ USERXATTR: Final = in_user_namespace()
 LOWERDIR_APPEND: Final = lowerdir_append_supported()
 """Whether the kernel takes ``lowerdir+`` (Linux 6.8+), so the depth is the kernel's own."""
 
-# Conformance cases that cannot pass in a user namespace, whatever the driver does: the
-# kernel allows there neither device nodes (CAP_MKNOD in the initial namespace) nor
-# trusted.* xattrs (CAP_SYS_ADMIN in the initial namespace).
-_ROOTLESS_FAILURES: Final = {
-    "apply::test_devices": "a user namespace cannot make device nodes (mknod needs CAP_MKNOD "
-    "in the initial user namespace)",
-    "apply::test_xattrs": "a user namespace cannot set trusted.* xattrs (CAP_SYS_ADMIN in the "
-    "initial user namespace)",
-    "apply::test_xattrs_in_child_layers": "a user namespace cannot set trusted.* xattrs "
-    "(CAP_SYS_ADMIN in the initial user namespace)",
-}
-_KNOWN_FAILURES: Final = {
-    "mounts::test_rename_directory": "rename(2) of a directory that came from a lower layer "
-    "fails with EXDEV under redirect_dir=nofollow, which native changes need (REFERENCE.md "
-    "2.8; containerd's suite skips it for overlayfs); tools fall back to copying, as mv does",
-}
-
-
-def _known_failures() -> dict[str, str]:
-    failures = dict(_KNOWN_FAILURES)
-    if USERXATTR:
-        failures.update(_ROOTLESS_FAILURES)
-    return failures
-
 
 def _check_id(id: str) -> None:
     if not _ID.fullmatch(id):
@@ -133,7 +110,9 @@ class OverlayDriver:
         max_depth=KERNEL_MAX_LOWERS if LOWERDIR_APPEND else _FALLBACK_DEPTH,
         needs_root=True,
         independent_layers=True,
-        known_failures=_known_failures(),
+        known_failures=known_failures(
+            user_namespace=USERXATTR, ids=mapped_ids() if USERXATTR else 1 << 32
+        ),
     )
     short_links: ClassVar[bool] = not LOWERDIR_APPEND
     """Lowers go in by their ``l/`` short names (no ``lowerdir+``: one page for all)."""
