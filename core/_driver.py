@@ -59,6 +59,7 @@ __all__ = [
     "Applier",
     "Capabilities",
     "ChangeReporter",
+    "Committer",
     "Driver",
     "Feature",
     "MountSpec",
@@ -76,6 +77,8 @@ class Feature(enum.Enum):
     """``changes`` lists a layer's changes cheaper than walking parent and layer."""
     QUOTA = "quota"
     """``set_quota`` limits the bytes a writable layer may hold."""
+    COMMIT = "commit"
+    """``commit`` is told when a layer becomes committed, to freeze it (btrfs: read-only)."""
 
 
 def _to_features(value: Iterable[Feature]) -> frozenset[Feature]:
@@ -230,7 +233,20 @@ class QuotaSetter(Protocol):
         """Limit layer ``id`` to ``size`` bytes; writing more fails (``EDQUOT``, ``ENOSPC``)."""
 
 
+@runtime_checkable
+class Committer(Protocol):
+    """:attr:`Feature.COMMIT`: freeze a layer once it is committed."""
+
+    def commit(self, id: str) -> None:
+        """Layer ``id`` is about to become committed: it will never be written again.
+
+        Called after its content is verified and flushed, before the graph records it as
+        committed; an error fails the commit (the layer stays as it was).
+        """
+
+
 FEATURE_PROTOCOLS: Mapping[Feature, type] = {
+    Feature.COMMIT: Committer,
     Feature.APPLY: Applier,
     Feature.CHANGES: ChangeReporter,
     Feature.QUOTA: QuotaSetter,

@@ -37,7 +37,16 @@ from ._compression import (
     sniff_compression,
 )
 from ._config import StoreConfig, load_config
-from ._driver import Applier, Capabilities, ChangeReporter, Driver, Feature, QuotaSetter, Usage
+from ._driver import (
+    Applier,
+    Capabilities,
+    ChangeReporter,
+    Committer,
+    Driver,
+    Feature,
+    QuotaSetter,
+    Usage,
+)
 from ._exceptions import (
     AlreadyExists,
     CorruptLayer,
@@ -539,11 +548,15 @@ class Store:
                     self._graph.delete_layer(row.id)
                     self._add_names_labels(new_id, names, labels, replace_labels=False)
                 return self.layer(new_id)
+            for name in names:
+                owner = self._graph.layer_for_name(name)
+                if owner is not None:
+                    raise AlreadyExists(f"layer name {name!r}: already names layer {owner}")
+            if Feature.COMMIT in self.capabilities.features:
+                assert isinstance(self.driver, Committer)
+                with map_os_errors(f"commit layer {new_id} in driver {self.driver_name}"):
+                    self.driver.commit(row.storage_id)
             with self._graph.transaction():
-                for name in names:
-                    owner = self._graph.layer_for_name(name)
-                    if owner is not None:
-                        raise AlreadyExists(f"layer name {name!r}: already names layer {owner}")
                 self._graph.update_layer(
                     row.id,
                     id=new_id,

@@ -4,12 +4,14 @@ nested subvolumes, quotas and their qgroups, probing."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tarbuild import make_tar
 
 import laminae
 from laminae import _linux
@@ -409,3 +411,16 @@ def test_usage_reads_qgroup_numbers_with_quota(driver: BtrfsDriver, home: Path) 
     assert usage.size == _linux.btrfs_qgroups(str(home))[subvolid].referenced
     with pytest.raises(NotFound):
         driver.usage("missing")
+
+
+def test_store_freezes_a_layer_when_it_commits(home: Path, tmp_path: Path) -> None:
+    with laminae.open_store(home.parent, runroot=tmp_path / "run", driver="btrfs") as store:
+        applied = store.apply_layer(io.BytesIO(make_tar({"a": b"1"})))
+        store.create_layer("work", parent=applied.id)
+        committed = store.commit_layer("work")
+        for layer in (applied, committed):
+            assert _linux.btrfs_get_readonly(str(_layer(store.driver_home, layer.storage_id)))
+        store.create_layer("active")
+        assert not _linux.btrfs_get_readonly(
+            str(_layer(store.driver_home, store.layer("active").storage_id))
+        )

@@ -103,7 +103,7 @@ class BtrfsDriver:
     # A snapshot holds its whole tree: depth costs nothing at mount time, so the limit is
     # vfs's (Moby's layer store stops at 125 anyway).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        features=frozenset({Feature.QUOTA}),
+        features=frozenset({Feature.QUOTA, Feature.COMMIT}),
         max_depth=1000,
         needs_root=True,
         independent_layers=False,
@@ -188,10 +188,10 @@ class BtrfsDriver:
                 raise
 
     def commit(self, id: str) -> None:
-        """Freeze layer ``id``: make its subvolume read-only, for good.
+        """Freeze layer ``id``: make its subvolume read-only, for good (:attr:`Feature.COMMIT`).
 
-        The store does not call this yet (the contract has no commit hook); ``create``
-        freezes a parent instead.
+        ``create`` also freezes a parent that is not frozen yet, for stores made before the
+        store called this.
 
         :raises NotFound: ``id`` is not on disk.
         """
