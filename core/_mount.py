@@ -47,7 +47,9 @@ def _mount_one(spec: MountSpec, target: Path) -> None:
     elif spec.type == "overlay":
         if not spec.lowerdirs:
             raise InvalidArgument(f"overlay mount spec for {where}: no lowerdirs")
-        _, data = _split_options(spec.options)
+        # mount_overlay takes ro, nosuid, nodev and noexec itself (as mount attributes), so
+        # they go through as they are; only the bind markers mean nothing to overlayfs.
+        data = [o for o in spec.options if o not in ("rw", "bind", "rbind", "loop")]
         if spec.readonly and "ro" not in data:
             data.append("ro")
         _linux.mount_overlay(
