@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
-import importlib.util
 import json
 import os
-import platform
 import shlex
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +38,9 @@ from layer_tars import (
     write_large_files_tar,
     write_small_files_tar,
 )
-from measure import Measured, rss_floor_kib, run_measured
+from measure import rss_floor_kib, run_measured
+from report import Spread, first_line, fmt, loads, machine, mib, verdict
+from report import console as make_console
 from rich.console import Console
 from rich.table import Table
 from scratch_fs import (
@@ -56,7 +53,6 @@ from scratch_fs import (
 )
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 APPLY_ONCE = HERE / "apply_once.py"
 
 TIME_TARGET = 1.5
@@ -114,11 +110,6 @@ class Run:
     error: str | None = None
 
 
-def _failure(what: str, measured: Measured) -> str:
-    tail = measured.stderr.strip().splitlines()[-3:]
-    return f"{what} exited {measured.returncode}: " + " | ".join(tail)
-
-
 def _check_tree(found: TreeSummary, expected: TreeSummary) -> str | None:
     if found == expected:
         return None
@@ -143,7 +134,7 @@ def run_laminae(mnt: Path, tar: LayerTar, repeat: int) -> Run:
         argv = [sys.executable, str(APPLY_ONCE), str(root), str(runroot), str(tar.path)]
         measured = run_measured([*argv, tar.diff_id])
         if measured.returncode != 0:
-            failure = _failure("apply_once.py", measured)
+            failure = measured.failure("apply_once.py")
             return Run(
                 "laminae", repeat, None, measured.seconds, measured.maxrss_kib, error=failure
             )
@@ -174,7 +165,7 @@ def run_tar(mnt: Path, tar: LayerTar, repeat: int) -> Run:
         synced = run_measured(["sync", "-f", str(target)])
         if measured.returncode != 0 or synced.returncode != 0:
             bad = measured if measured.returncode != 0 else synced
-            error = _failure("tar" if bad is measured else "sync", bad)
+            error = bad.failure("tar" if bad is measured else "sync")
             return Run("tar", repeat, None, measured.seconds, measured.maxrss_kib, error=error)
         return Run(
             "tar",
@@ -198,10 +189,6 @@ class CaseResult:
     description: str
     tar: LayerTar
     runs: list[Run]
-
-
-def _mib(kib: int) -> float:
-    return kib / 1024
 
 
 def run_case(console: Console, mnt: Path, case: Case, scale: float, repeat: int) -> CaseResult:
@@ -239,20 +226,7 @@ def _describe_run(run: Run) -> str:
         line += f" + sync {run.sync_seconds:6.2f} s"
     else:
         line += f" (process {run.process_seconds:.2f} s)"
-    return line + f", peak RSS {_mib(run.maxrss_kib):6.1f} MiB"
-
-
-@attrs.frozen
-class Spread:
-    median: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread | None:
-        if not values:
-            return None
-        return cls(statistics.median(values), min(values), max(values))
+    return line + f", peak RSS {mib(run.maxrss_kib):6.1f} MiB"
 
 
 @attrs.frozen
@@ -284,8 +258,8 @@ class Summary:
             laminae=lam_s,
             tar=tar_s,
             tar_sync=sync_s,
-            laminae_rss_mib=_mib(max(r.maxrss_kib for r in lam)) if lam else None,
-            tar_rss_mib=_mib(max(r.maxrss_kib for r in tar)) if tar else None,
+            laminae_rss_mib=mib(max(r.maxrss_kib for r in lam)) if lam else None,
+            tar_rss_mib=mib(max(r.maxrss_kib for r in tar)) if tar else None,
             ratio=lam_s.median / sync_s.median if lam_s and sync_s else None,
             ratio_no_sync=lam_s.median / tar_s.median if lam_s and tar_s else None,
             ratio_best=lam_s.low / sync_s.low if lam_s and sync_s else None,
@@ -293,19 +267,11 @@ class Summary:
         )
 
 
-def _verdict(met: bool | None) -> str:
-    return {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]no data[/]"}[met]
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_report(console: Console, results: list[CaseResult], repeat: int, floor_kib: int) -> None:
     times = Table(
         title=f"vfs apply vs GNU tar: wall time over {repeat} run(s) each, caches cold",
         caption=f"peak RSS: the process's own ru_maxrss, max over runs; a process smaller "
-        f"than the launcher's floor ({_mib(floor_kib):.1f} MiB) reports the floor",
+        f"than the launcher's floor ({mib(floor_kib):.1f} MiB) reports the floor",
     )
     for column in ("case", "tool", "median s", "min s", "max s", "MiB/s", "peak RSS MiB"):
         times.add_column(column, justify="left" if column in ("case", "tool") else "right")
@@ -334,11 +300,11 @@ def print_report(console: Console, results: list[CaseResult], repeat: int, floor
             times.add_row(
                 label if i == 0 else "",
                 tool,
-                _fmt(spread.median if spread else None, ".2f"),
-                _fmt(spread.low if spread else None, ".2f"),
-                _fmt(spread.high if spread else None, ".2f"),
-                _fmt(throughput, ",.0f"),
-                _fmt(rss, ".1f"),
+                fmt(spread.median if spread else None, ".2f"),
+                fmt(spread.low if spread else None, ".2f"),
+                fmt(spread.high if spread else None, ".2f"),
+                fmt(throughput, ",.0f"),
+                fmt(rss, ".1f"),
                 end_section=i == len(rows) - 1,
             )
         time_met = None if summary.ratio is None else summary.ratio <= TIME_TARGET
@@ -346,57 +312,16 @@ def print_report(console: Console, results: list[CaseResult], repeat: int, floor
         memory_met = None if rss is None else rss < MEMORY_TARGET_MIB
         targets.add_row(
             result.case,
-            _fmt(summary.ratio, ".2f") + ("x" if summary.ratio else ""),
-            _verdict(time_met),
-            _fmt(summary.ratio_no_sync, ".2f") + ("x" if summary.ratio_no_sync else ""),
-            _fmt(summary.ratio_best, ".2f") + ("x" if summary.ratio_best else ""),
-            _fmt(rss, ".1f"),
-            _verdict(memory_met),
+            fmt(summary.ratio, ".2f") + ("x" if summary.ratio else ""),
+            verdict(time_met),
+            fmt(summary.ratio_no_sync, ".2f") + ("x" if summary.ratio_no_sync else ""),
+            fmt(summary.ratio_best, ".2f") + ("x" if summary.ratio_best else ""),
+            fmt(rss, ".1f"),
+            verdict(memory_met),
             str(summary.failures),
         )
     console.print(times)
     console.print(targets)
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(mem_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "gnu_tar": _first_line("tar", "--version") or "?",
-        "laminae": _laminae_origin(),
-    }
-
-
-def _first_line(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
-    return done.stdout.strip().partition("\n")[0]
-
-
-def _laminae_origin() -> str:
-    """The commit of this checkout when laminae is imported from it (an editable install),
-    with ``-dirty`` when core/ or drivers/ have uncommitted changes; else where it is."""
-    spec = importlib.util.find_spec("laminae")
-    origin = Path(spec.origin) if spec and spec.origin else None
-    if origin is None or not origin.is_relative_to(REPO):
-        where = origin.parent if origin else "nowhere"
-        return f"{importlib.metadata.version('laminae')} installed at {where}"
-    commit = _first_line("git", "rev-parse", "--short", "HEAD") or "?"
-    dirty = _first_line("git", "status", "--porcelain", "--", "core", "drivers")
-    return f"{commit}{'-dirty' if dirty else ''} (this checkout)"
 
 
 def _json_result(result: CaseResult) -> dict[str, Any]:
@@ -467,18 +392,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _loads(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     require_root()
     enter_private_mount_namespace(Path(__file__).resolve(), argv)
     # Piped into a file, rich would wrap the tables at 80 columns.
-    console = Console() if Console().is_terminal else Console(width=140)
+    console = make_console()
     command = shlex.join([sys.executable, *sys.argv])
-    info = machine()
+    info = machine({"gnu_tar": first_line("tar", "--version") or "?"})
     floor_kib = rss_floor_kib()
     console.print(
         f"[bold]laminae vfs apply benchmark[/]  {datetime.date.today()}  "
@@ -498,7 +419,7 @@ def main(argv: Sequence[str]) -> int:
     load_after = os.getloadavg()
     print_report(console, results, args.repeat, floor_kib)
     console.print(
-        f"load average (1, 5, 15 min) before {_loads(load_before)}, after {_loads(load_after)}"
+        f"load average (1, 5, 15 min) before {loads(load_before)}, after {loads(load_after)}"
     )
     if args.json is not None:
         document = {

@@ -19,7 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -54,9 +54,19 @@ class Measured:
     stdout: str
     stderr: str
 
+    def failure(self, what: str) -> str:
+        """``what`` failed: its exit code and the last lines it wrote on stderr."""
+        tail = self.stderr.strip().splitlines()[-3:]
+        return f"{what} exited {self.returncode}: " + " | ".join(tail)
 
-def run_measured(argv: Sequence[str]) -> Measured:
+
+def run_measured(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None
+) -> Measured:
     """Run ``argv`` to completion through the launcher; stdin is ``/dev/null``.
+
+    :param env: the command's environment (default: this process's).
+    :param cwd: the command's working directory.
 
     :raises RuntimeError: the launcher itself failed (for example, ``argv[0]`` not found).
     """
@@ -65,7 +75,9 @@ def run_measured(argv: Sequence[str]) -> Measured:
         out.touch()
         err.touch()
         launcher = [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(out), str(err), *argv]
-        done = subprocess.run(launcher, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            launcher, capture_output=True, text=True, check=False, env=env, cwd=cwd
+        )
         if done.returncode != 0:
             raise RuntimeError(f"launching {argv[0]!r} failed: {done.stderr.strip()}")
         report = json.loads(done.stdout)

@@ -1,0 +1,307 @@
+"""Importing one multi-layer OCI image into an empty store: laminae against the peers.
+
+Shared by ``overlay.py`` and ``btrfs.py``. Every run starts from nothing on the benchmark's
+filesystem (the previous run's store is deleted) with the page cache dropped, and imports the
+same image layout, which sits on that filesystem too:
+
+- **laminae**: ``laminae_once.py import`` in a fresh process: ``open_store`` on an empty root
+  with the driver under test, then the minimal import (every layer through
+  ``store.apply_layer`` with its digest and DiffID, then ``store.create_image``). Timed as a
+  whole process, start-up and imports included, as the peers' processes are; laminae makes
+  every layer durable (``syncfs``) before it commits it.
+- **skopeo**: ``skopeo copy oci:LAYOUT:TAG containers-storage:[DRIVER@ROOT+RUNROOT]NAME``,
+  which stages the blobs, then applies every layer into the driver's storage, then ``sync -f``
+  timed separately (containers-storage does not sync).
+- **ctr**: ``ctr images import --snapshotter NAME`` of an OCI archive (a tar of the same
+  layout), which unpacks by default: containerd copies the blobs into its content store, then
+  applies every layer into a snapshot of the snapshotter. Its daemon, fresh for the run, is
+  started before the clock; then ``sync -f``, timed separately.
+
+After each run, outside the clock, the imported image is mounted the tool's own way (laminae:
+``store.mount`` of the top layer; skopeo: ``podman image mount``; ctr: a view of the top
+snapshot, mounted as containerd describes it) and every file of it is compared with what the
+image must hold. A run whose tree is wrong counts as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from layer_tars import TreeSummary, summarize_tree
+from measure import run_measured
+from oci_image import OciImage
+from peers import Containerd, Podman, mount_described, skopeo_copy
+from report import Run, Spread, fmt, mib, ratio, verdict
+from rich.table import Table
+from scratch_fs import drop_caches, remove_tree, unmount_under
+
+__all__ = [
+    "ImportTool",
+    "ctr_import",
+    "import_tables",
+    "laminae_import",
+    "skopeo_import",
+]
+
+HERE = Path(__file__).resolve().parent
+LAMINAE_ONCE = HERE / "laminae_once.py"
+
+
+@attrs.frozen
+class ImportTool:
+    """A tool that imports an image, and how to run it once on a filesystem."""
+
+    name: str
+    peer: bool
+    run: Callable[[Path, OciImage, int], Run]
+
+
+def _check(expected: TreeSummary, read: Callable[[], TreeSummary]) -> str | None:
+    try:
+        found = read()
+    except Exception as exc:  # a broken check must not hide the other runs' numbers
+        return f"checking the imported image failed: {exc!r}"
+    if found == expected:
+        return None
+    return f"imported tree differs: expected {expected}, found {found}"
+
+
+def _laminae_tree(root: Path, runroot: Path, driver: str, top: str) -> TreeSummary:
+    import laminae  # only here: the parent needs laminae to check results, not to time them
+
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        path = store.mount(top, readonly=True)
+        try:
+            return summarize_tree(path)
+        finally:
+            store.unmount(top)
+
+
+def laminae_import(driver: str, *, unavailable: str | None = None) -> ImportTool:
+    """laminae's import with ``driver``; ``unavailable`` (why the driver cannot run) makes
+    every run a failure with that reason, without starting anything."""
+    name = f"laminae {driver}"
+
+    def run(mnt: Path, image: OciImage, round_: int) -> Run:
+        if unavailable is not None:
+            return Run(name, round_, None, error=unavailable)
+        root, runroot = mnt / "laminae-store", mnt / "laminae-run"
+        argv = [sys.executable, str(LAMINAE_ONCE), "import", str(root), str(runroot), driver]
+        try:
+            drop_caches()
+            measured = run_measured([*argv, str(image.layout), image.tag])
+            if measured.returncode != 0:
+                failure = measured.failure("laminae_once.py import")
+                return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=failure)
+            report = json.loads(measured.stdout)
+            error = _check(
+                image.tree, lambda: _laminae_tree(root, runroot, driver, report["top_layer"])
+            )
+            detail = {k: report[k] for k in ("seconds", "open_seconds", "image", "top_layer")}
+            return Run(
+                name,
+                round_,
+                measured.seconds,
+                maxrss_kib=measured.maxrss_kib,
+                error=error,
+                detail={"in_process": detail},
+            )
+        finally:
+            unmount_under(runroot)
+            unmount_under(root)
+            remove_tree(root)
+            remove_tree(runroot)
+
+    return ImportTool(name, False, run)
+
+
+def skopeo_import(driver: str) -> ImportTool:
+    """``skopeo copy`` into containers-storage with ``driver``, then ``sync -f``."""
+    name = f"skopeo -> c/storage {driver}"
+
+    def run(mnt: Path, image: OciImage, round_: int) -> Run:
+        base = mnt / "containers-storage"
+        root, runroot, scratch = base / "root", base / "run", base / "scratch"
+        target = f"localhost/{image.tag}:latest"
+        try:
+            scratch.mkdir(parents=True)
+            drop_caches()
+            measured = skopeo_copy(image.reference, driver, root, runroot, target, scratch)
+            synced = run_measured(["sync", "-f", str(mnt)])
+            if measured.returncode != 0 or synced.returncode != 0:
+                bad = measured if measured.returncode != 0 else synced
+                error = bad.failure("skopeo copy" if bad is measured else "sync")
+                return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=error)
+            podman = Podman(driver, root, runroot, scratch)
+
+            def read() -> TreeSummary:
+                with podman.image_mounted(target) as path:
+                    return summarize_tree(path)
+
+            return Run(
+                name,
+                round_,
+                measured.seconds,
+                sync_seconds=synced.seconds,
+                maxrss_kib=measured.maxrss_kib,
+                error=_check(image.tree, read),
+            )
+        finally:
+            unmount_under(base)
+            remove_tree(base)
+
+    return ImportTool(name, True, run)
+
+
+def ctr_import(snapshotter: str, archive: Path) -> ImportTool:
+    """``ctr images import --snapshotter SNAPSHOTTER ARCHIVE`` (unpacking), then ``sync -f``.
+
+    :param archive: the image as an OCI archive (:func:`oci_image.write_oci_archive`).
+    """
+    name = f"ctr import -> containerd {snapshotter}"
+
+    def run(mnt: Path, image: OciImage, round_: int) -> Run:
+        view = mnt / "containerd-view"
+        with Containerd(mnt / "containerd") as daemon:
+            drop_caches()
+            base_name = f"localhost/{image.tag}"
+            measured = daemon.ctr_measured(
+                "images", "import", "--snapshotter", snapshotter, "--base-name", base_name,
+                str(archive),
+            )  # fmt: skip
+            synced = run_measured(["sync", "-f", str(mnt)])
+            detail: dict[str, Any] = {
+                "daemon_peak_rss_kib": daemon.peak_rss_kib(),
+                "ctr_output": measured.stdout.strip()[-300:],
+            }
+            if measured.returncode != 0 or synced.returncode != 0:
+                bad = measured if measured.returncode != 0 else synced
+                error = bad.failure("ctr images import" if bad is measured else "sync")
+                return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=error)
+
+            def read() -> TreeSummary:
+                top = _chain_id([layer.diff_id for layer in image.layers])
+                mounts = daemon.view_mounts(snapshotter, f"check-{round_}", top)
+                view.mkdir(exist_ok=True)
+                mount_described(mounts, view)
+                try:
+                    return summarize_tree(view)
+                finally:
+                    unmount_under(view)
+                    view.rmdir()
+
+            return Run(
+                name,
+                round_,
+                measured.seconds,
+                sync_seconds=synced.seconds,
+                maxrss_kib=measured.maxrss_kib,
+                error=_check(image.tree, read),
+                detail=detail,
+            )
+
+    return ImportTool(name, True, run)
+
+
+def _chain_id(diff_ids: Sequence[str]) -> str:
+    import hashlib
+
+    current = diff_ids[0]
+    for diff_id in diff_ids[1:]:
+        current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
+    return current
+
+
+def _rss(runs: Sequence[Run], tool: str) -> str:
+    values = [r.maxrss_kib for r in runs if r.tool == tool and r.maxrss_kib is not None]
+    text = fmt(mib(max(values)) if values else None, ".1f")
+    daemon = [
+        r.detail["daemon_peak_rss_kib"]
+        for r in runs
+        if r.tool == tool and r.detail.get("daemon_peak_rss_kib")
+    ]
+    if daemon:
+        text = f"ctr {text}, daemon {mib(max(daemon)):.1f}"
+    return text
+
+
+def import_tables(
+    title: str, image: OciImage, tools: Sequence[ImportTool], runs: Sequence[Run]
+) -> tuple[Table, Table, dict[str, Any]]:
+    """The times table, the targets table (laminae faster than each peer) and their JSON."""
+    times = Table(
+        title=f"{title}: {image.describe()}; wall time over {_rounds(runs)} run(s), caches cold",
+        caption="laminae: the whole process (start-up, imports, open_store, import, syncfs per "
+        "layer); peers: their command, then sync -f (their total is the sum)",
+    )
+    for column in ("tool", "median s", "min s", "max s", "sync s (median)", "peak RSS MiB"):
+        times.add_column(column, justify="left" if column == "tool" else "right")
+    times.add_column("failed runs", justify="right")
+    summary: dict[str, Any] = {}
+    for tool in tools:
+        spread = Run.spread(runs, tool.name)
+        sync = Spread.of(
+            [r.sync_seconds for r in runs if r.tool == tool.name and r.sync_seconds and r.total]
+        )
+        failures = Run.failures(runs, tool.name)
+        times.add_row(
+            tool.name,
+            fmt(spread.median if spread else None, ".2f"),
+            fmt(spread.low if spread else None, ".2f"),
+            fmt(spread.high if spread else None, ".2f"),
+            fmt(sync.median if sync else None, ".2f"),
+            _rss(runs, tool.name),
+            str(len(failures)) + (f": {failures[0][:70]}" if failures else ""),
+        )
+        summary[tool.name] = {
+            "spread": None if spread is None else attrs.asdict(spread),
+            "sync_median": None if sync is None else sync.median,
+            "failures": failures,
+        }
+        if not tool.peer:
+            inner = Spread.of(
+                [r.detail["in_process"]["seconds"] for r in runs if r.tool == tool.name and r.total]
+            )
+            times.add_row(
+                "  of which the import calls",
+                fmt(inner.median if inner else None, ".2f"),
+                fmt(inner.low if inner else None, ".2f"),
+                fmt(inner.high if inner else None, ".2f"),
+                "",
+                "",
+                "",
+            )
+            summary[tool.name]["import_calls"] = None if inner is None else attrs.asdict(inner)
+    targets = Table(title=f"{title}: target: laminae faster than each peer (median / median)")
+    for column in ("laminae", "peer", "laminae / peer", "faster", "fastest / fastest", "no sync"):
+        targets.add_column(column, justify="left" if column in ("laminae", "peer") else "right")
+    mine = [t for t in tools if not t.peer]
+    summary["targets"] = []
+    for lam in mine:
+        ours = Run.spread(runs, lam.name)
+        for peer in (t for t in tools if t.peer):
+            theirs = Run.spread(runs, peer.name)
+            r = ratio(ours, theirs)
+            met = None if r is None else r < 1.0
+            no_sync = ratio(ours, Run.spread(runs, peer.name, total=False))
+            targets.add_row(
+                lam.name,
+                peer.name,
+                fmt(r, ".2f", "x"),
+                verdict(met),
+                fmt(ratio(ours, theirs, best=True), ".2f", "x"),
+                fmt(no_sync, ".2f", "x"),
+            )
+            summary["targets"].append(
+                {"laminae": lam.name, "peer": peer.name, "ratio": r, "met": met}
+            )
+    return times, targets, summary
+
+
+def _rounds(runs: Sequence[Run]) -> int:
+    return len({r.round for r in runs})

@@ -1,0 +1,297 @@
+"""The measured laminae processes: one operation on a store (or one kernel mount), timed
+inside a fresh process started by a benchmark, the result printed as JSON on stdout.
+
+A fresh process per measurement keeps laminae's in-memory state from one run out of the next
+and lets the parent read this process's own peak RSS with ``wait4``. Every subcommand prints
+``seconds``: the operation alone, interpreter start-up, imports and ``open_store`` excluded
+(the parent has the whole process's time too).
+
+Subcommands::
+
+    import  ROOT RUNROOT DRIVER LAYOUT TAG      import an OCI image layout (see import_layout)
+    mount   ROOT RUNROOT DRIVER KEY WARM        store.mount(KEY) cold, then WARM more cycles
+    changes ROOT RUNROOT DRIVER KEY MODE OUT    changes + export of KEY: MODE native or naive
+    create  ROOT RUNROOT DRIVER PARENT KEY      store.create_layer(KEY, parent=PARENT)
+    kernel  TECHNIQUE HOME DEPTH TARGET         one overlay mount of a prepared stack
+
+laminae has no image import API yet (issue 5); ``import`` is the minimal import one writes with
+the public API: read ``index.json``, find the manifest by its tag, read manifest and config
+(checking both digests), ``store.apply_layer(blob, parent, digest=..., diff_id=...)`` for each
+layer blob in order (which verifies the blob's digest and DiffID and syncs before it commits),
+and last ``store.create_image(top, names=[tag], config=..., manifest_digest=...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import laminae
+from laminae import _linux  # the kernel techniques compare laminae's mount call with others
+
+REF_NAME = "org.opencontainers.image.ref.name"
+PAGE = 4096
+
+
+# -- import ----------------------------------------------------------------------------------
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algorithm, _, encoded = digest.partition(":")
+    return layout / "blobs" / algorithm / encoded
+
+
+def _verified(layout: Path, descriptor: dict[str, Any]) -> bytes:
+    """A small blob (manifest, config) read whole and checked against its descriptor."""
+    data = _blob(layout, descriptor["digest"]).read_bytes()
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != descriptor["digest"] or len(data) != descriptor["size"]:
+        raise laminae.CorruptLayer(f"blob {descriptor['digest']}: is {actual}, {len(data)} B")
+    return data
+
+
+def import_layout(store: laminae.Store, layout: Path, tag: str) -> laminae.Image:
+    """Import image ``tag`` of the OCI image layout at ``layout`` into ``store``."""
+    index = json.loads((layout / "index.json").read_bytes())
+    found = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag]
+    if len(found) != 1:
+        raise laminae.NotFound(f"image {tag!r}: {len(found)} manifests in {layout} have that tag")
+    manifest = json.loads(_verified(layout, found[0]))
+    config_bytes = _verified(layout, manifest["config"])
+    diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
+    if len(diff_ids) != len(manifest["layers"]):
+        raise laminae.InvalidArgument(
+            f"image {tag!r}: {len(manifest['layers'])} layers but {len(diff_ids)} DiffIDs"
+        )
+    parent: str | None = None
+    for descriptor, diff_id in zip(manifest["layers"], diff_ids, strict=True):
+        layer = store.apply_layer(
+            _blob(layout, descriptor["digest"]),
+            parent,
+            digest=descriptor["digest"],
+            diff_id=diff_id,
+        )
+        parent = layer.id
+    return store.create_image(
+        parent, names=[tag], config=config_bytes, manifest_digest=found[0]["digest"]
+    )
+
+
+def run_import(root: str, runroot: str, driver: str, layout: str, tag: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        opened = time.perf_counter()
+        image = import_layout(store, Path(layout), tag)
+        seconds = time.perf_counter() - opened
+    return {
+        "seconds": seconds,
+        "open_seconds": opened - start,
+        "image": image.id,
+        "top_layer": image.top_layer,
+    }
+
+
+# -- mount -----------------------------------------------------------------------------------
+
+
+def _entries(path: Path) -> int:
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
+
+
+def run_mount(root: str, runroot: str, driver: str, key: str, warm: str) -> dict[str, Any]:
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        start = time.perf_counter()
+        path = store.mount(key)
+        seconds = time.perf_counter() - start
+        entries = _entries(path)
+        start = time.perf_counter()
+        store.unmount(key)
+        unmount_seconds = time.perf_counter() - start
+        warm_seconds = []
+        for _ in range(int(warm)):
+            start = time.perf_counter()
+            store.mount(key)
+            warm_seconds.append(time.perf_counter() - start)
+            store.unmount(key)
+    return {
+        "seconds": seconds,
+        "unmount_seconds": unmount_seconds,
+        "warm_seconds": warm_seconds,
+        "entries": entries,
+    }
+
+
+# -- changes + export ------------------------------------------------------------------------
+
+
+def run_changes(
+    root: str, runroot: str, driver: str, key: str, mode: str, out: str
+) -> dict[str, Any]:
+    """``native``: ``store.changes`` then ``store.diff``, what a user calls (with a driver that
+    declares CHANGES, both walk the upper dir only). ``naive``: the parent and the layer
+    materialized through read-only mounts, one ``naive_changes`` walk of both trees, and
+    ``write_changes_tar`` of its result: the generic path, walking once where the store would
+    walk twice (once for ``changes``, once for ``diff``), so the baseline is if anything fast.
+    """
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        native = laminae.Feature.CHANGES in store.capabilities.features
+        parent = store.layer(key).parent
+        start = time.perf_counter()
+        with open(out, "wb") as sink:
+            if mode == "native":
+                changes = store.changes(key)
+                store.diff(key, sink)
+            elif mode == "naive":
+                if parent is None:
+                    raise laminae.InvalidArgument(f"layer {key!r} has no parent")
+                parent_root = store.mount(parent, readonly=True)
+                try:
+                    layer_root = store.mount(key, readonly=True)
+                    try:
+                        changes = list(laminae.naive_changes(parent_root, layer_root))
+                        laminae.write_changes_tar(layer_root, changes, sink)
+                    finally:
+                        store.unmount(key)
+                finally:
+                    store.unmount(parent)
+            else:
+                raise laminae.InvalidArgument(f"mode {mode!r}: native or naive")
+        seconds = time.perf_counter() - start
+    data = Path(out).read_bytes()
+    return {
+        "seconds": seconds,
+        "driver_declares_changes": native,
+        "changes": [f"{c.kind.value} {c.path}" for c in changes],
+        "tar_bytes": len(data),
+        "tar_sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+# -- create ----------------------------------------------------------------------------------
+
+
+def run_create(root: str, runroot: str, driver: str, parent: str, key: str) -> dict[str, Any]:
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        start = time.perf_counter()
+        store.create_layer(key, parent=parent)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        store.remove_layer(key)
+        remove_seconds = time.perf_counter() - start
+    return {"seconds": seconds, "remove_seconds": remove_seconds}
+
+
+# -- kernel techniques -----------------------------------------------------------------------
+
+
+def _stack(home: Path, depth: int) -> tuple[list[str], list[str]]:
+    """The prepared stack's lower dirs (``N/fs``, uppermost first) and their ``l/`` links."""
+    links: list[str] = json.loads((home / "links.json").read_text())
+    numbers = range(depth, 0, -1)
+    return [f"{n}/fs" for n in numbers], [links[n - 1] for n in numbers]
+
+
+def _classic(target: str, data: str) -> None:
+    # What the peers check before calling mount(2): the data must fit one page with its NUL.
+    if len(data) >= PAGE:
+        raise OSError(22, f"mount data of {len(data)} bytes does not fit a {PAGE}-byte page")
+    _linux.mount("overlay", target, "overlay", 0, data)
+
+
+def _kernel_lowerdir_plus(home: Path, depth: int, target: str) -> int:
+    lowers, _ = _stack(home, depth)
+    _linux.mount_overlay(
+        target,
+        [str(home / lower) for lower in lowers],
+        str(home / "upper/fs"),
+        str(home / "upper/work"),
+    )
+    return 0
+
+
+def _kernel_absolute(home: Path, depth: int, target: str) -> int:
+    lowers, _ = _stack(home, depth)
+    data = "lowerdir={},upperdir={},workdir={}".format(
+        ":".join(str(home / lower) for lower in lowers), home / "upper/fs", home / "upper/work"
+    )
+    _classic(target, data)
+    return len(data)
+
+
+def _kernel_short_links(home: Path, depth: int, target: str) -> int:
+    _, links = _stack(home, depth)
+    os.chdir(home)
+    data = "lowerdir={},upperdir=upper/fs,workdir=upper/work".format(":".join(links))
+    _classic(target, data)
+    return len(data)
+
+
+def _kernel_relative(home: Path, depth: int, target: str) -> int:
+    lowers, _ = _stack(home, depth)
+    os.chdir(home)
+    data = "lowerdir={},upperdir=upper/fs,workdir=upper/work".format(":".join(lowers))
+    _classic(target, data)
+    return len(data)
+
+
+def _kernel_fds(home: Path, depth: int, target: str) -> int:
+    lowers, _ = _stack(home, depth)
+    fds = [os.open(home / lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for lower in lowers]
+    try:
+        os.chdir("/proc/self/fd")
+        data = "lowerdir={},upperdir={},workdir={}".format(
+            ":".join(map(str, fds)), home / "upper/fs", home / "upper/work"
+        )
+        _classic(target, data)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return len(data)
+
+
+KERNEL_TECHNIQUES: dict[str, Callable[[Path, int, str], int]] = {
+    "lowerdir+": _kernel_lowerdir_plus,
+    "absolute": _kernel_absolute,
+    "short-links": _kernel_short_links,
+    "relative": _kernel_relative,
+    "proc-fds": _kernel_fds,
+}
+
+
+def run_kernel(technique: str, home: str, depth: str, target: str) -> dict[str, Any]:
+    mount = KERNEL_TECHNIQUES[technique]
+    start = time.perf_counter()
+    data_bytes = mount(Path(home), int(depth), target)
+    seconds = time.perf_counter() - start
+    try:
+        entries = len(os.listdir(Path(target) / "stack"))
+    finally:
+        _linux.umount(target)
+    return {"seconds": seconds, "data_bytes": data_bytes, "entries": entries}
+
+
+COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "import": run_import,
+    "mount": run_mount,
+    "changes": run_changes,
+    "create": run_create,
+    "kernel": run_kernel,
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    json.dump(COMMANDS[argv[0]](*argv[1:]), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
