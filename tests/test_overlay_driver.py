@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -567,22 +568,12 @@ NS = 1_600_000_000_000_000_000
 
 
 def move(source: str, destination: str) -> Writer:
-    """``mv``: rename(2), and on EXDEV (a lower directory without redirect_dir) copy the
-    tree with its attributes, then remove the source, as coreutils does."""
+    """``mv``: rename(2), which overlayfs refuses with EXDEV for a directory from a lower
+    layer (no redirect_dir); coreutils then copies the tree with its attributes and removes
+    the source. Done by ``mv`` itself, as a container would."""
 
     def write(root: Path) -> None:
-        try:
-            os.rename(root / source, root / destination)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.copytree(root / source, root / destination, symlinks=True)
-            for path in [root / destination, *(root / destination).rglob("*")]:
-                original = root / source / path.relative_to(root / destination)
-                st = os.lstat(original)
-                os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-            shutil.rmtree(root / source)
+        subprocess.run(["mv", "-T", root / source, root / destination], check=True)
 
     return write
 
@@ -870,3 +861,111 @@ def test_rootless_in_a_user_namespace(tmp_path: Path) -> None:
     # Outside the namespace the store is refused: its flags are not where overlayfs looks.
     with pytest.raises(DriverUnavailable, match="made in a user namespace"):
         laminae.open_store(tmp_path / "root", runroot=tmp_path / "run", driver="overlay")
+
+
+# --- native against naive on random changes ---------------------------------------------------
+
+_NAMES = ("a", "b", "c", "dd", "e", os.fsdecode(b"f\xff"))
+
+
+def _entries(root: Path) -> tuple[list[Path], list[Path]]:
+    """(directories including the root, non-directories) below ``root``."""
+    dirs, others = [root], []
+    for path in sorted(root.rglob("*")):
+        (dirs if path.is_dir() and not path.is_symlink() else others).append(path)
+    return dirs, others
+
+
+def random_change(root: Path, rng: random.Random) -> None:
+    """One change a container might make, on a random path of the mounted layer."""
+    dirs, others = _entries(root)
+    shallow = [d for d in dirs if len(d.relative_to(root).parts) < 4]
+    where = rng.choice(shallow) / rng.choice(_NAMES)
+    # Mostly growth, so that the trees get deep enough for removals to matter.
+    weights = (8, 6, 2, 1, 0.5, 1, 1, 1, 2, 1, 1, 0.5, 0.3, 1, 1, 1)
+    action = rng.choices(range(len(weights)), weights=weights)[0]
+    if action == 0 and not os.path.lexists(where):
+        where.write_bytes(rng.randbytes(rng.randrange(3)))
+    elif action == 1 and not os.path.lexists(where):
+        where.mkdir()
+    elif action == 2 and others:
+        target = rng.choice(others)
+        if target.is_file() and not target.is_symlink():
+            target.write_bytes(rng.randbytes(rng.randrange(3)))
+    elif action == 3 and others:
+        rng.choice(others).unlink()
+    elif action == 4 and len(dirs) > 1:
+        shutil.rmtree(rng.choice(dirs[1:]))
+    elif action == 5:
+        target = rng.choice([*dirs[1:], *others] or [root])
+        if target != root and not target.is_symlink():
+            os.chmod(target, rng.choice((0o755, 0o700, 0o644, 0o4755)))
+    elif action == 6 and others:
+        target = rng.choice(others)
+        if not target.is_symlink():
+            os.utime(target, ns=(NS, NS + rng.randrange(2)))
+    elif action == 7:
+        target = rng.choice([*dirs[1:], *others] or [root])
+        if target != root and (target.is_file() or target.is_dir()) and not target.is_symlink():
+            set_xattr(str(target), b"user.k", rng.choice((b"1", b"2")))  # files and dirs only
+    elif action == 8 and not os.path.lexists(where):
+        source = rng.choice([*dirs[1:], *others] or [root])
+        if source != root and source not in where.parents:
+            move(str(source.relative_to(root)), str(where.relative_to(root)))(root)
+    elif action == 9 and others and not os.path.lexists(where):
+        target = rng.choice(others)
+        if target.is_file() and not target.is_symlink():
+            os.link(target, where)
+    elif action == 10 and not os.path.lexists(where):
+        where.symlink_to(rng.choice(_NAMES))
+    elif action == 11 and others:
+        target = rng.choice(others)  # a file becomes a directory
+        target.unlink()
+        target.mkdir()
+    elif action == 12 and len(dirs) > 1:
+        target = rng.choice(dirs[1:])  # a directory becomes a file
+        shutil.rmtree(target)
+        target.write_bytes(b"was a directory")
+    elif action == 13:
+        target = rng.choice([*dirs[1:], *others] or [root])
+        if target != root:
+            os.chown(target, rng.choice((0, 1000)), rng.choice((0, 1000)), follow_symlinks=False)
+    elif action == 14 and not os.path.lexists(where):
+        if rng.randrange(2):
+            os.mknod(where, stat.S_IFCHR | 0o600, os.makedev(1, rng.choice((3, 5))))
+        else:
+            os.mkfifo(where)
+    elif action == 15 and others:
+        target = rng.choice(others)  # copied up, nothing changed
+        if target.is_file() and not target.is_symlink():
+            os.close(os.open(target, os.O_WRONLY))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_native_changes_equal_naive_ones_on_random_changes(
+    store: laminae.Store, tmp_path: Path, seed: int
+) -> None:
+    """Layers written through mounts, and their diffs applied in a second store: native
+    and naive agree on both, and the copies' diffs are the originals' byte for byte."""
+    rng = random.Random(seed)
+    parent = copy = None
+    with laminae.open_store(
+        tmp_path / "copy", runroot=tmp_path / "copy-run", driver="overlay"
+    ) as elsewhere:
+        for _ in range(4):
+            active = store.create_layer(parent=None if parent is None else parent.id)
+            with mounted(store, active.id) as root:
+                for _ in range(80):
+                    random_change(root, rng)
+            parent = store.commit_layer(active.id)
+            assert_native_is_naive(store, parent)
+            data = io.BytesIO()
+            store.diff(parent.id, data)
+            copy = elsewhere.apply_layer(
+                io.BytesIO(data.getvalue()), parent=None if copy is None else copy.id
+            )
+            assert copy.id == parent.id
+            again = io.BytesIO()
+            elsewhere.diff(copy.id, again)
+            assert again.getvalue() == data.getvalue()
+            assert_native_is_naive(elsewhere, copy)

@@ -9,7 +9,8 @@ tests hold the two side by side):
 
 * a whiteout is a deletion, if the parents show the name (a whiteout of nothing is none);
 * an opaque directory also deletes each name the parents show below it and the layer does
-  not have;
+  not have, and so does every directory below an opaque one: overlayfs merges a directory
+  with the lowers only through unbroken merged ancestors;
 * an entry the parents do not show is added, a directory with all it holds;
 * an entry they show is modified if its type, mode, owner, device number, size, mtime,
   symlink target or xattrs differ (overlayfs's own xattrs left out, as a mount hides them);
@@ -44,8 +45,8 @@ def native_changes(upper: str, lowers: Sequence[str], *, userxattr: bool) -> Ite
     """
     prefix = b"user.overlay." if userxattr else b"trusted.overlay."
     walk = _Walk(StackView(lowers, prefix + b"opaque"), prefix)
-    # The root is never opaque (overlayfs ignores the flag there) and always merged.
-    yield from walk.directory(upper, tuple(lowers), "", opaque=False)
+    # The root is always merged: overlayfs ignores the opaque flag there.
+    yield from walk.directory(upper, tuple(lowers), "", merged=True)
 
 
 def _scan(path: str) -> dict[str, os.DirEntry[str]]:
@@ -61,13 +62,17 @@ class _Walk:
         self._private = private
 
     def directory(
-        self, upper: str, stack: tuple[str, ...], rel: str, *, opaque: bool
+        self, upper: str, stack: tuple[str, ...], rel: str, *, merged: bool
     ) -> Iterator[Change]:
-        """The changes below upper dir ``upper``, shown by the parents as ``stack``."""
+        """The changes below upper dir ``upper``, shown by the parents as ``stack``.
+
+        ``merged``: the layer's mount merges this directory with the lowers, so what the
+        parents show here and the layer lacks is still there. Otherwise (it or a directory
+        above it is opaque) each such name is deleted.
+        """
         entries = _scan(upper)
         names: set[str] = set(entries)
-        if opaque and stack:
-            # An opaque directory hides every lower child: each one it lacks is deleted.
+        if not merged and stack:
             names |= self._view.names(stack)
         view = self._view
         for name in sorted(names):
@@ -92,7 +97,10 @@ class _Walk:
                 if not self.same(shown, st, entry.path):
                     yield Change(path, ChangeKind.MODIFIED)
                 yield from self.directory(
-                    entry.path, shown.stack, path, opaque=view.is_opaque(entry.path)
+                    entry.path,
+                    shown.stack,
+                    path,
+                    merged=merged and not view.is_opaque(entry.path),
                 )
             elif is_dir or shown.is_dir:
                 # A type change to or from a directory is a modification, and a directory
