@@ -14,7 +14,7 @@ import pytest
 from tarbuild import make_tar
 
 import laminae
-from laminae import _linux
+from laminae import _btrfs, _linux
 from laminae._driver import MountSpec
 from laminae._exceptions import AlreadyExists, DriverUnavailable, InvalidArgument, NotFound
 from laminae.drivers.btrfs import BtrfsDriver, loop_btrfs
@@ -68,8 +68,8 @@ def _populate(root: Path, files: int) -> None:
 
 
 def _enable_quota(home: Path) -> None:
-    _linux.btrfs_quota_enable(str(home))
-    _linux.btrfs_quota_rescan_wait(str(home))
+    _btrfs.quota_enable(str(home))
+    _btrfs.quota_rescan_wait(str(home))
 
 
 def test_registered_as_btrfs_with_priority_20() -> None:
@@ -142,11 +142,11 @@ def test_base_layer_is_an_empty_subvolume(driver: BtrfsDriver, home: Path) -> No
     finally:
         os.umask(old)
     path = _layer(home, "base")
-    assert _linux.btrfs_is_subvolume(str(path))
+    assert _btrfs.is_subvolume(str(path))
     st = os.lstat(path)
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, 0, 0)
     assert os.listdir(path) == []
-    assert not _linux.btrfs_get_readonly(str(path))
+    assert not _btrfs.get_readonly(str(path))
     assert driver.layers() == ["base"]
 
 
@@ -170,12 +170,12 @@ def test_child_is_a_snapshot_sharing_its_parents_extents(driver: BtrfsDriver, ho
     _populate(_layer(home, "base"), 2000)
     driver.create("child", ["base"], writable=True)
     child = _layer(home, "child")
-    assert _linux.btrfs_is_subvolume(str(child))
+    assert _btrfs.is_subvolume(str(child))
     assert (child / "big").stat().st_size == 32 << 20
     assert (child / "d1" / "f1999").read_bytes() == b"x"
     _sync(home)
-    qgroups = _linux.btrfs_qgroups(str(home))
-    numbers = qgroups[_linux.btrfs_subvolume_id(str(child))]
+    qgroups = _btrfs.qgroups(str(home))
+    numbers = qgroups[_btrfs.subvolume_id(str(child))]
     assert numbers.referenced >= 32 << 20
     assert numbers.exclusive < 1 << 20, numbers
 
@@ -215,13 +215,13 @@ def test_parent_is_frozen_when_it_gets_a_child(driver: BtrfsDriver, home: Path) 
     """Only committed layers have children: the first child freezes its parent."""
     driver.create("base", [], writable=True)
     (_layer(home, "base") / "file").write_bytes(b"base")
-    assert not _linux.btrfs_get_readonly(str(_layer(home, "base")))
+    assert not _btrfs.get_readonly(str(_layer(home, "base")))
     driver.create("child", ["base"], writable=True)
-    assert _linux.btrfs_get_readonly(str(_layer(home, "base")))
+    assert _btrfs.get_readonly(str(_layer(home, "base")))
     with pytest.raises(OSError) as caught:
         (_layer(home, "base") / "file").write_bytes(b"changed")
     assert caught.value.errno == errno.EROFS
-    assert not _linux.btrfs_get_readonly(str(_layer(home, "child")))
+    assert not _btrfs.get_readonly(str(_layer(home, "child")))
     driver.create("second", ["base"], writable=True)  # frozen already: fine
     assert (_layer(home, "second") / "file").read_bytes() == b"base"
 
@@ -243,8 +243,8 @@ def test_views_are_readonly_snapshots(driver: BtrfsDriver, home: Path) -> None:
     driver.create("empty-view", [], writable=False)
     for view in ("view", "empty-view"):
         path = _layer(home, view)
-        assert _linux.btrfs_is_subvolume(str(path))
-        assert _linux.btrfs_get_readonly(str(path))
+        assert _btrfs.is_subvolume(str(path))
+        assert _btrfs.get_readonly(str(path))
     assert (_layer(home, "view") / "file").read_bytes() == b"base"
     assert os.lstat(_layer(home, "empty-view")).st_mode & 0o7777 == 0o755
 
@@ -271,18 +271,18 @@ def test_remove_deletes_nested_subvolumes_deepest_first(driver: BtrfsDriver, hom
     driver.create("layer", [], writable=True)
     path = _layer(home, "layer")
     (path / "var" / "lib").mkdir(parents=True)
-    _linux.btrfs_create_subvolume(str(path / "var" / "lib" / "inner"))
+    _btrfs.create_subvolume(str(path / "var" / "lib" / "inner"))
     (path / "var" / "lib" / "inner" / "file").write_bytes(b"inner")
-    _linux.btrfs_create_subvolume(str(path / "var" / "lib" / "inner" / "deeper"))
-    _linux.btrfs_set_readonly(str(path / "var" / "lib" / "inner"), True)
-    _linux.btrfs_create_subvolume(str(path / "other"))
+    _btrfs.create_subvolume(str(path / "var" / "lib" / "inner" / "deeper"))
+    _btrfs.set_readonly(str(path / "var" / "lib" / "inner"), True)
+    _btrfs.create_subvolume(str(path / "other"))
     driver.commit("layer")
 
     driver.remove("layer")
 
     assert not os.path.lexists(path)
     assert driver.layers() == []
-    assert _linux.btrfs_nested_subvolumes(str(home)) == []
+    assert _btrfs.nested_subvolumes(str(home)) == []
     with pytest.raises(NotFound):
         driver.remove("layer")
 
@@ -310,9 +310,9 @@ def test_set_quota_turns_quota_on_and_refuses_writes_past_it(
     driver: BtrfsDriver, home: Path
 ) -> None:
     driver.create("layer", [], writable=True)
-    assert _linux.btrfs_quota_status(str(home)) is None
+    assert _btrfs.quota_status(str(home)) is None
     driver.set_quota("layer", 16 << 20)
-    assert _linux.btrfs_quota_status(str(home)) is not None
+    assert _btrfs.quota_status(str(home)) is not None
     path = _layer(home, "layer")
     _write_mib(path / "fits", 8)
     with pytest.raises(OSError) as caught:
@@ -333,9 +333,9 @@ def test_children_do_not_inherit_a_quota(driver: BtrfsDriver, home: Path) -> Non
     driver.set_quota("layer", 16 << 20)
     driver.create("child", ["layer"], writable=True)
     driver.create("view", ["layer"], writable=False)
-    qgroups = _linux.btrfs_qgroups(str(home))
+    qgroups = _btrfs.qgroups(str(home))
     for id, limit in (("layer", 16 << 20), ("child", None), ("view", None)):
-        subvolid = _linux.btrfs_subvolume_id(str(_layer(home, id)))
+        subvolid = _btrfs.subvolume_id(str(_layer(home, id)))
         assert qgroups[subvolid].max_referenced == limit, id
     _write_mib(_layer(home, "child") / "more-than-the-parent-may", 24)
 
@@ -346,9 +346,9 @@ def test_size_option_limits_writable_layers(home: Path) -> None:
         driver.create("layer", [], writable=True)
         driver.create("view", ["layer"], writable=False)
         _sync(home)
-        qgroups = _linux.btrfs_qgroups(str(home))
+        qgroups = _btrfs.qgroups(str(home))
         for id, limit in (("layer", 16 << 20), ("view", None)):
-            subvolid = _linux.btrfs_subvolume_id(str(_layer(home, id)))
+            subvolid = _btrfs.subvolume_id(str(_layer(home, id)))
             assert qgroups[subvolid].max_referenced == limit, id
         driver.create("child", ["layer"], writable=True)
         with pytest.raises(OSError) as caught:
@@ -364,23 +364,23 @@ def test_remove_drops_the_qgroups(driver: BtrfsDriver, home: Path) -> None:
     qgroups-pending until a later removal or close succeeds, or the kernel drops them."""
     driver.create("layer", [], writable=True)
     path = _layer(home, "layer")
-    _linux.btrfs_create_subvolume(str(path / "nested"))
+    _btrfs.create_subvolume(str(path / "nested"))
     driver.set_quota("layer", 64 << 20)
     _write_mib(path / "data", 4)
-    ids = [_linux.btrfs_subvolume_id(str(p)) for p in (path, path / "nested")]
-    assert all(i in _linux.btrfs_qgroups(str(home)) for i in ids)
+    ids = [_btrfs.subvolume_id(str(p)) for p in (path, path / "nested")]
+    assert all(i in _btrfs.qgroups(str(home)) for i in ids)
 
     driver.remove("layer")
 
     pending = home / "qgroups-pending"
     if pending.exists():
         assert {int(i) for i in pending.read_text().split()} <= set(ids)
-    _linux.btrfs_sync(str(home))
+    _btrfs.sync(str(home))
     for subvolid in ids:
-        _linux.btrfs_wait_subvolume_cleaned(str(home), subvolid)
+        _btrfs.wait_subvolume_cleaned(str(home), subvolid)
     driver.close()
     assert not pending.exists()
-    qgroups = _linux.btrfs_qgroups(str(home))
+    qgroups = _btrfs.qgroups(str(home))
     assert not any(i in qgroups for i in ids), sorted(qgroups)
 
 
@@ -407,8 +407,8 @@ def test_usage_reads_qgroup_numbers_with_quota(driver: BtrfsDriver, home: Path) 
     usage = driver.usage("layer")
     assert 3 << 20 <= usage.size < 4 << 20
     assert usage.inodes == 3
-    subvolid = _linux.btrfs_subvolume_id(str(path))
-    assert usage.size == _linux.btrfs_qgroups(str(home))[subvolid].referenced
+    subvolid = _btrfs.subvolume_id(str(path))
+    assert usage.size == _btrfs.qgroups(str(home))[subvolid].referenced
     with pytest.raises(NotFound):
         driver.usage("missing")
 
@@ -419,8 +419,8 @@ def test_store_freezes_a_layer_when_it_commits(home: Path, tmp_path: Path) -> No
         store.create_layer("work", parent=applied.id)
         committed = store.commit_layer("work")
         for layer in (applied, committed):
-            assert _linux.btrfs_get_readonly(str(_layer(store.driver_home, layer.storage_id)))
+            assert _btrfs.get_readonly(str(_layer(store.driver_home, layer.storage_id)))
         store.create_layer("active")
-        assert not _linux.btrfs_get_readonly(
+        assert not _btrfs.get_readonly(
             str(_layer(store.driver_home, store.layer("active").storage_id))
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from laminae import _linux
+from laminae import _btrfs, _linux
 
 
 @pytest.fixture
@@ -60,13 +60,13 @@ def _write_mib(path: Path, count: int) -> None:
 
 
 def test_struct_sizes_are_the_uapi_sizes() -> None:
-    assert ctypes.sizeof(_linux._BtrfsVolArgsV2) == 4096
-    assert ctypes.sizeof(_linux._BtrfsInoLookupArgs) == 4096
-    assert ctypes.sizeof(_linux._BtrfsSearchArgs) == 4096
-    assert ctypes.sizeof(_linux._BtrfsSearchKey) == 104
-    assert ctypes.sizeof(_linux._BtrfsQgroupLimitArgs) == 48
-    assert ctypes.sizeof(_linux._BtrfsSubvolWait) == 16
-    assert _linux._BtrfsVolArgsV2.name.offset == 56  # fd, transid, flags, unused[4]
+    assert ctypes.sizeof(_btrfs._BtrfsVolArgsV2) == 4096
+    assert ctypes.sizeof(_btrfs._BtrfsInoLookupArgs) == 4096
+    assert ctypes.sizeof(_btrfs._BtrfsSearchArgs) == 4096
+    assert ctypes.sizeof(_btrfs._BtrfsSearchKey) == 104
+    assert ctypes.sizeof(_btrfs._BtrfsQgroupLimitArgs) == 48
+    assert ctypes.sizeof(_btrfs._BtrfsSubvolWait) == 16
+    assert _btrfs._BtrfsVolArgsV2.name.offset == 56  # fd, transid, flags, unused[4]
 
 
 @pytest.mark.parametrize(
@@ -89,17 +89,17 @@ def test_struct_sizes_are_the_uapi_sizes() -> None:
     ],
 )
 def test_request_numbers(request_name: str, number: int) -> None:
-    assert getattr(_linux, request_name) == number
+    assert getattr(_btrfs, request_name) == number
 
 
 def test_qgroup_id_packs_the_level_in_the_top_bits() -> None:
-    assert _linux.btrfs_qgroup_id(257) == 257
-    assert _linux.btrfs_qgroup_id(100, level=1) == (1 << 48) | 100
+    assert _btrfs.qgroup_id(257) == 257
+    assert _btrfs.qgroup_id(100, level=1) == (1 << 48) | 100
 
 
 def test_not_a_subvolume_off_btrfs(tmp_path: Path) -> None:
-    assert not _linux.btrfs_is_subvolume(str(tmp_path))
-    assert not _linux.btrfs_is_subvolume(str(tmp_path / "missing"))
+    assert not _btrfs.is_subvolume(str(tmp_path))
+    assert not _btrfs.is_subvolume(str(tmp_path / "missing"))
 
 
 @pytest.mark.root
@@ -108,7 +108,7 @@ def test_create_subvolume_off_btrfs_names_the_path(tmp_path: Path) -> None:
         pytest.fail("this test needs tmp_path off btrfs")
     target = tmp_path / "sub"
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_create_subvolume(str(target))
+        _btrfs.create_subvolume(str(target))
     assert caught.value.errno == errno.ENOTTY
     assert caught.value.filename == str(target)
 
@@ -119,16 +119,16 @@ def test_create_subvolume_off_btrfs_names_the_path(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_create_subvolume(btrfs: Path) -> None:
     sub = btrfs / "sub"
-    _linux.btrfs_create_subvolume(str(sub))
-    assert _linux.btrfs_is_subvolume(str(sub))
-    assert os.lstat(sub).st_ino == _linux.BTRFS_FIRST_FREE_OBJECTID
-    assert _linux.btrfs_subvolume_id(str(sub)) == 256  # the first one after the top level (5)
-    assert _linux.btrfs_subvolume_id(str(btrfs)) == 5
+    _btrfs.create_subvolume(str(sub))
+    assert _btrfs.is_subvolume(str(sub))
+    assert os.lstat(sub).st_ino == _btrfs.FIRST_FREE_OBJECTID
+    assert _btrfs.subvolume_id(str(sub)) == 256  # the first one after the top level (5)
+    assert _btrfs.subvolume_id(str(btrfs)) == 5
     (sub / "dir").mkdir()
-    assert not _linux.btrfs_is_subvolume(str(sub / "dir"))
-    assert _linux.btrfs_subvolume_id(str(sub / "dir")) == 256  # the subvolume holding it
+    assert not _btrfs.is_subvolume(str(sub / "dir"))
+    assert _btrfs.subvolume_id(str(sub / "dir")) == 256  # the subvolume holding it
     with pytest.raises(FileExistsError) as caught:
-        _linux.btrfs_create_subvolume(str(sub))
+        _btrfs.create_subvolume(str(sub))
     assert caught.value.filename == str(sub)
 
 
@@ -136,20 +136,20 @@ def test_create_subvolume(btrfs: Path) -> None:
 @pytest.mark.parametrize("name", [".", "..", "x" * 256])
 def test_create_subvolume_refuses_bad_names(btrfs: Path, name: str) -> None:
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_create_subvolume(f"{btrfs}/{name}")
+        _btrfs.create_subvolume(f"{btrfs}/{name}")
     assert caught.value.errno == errno.EINVAL
 
 
 @pytest.mark.root
 def test_snapshot_shares_content_and_then_diverges(btrfs: Path) -> None:
     source = btrfs / "source"
-    _linux.btrfs_create_subvolume(str(source))
+    _btrfs.create_subvolume(str(source))
     (source / "file").write_bytes(b"original")
-    _linux.btrfs_create_snapshot(str(source), str(btrfs / "snap"))
+    _btrfs.create_snapshot(str(source), str(btrfs / "snap"))
     snap = btrfs / "snap"
-    assert _linux.btrfs_is_subvolume(str(snap))
-    assert _linux.btrfs_subvolume_id(str(snap)) != _linux.btrfs_subvolume_id(str(source))
-    assert not _linux.btrfs_get_readonly(str(snap))
+    assert _btrfs.is_subvolume(str(snap))
+    assert _btrfs.subvolume_id(str(snap)) != _btrfs.subvolume_id(str(source))
+    assert not _btrfs.get_readonly(str(snap))
     assert (snap / "file").read_bytes() == b"original"
     (snap / "file").write_bytes(b"changed")
     (snap / "new").write_bytes(b"new")
@@ -160,10 +160,10 @@ def test_snapshot_shares_content_and_then_diverges(btrfs: Path) -> None:
 @pytest.mark.root
 def test_readonly_snapshot_refuses_writes(btrfs: Path) -> None:
     source = btrfs / "source"
-    _linux.btrfs_create_subvolume(str(source))
+    _btrfs.create_subvolume(str(source))
     (source / "file").write_bytes(b"x")
-    _linux.btrfs_create_snapshot(str(source), str(btrfs / "ro"), readonly=True)
-    assert _linux.btrfs_get_readonly(str(btrfs / "ro"))
+    _btrfs.create_snapshot(str(source), str(btrfs / "ro"), readonly=True)
+    assert _btrfs.get_readonly(str(btrfs / "ro"))
     with pytest.raises(OSError) as caught:
         (btrfs / "ro" / "new").write_bytes(b"y")
     assert caught.value.errno == errno.EROFS
@@ -175,15 +175,15 @@ def test_readonly_snapshot_refuses_writes(btrfs: Path) -> None:
 @pytest.mark.root
 def test_set_readonly_round_trip(btrfs: Path) -> None:
     sub = btrfs / "sub"
-    _linux.btrfs_create_subvolume(str(sub))
-    _linux.btrfs_set_readonly(str(sub), True)
-    _linux.btrfs_set_readonly(str(sub), True)  # already: nothing to do
-    assert _linux.btrfs_get_readonly(str(sub))
+    _btrfs.create_subvolume(str(sub))
+    _btrfs.set_readonly(str(sub), True)
+    _btrfs.set_readonly(str(sub), True)  # already: nothing to do
+    assert _btrfs.get_readonly(str(sub))
     with pytest.raises(OSError) as caught:
         (sub / "f").write_bytes(b"")
     assert caught.value.errno == errno.EROFS
-    _linux.btrfs_set_readonly(str(sub), False)
-    assert not _linux.btrfs_get_readonly(str(sub))
+    _btrfs.set_readonly(str(sub), False)
+    assert not _btrfs.get_readonly(str(sub))
     (sub / "f").write_bytes(b"")
 
 
@@ -191,7 +191,7 @@ def test_set_readonly_round_trip(btrfs: Path) -> None:
 def test_flags_of_a_plain_directory_are_refused(btrfs: Path) -> None:
     (btrfs / "plain").mkdir()
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_get_readonly(str(btrfs / "plain"))
+        _btrfs.get_readonly(str(btrfs / "plain"))
     assert caught.value.errno == errno.EINVAL
     assert caught.value.filename == str(btrfs / "plain")
 
@@ -200,7 +200,7 @@ def test_flags_of_a_plain_directory_are_refused(btrfs: Path) -> None:
 def test_snapshot_of_a_plain_directory_is_refused(btrfs: Path) -> None:
     (btrfs / "plain").mkdir()
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_create_snapshot(str(btrfs / "plain"), str(btrfs / "snap"))
+        _btrfs.create_snapshot(str(btrfs / "plain"), str(btrfs / "snap"))
     assert caught.value.errno == errno.EINVAL
     assert not (btrfs / "snap").exists()
 
@@ -208,21 +208,21 @@ def test_snapshot_of_a_plain_directory_is_refused(btrfs: Path) -> None:
 @pytest.mark.root
 def test_nested_subvolumes_parents_first(btrfs: Path) -> None:
     top = btrfs / "top"
-    _linux.btrfs_create_subvolume(str(top))
+    _btrfs.create_subvolume(str(top))
     (top / "a" / "b").mkdir(parents=True)
-    _linux.btrfs_create_subvolume(str(top / "a" / "b" / "n1"))
-    _linux.btrfs_create_subvolume(str(top / "a" / "b" / "n1" / "n2"))
+    _btrfs.create_subvolume(str(top / "a" / "b" / "n1"))
+    _btrfs.create_subvolume(str(top / "a" / "b" / "n1" / "n2"))
     (top / "a" / "b" / "n1" / "deep").mkdir()
-    _linux.btrfs_create_subvolume(str(top / "a" / "b" / "n1" / "deep" / "n3"))
-    _linux.btrfs_create_subvolume(str(top / "side"))
-    ids = {p: _linux.btrfs_subvolume_id(str(top / p)) for p in ("", "a/b/n1", "side")}
+    _btrfs.create_subvolume(str(top / "a" / "b" / "n1" / "deep" / "n3"))
+    _btrfs.create_subvolume(str(top / "side"))
+    ids = {p: _btrfs.subvolume_id(str(top / p)) for p in ("", "a/b/n1", "side")}
 
-    found = _linux.btrfs_nested_subvolumes(str(top))
+    found = _btrfs.nested_subvolumes(str(top))
 
     by_path = {os.path.relpath(sub.path, top): sub for sub in found}
     assert set(by_path) == {"a/b/n1", "a/b/n1/n2", "a/b/n1/deep/n3", "side"}
     for rel, sub in by_path.items():
-        assert sub.id == _linux.btrfs_subvolume_id(str(top / rel))
+        assert sub.id == _btrfs.subvolume_id(str(top / rel))
     assert by_path["a/b/n1"].parent_id == ids[""]
     assert by_path["side"].parent_id == ids[""]
     assert by_path["a/b/n1/n2"].parent_id == ids["a/b/n1"]
@@ -230,22 +230,22 @@ def test_nested_subvolumes_parents_first(btrfs: Path) -> None:
     order = [os.path.relpath(sub.path, top) for sub in found]
     assert order.index("a/b/n1") < order.index("a/b/n1/n2")
     assert order.index("a/b/n1") < order.index("a/b/n1/deep/n3")
-    assert _linux.btrfs_nested_subvolumes(str(top / "side")) == []
+    assert _btrfs.nested_subvolumes(str(top / "side")) == []
 
 
 @pytest.mark.root
 def test_delete_subvolume(btrfs: Path) -> None:
     sub = btrfs / "sub"
-    _linux.btrfs_create_subvolume(str(sub))
+    _btrfs.create_subvolume(str(sub))
     (sub / "file").write_bytes(b"x" * 100_000)
-    _linux.btrfs_create_subvolume(str(sub / "nested"))
+    _btrfs.create_subvolume(str(sub / "nested"))
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_delete_subvolume(str(sub))
+        _btrfs.delete_subvolume(str(sub))
     assert caught.value.errno == errno.ENOTEMPTY
-    _linux.btrfs_set_readonly(str(sub / "nested"), True)
-    _linux.btrfs_delete_subvolume(str(sub / "nested"))  # read-only ones go too
-    assert _linux.btrfs_nested_subvolumes(str(sub)) == []
-    _linux.btrfs_delete_subvolume(str(sub))
+    _btrfs.set_readonly(str(sub / "nested"), True)
+    _btrfs.delete_subvolume(str(sub / "nested"))  # read-only ones go too
+    assert _btrfs.nested_subvolumes(str(sub)) == []
+    _btrfs.delete_subvolume(str(sub))
     assert not os.path.lexists(sub)
 
 
@@ -253,7 +253,7 @@ def test_delete_subvolume(btrfs: Path) -> None:
 def test_delete_refuses_a_plain_directory(btrfs: Path) -> None:
     (btrfs / "plain").mkdir()
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_delete_subvolume(str(btrfs / "plain"))
+        _btrfs.delete_subvolume(str(btrfs / "plain"))
     assert caught.value.errno == errno.EINVAL
     assert (btrfs / "plain").is_dir()
 
@@ -263,86 +263,86 @@ def test_delete_refuses_a_plain_directory(btrfs: Path) -> None:
 
 @pytest.mark.root
 def test_quota_is_off_until_enabled(btrfs: Path) -> None:
-    assert _linux.btrfs_quota_status(str(btrfs)) is None
-    assert _linux.btrfs_qgroups(str(btrfs)) == {}
-    _linux.btrfs_create_subvolume(str(btrfs / "before"))
-    _linux.btrfs_quota_enable(str(btrfs))
-    _linux.btrfs_quota_enable(str(btrfs))  # already on: harmless
-    _linux.btrfs_quota_rescan_wait(str(btrfs))
+    assert _btrfs.quota_status(str(btrfs)) is None
+    assert _btrfs.qgroups(str(btrfs)) == {}
+    _btrfs.create_subvolume(str(btrfs / "before"))
+    _btrfs.quota_enable(str(btrfs))
+    _btrfs.quota_enable(str(btrfs))  # already on: harmless
+    _btrfs.quota_rescan_wait(str(btrfs))
     _sync(btrfs)
-    status = _linux.btrfs_quota_status(str(btrfs))
+    status = _btrfs.quota_status(str(btrfs))
     assert status is not None and status.consistent and not status.rescanning
     # Every subvolume has its level-0 qgroup, those made before quota was on too.
-    _linux.btrfs_create_subvolume(str(btrfs / "after"))
-    qgroups = _linux.btrfs_qgroups(str(btrfs))
+    _btrfs.create_subvolume(str(btrfs / "after"))
+    qgroups = _btrfs.qgroups(str(btrfs))
     for name in ("before", "after"):
-        assert _linux.btrfs_subvolume_id(str(btrfs / name)) in qgroups
+        assert _btrfs.subvolume_id(str(btrfs / name)) in qgroups
 
 
 @pytest.mark.root
 def test_qgroup_limit_refuses_writes_past_it(btrfs: Path) -> None:
-    _linux.btrfs_quota_enable(str(btrfs))
-    _linux.btrfs_quota_rescan_wait(str(btrfs))
+    _btrfs.quota_enable(str(btrfs))
+    _btrfs.quota_rescan_wait(str(btrfs))
     sub = btrfs / "sub"
-    _linux.btrfs_create_subvolume(str(sub))
-    qgroup = _linux.btrfs_qgroup_id(_linux.btrfs_subvolume_id(str(sub)))
-    _linux.btrfs_qgroup_limit(str(btrfs), qgroup, 8 << 20)
-    assert _linux.btrfs_qgroups(str(btrfs))[qgroup].max_referenced == 8 << 20
+    _btrfs.create_subvolume(str(sub))
+    qgroup = _btrfs.qgroup_id(_btrfs.subvolume_id(str(sub)))
+    _btrfs.qgroup_limit(str(btrfs), qgroup, 8 << 20)
+    assert _btrfs.qgroups(str(btrfs))[qgroup].max_referenced == 8 << 20
 
     _write_mib(sub / "fits", 4)
     with pytest.raises(OSError) as caught:
         _write_mib(sub / "too-much", 8)
     assert caught.value.errno == errno.EDQUOT
     _sync(btrfs)
-    numbers = _linux.btrfs_qgroups(str(btrfs))[qgroup]
+    numbers = _btrfs.qgroups(str(btrfs))[qgroup]
     assert 4 << 20 <= numbers.referenced <= 8 << 20
     assert numbers.exclusive <= numbers.referenced
 
-    _linux.btrfs_qgroup_limit(str(btrfs), qgroup, None)
-    assert _linux.btrfs_qgroups(str(btrfs))[qgroup].max_referenced is None
+    _btrfs.qgroup_limit(str(btrfs), qgroup, None)
+    assert _btrfs.qgroups(str(btrfs))[qgroup].max_referenced is None
     _write_mib(sub / "now-it-fits", 8)
 
 
 @pytest.mark.root
 def test_qgroup_create_and_destroy(btrfs: Path) -> None:
-    _linux.btrfs_quota_enable(str(btrfs))
-    higher = _linux.btrfs_qgroup_id(100, level=1)
-    _linux.btrfs_qgroup_create(str(btrfs), higher)
-    assert higher in _linux.btrfs_qgroups(str(btrfs))
+    _btrfs.quota_enable(str(btrfs))
+    higher = _btrfs.qgroup_id(100, level=1)
+    _btrfs.qgroup_create(str(btrfs), higher)
+    assert higher in _btrfs.qgroups(str(btrfs))
     with pytest.raises(FileExistsError):
-        _linux.btrfs_qgroup_create(str(btrfs), higher)
-    _linux.btrfs_qgroup_destroy(str(btrfs), higher)
-    assert higher not in _linux.btrfs_qgroups(str(btrfs))
+        _btrfs.qgroup_create(str(btrfs), higher)
+    _btrfs.qgroup_destroy(str(btrfs), higher)
+    assert higher not in _btrfs.qgroups(str(btrfs))
     with pytest.raises(FileNotFoundError):
-        _linux.btrfs_qgroup_destroy(str(btrfs), higher)
+        _btrfs.qgroup_destroy(str(btrfs), higher)
 
 
 @pytest.mark.root
 def test_qgroup_of_a_deleted_subvolume_goes_once_it_is_cleaned(btrfs: Path) -> None:
-    _linux.btrfs_quota_enable(str(btrfs))
-    _linux.btrfs_quota_rescan_wait(str(btrfs))
+    _btrfs.quota_enable(str(btrfs))
+    _btrfs.quota_rescan_wait(str(btrfs))
     sub = btrfs / "sub"
-    _linux.btrfs_create_subvolume(str(sub))
+    _btrfs.create_subvolume(str(sub))
     (sub / "file").write_bytes(b"x" * 100_000)
-    subvolid = _linux.btrfs_subvolume_id(str(sub))
-    qgroup = _linux.btrfs_qgroup_id(subvolid)
+    subvolid = _btrfs.subvolume_id(str(sub))
+    qgroup = _btrfs.qgroup_id(subvolid)
     with pytest.raises(OSError) as caught:  # not while its subvolume exists
-        _linux.btrfs_qgroup_destroy(str(btrfs), qgroup)
+        _btrfs.qgroup_destroy(str(btrfs), qgroup)
     assert caught.value.errno == errno.EBUSY
 
-    _linux.btrfs_delete_subvolume(str(sub))
-    _linux.btrfs_sync(str(btrfs))  # wakes the cleaner now, not at the next 30 s commit
-    _linux.btrfs_wait_subvolume_cleaned(str(btrfs), subvolid)
-    _linux.btrfs_wait_subvolume_cleaned(str(btrfs), subvolid)  # gone: returns at once
+    _btrfs.delete_subvolume(str(sub))
+    _btrfs.sync(str(btrfs))  # wakes the cleaner now, not at the next 30 s commit
+    _btrfs.wait_subvolume_cleaned(str(btrfs), subvolid)
+    _btrfs.wait_subvolume_cleaned(str(btrfs), subvolid)  # gone: returns at once
     # Linux 6.10+ removes a dropped subvolume's qgroup itself; older ones leave it to us.
     with contextlib.suppress(FileNotFoundError):
-        _linux.btrfs_qgroup_destroy(str(btrfs), qgroup)
-    assert qgroup not in _linux.btrfs_qgroups(str(btrfs))
+        _btrfs.qgroup_destroy(str(btrfs), qgroup)
+    assert qgroup not in _btrfs.qgroups(str(btrfs))
 
 
 @pytest.mark.root
 def test_qgroup_calls_with_quota_off(btrfs: Path) -> None:
     with pytest.raises(OSError) as caught:
-        _linux.btrfs_qgroup_create(str(btrfs), _linux.btrfs_qgroup_id(1, level=1))
+        _btrfs.qgroup_create(str(btrfs), _btrfs.qgroup_id(1, level=1))
     assert caught.value.errno == errno.ENOTCONN
-    _linux.btrfs_quota_rescan_wait(str(btrfs))  # nothing to wait for
+    _btrfs.quota_rescan_wait(str(btrfs))  # nothing to wait for

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
-from laminae import _linux
+from laminae import _btrfs, _linux
 from laminae._config import parse_size
 from laminae._driver import Capabilities, Feature, MountSpec, Usage
 from laminae._exceptions import (
@@ -167,16 +167,16 @@ class BtrfsDriver:
             source = self._layer(parents[0], what="parent layer")
         with map_os_errors(f"btrfs: create layer {id}"):
             if source is not None:
-                _linux.btrfs_set_readonly(str(source), True)
-                _linux.btrfs_create_snapshot(str(source), str(path), readonly=not writable)
+                _btrfs.set_readonly(str(source), True)
+                _btrfs.create_snapshot(str(source), str(path), readonly=not writable)
             else:
-                _linux.btrfs_create_subvolume(str(path))
+                _btrfs.create_subvolume(str(path))
             try:
                 if source is None:
                     os.chmod(path, 0o755)  # whatever the umask
                     os.chown(path, 0, 0)
                     if not writable:
-                        _linux.btrfs_set_readonly(str(path), True)
+                        _btrfs.set_readonly(str(path), True)
                 if writable and self._size is not None:
                     self._limit(path, self._size)
                 elif source is not None:
@@ -184,7 +184,7 @@ class BtrfsDriver:
             except BaseException:
                 # The original failure is the one to report, not a cleanup hiccup.
                 with contextlib.suppress(OSError):
-                    _linux.btrfs_delete_subvolume(str(path))
+                    _btrfs.delete_subvolume(str(path))
                 raise
 
     def commit(self, id: str) -> None:
@@ -197,7 +197,7 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: freeze layer {id}"):
-            _linux.btrfs_set_readonly(str(path), True)
+            _btrfs.set_readonly(str(path), True)
 
     def remove(self, id: str) -> None:
         """Remove layer ``id``: delete the subvolumes a container nested in it, deepest
@@ -210,17 +210,17 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: remove layer {id}"):
-            own = _linux.btrfs_subvolume_id(str(path))
-            nested = _linux.btrfs_nested_subvolumes(str(path))
+            own = _btrfs.subvolume_id(str(path))
+            nested = _btrfs.nested_subvolumes(str(path))
             holders = {sub.parent_id for sub in nested}
-            for sub in [_linux.BtrfsSubvolume(own, 0, str(path)), *nested]:
+            for sub in [_btrfs.Subvolume(own, 0, str(path)), *nested]:
                 if sub.id in holders:
-                    _linux.btrfs_set_readonly(sub.path, False)
+                    _btrfs.set_readonly(sub.path, False)
             # nested lists parents before children: reversed, every child goes first.
             for sub in reversed(nested):
-                _linux.btrfs_delete_subvolume(sub.path)
-            _linux.btrfs_delete_subvolume(str(path))
-            if _linux.btrfs_quota_status(str(self._subvolumes)) is not None:
+                _btrfs.delete_subvolume(sub.path)
+            _btrfs.delete_subvolume(str(path))
+            if _btrfs.quota_status(str(self._subvolumes)) is not None:
                 self._drop_qgroups([own, *(sub.id for sub in nested)])
 
     def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[MountSpec]:
@@ -246,15 +246,15 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: usage of layer {id}"):
-            status = _linux.btrfs_quota_status(str(path))
+            status = _btrfs.quota_status(str(path))
             if status is not None and status.consistent:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     _linux.syncfs(fd)  # qgroup numbers change at transaction commit
                 finally:
                     os.close(fd)
-                subvolid = _linux.btrfs_subvolume_id(str(path))
-                qgroup = _linux.btrfs_qgroups(str(path)).get(_linux.btrfs_qgroup_id(subvolid))
+                subvolid = _btrfs.subvolume_id(str(path))
+                qgroup = _btrfs.qgroups(str(path)).get(_btrfs.qgroup_id(subvolid))
                 if qgroup is not None:
                     return Usage(size=qgroup.referenced, inodes=1 + _count_entries(str(path)))
             return _walk_usage(str(path))
@@ -271,7 +271,7 @@ class BtrfsDriver:
                 if _ID.fullmatch(entry.name)
                 and entry.is_dir(follow_symlinks=False)
                 # d_ino of a subvolume's entry is its tree id; its root is inode 256.
-                and entry.stat(follow_symlinks=False).st_ino == _linux.BTRFS_FIRST_FREE_OBJECTID
+                and entry.stat(follow_symlinks=False).st_ino == _btrfs.FIRST_FREE_OBJECTID
             )
 
     def close(self) -> None:
@@ -300,27 +300,27 @@ class BtrfsDriver:
 
     def _limit(self, path: Path, size: int) -> None:
         where = str(path)
-        if _linux.btrfs_quota_status(where) is None:
-            _linux.btrfs_quota_enable(where)
+        if _btrfs.quota_status(where) is None:
+            _btrfs.quota_enable(where)
             # Enabling starts a rescan; limits are only as good as the numbers behind them.
-            _linux.btrfs_quota_rescan_wait(where)
-        qgroup = _linux.btrfs_qgroup_id(_linux.btrfs_subvolume_id(where))
+            _btrfs.quota_rescan_wait(where)
+        qgroup = _btrfs.qgroup_id(_btrfs.subvolume_id(where))
         # With quota on, the kernel makes 0/<id> with every subvolume (and for every existing
         # one when quota is turned on); this covers a qgroup somebody destroyed by hand.
-        if qgroup not in _linux.btrfs_qgroups(where):
-            _linux.btrfs_qgroup_create(where, qgroup)
-        _linux.btrfs_qgroup_limit(where, qgroup, size)
+        if qgroup not in _btrfs.qgroups(where):
+            _btrfs.qgroup_create(where, qgroup)
+        _btrfs.qgroup_limit(where, qgroup, size)
 
     def _drop_inherited_limit(self, path: Path) -> None:
         """A snapshot's qgroup copies its source's limit (btrfs_qgroup_inherit): a layer's
         limit is its own, so a copied one goes."""
         where = str(path)
-        if _linux.btrfs_quota_status(where) is None:
+        if _btrfs.quota_status(where) is None:
             return
-        qgroup = _linux.btrfs_qgroup_id(_linux.btrfs_subvolume_id(where))
-        numbers = _linux.btrfs_qgroups(where).get(qgroup)
+        qgroup = _btrfs.qgroup_id(_btrfs.subvolume_id(where))
+        numbers = _btrfs.qgroups(where).get(qgroup)
         if numbers is not None and numbers.max_referenced is not None:
-            _linux.btrfs_qgroup_limit(where, qgroup, None)
+            _btrfs.qgroup_limit(where, qgroup, None)
 
     def _drop_qgroups(self, subvolids: Sequence[int]) -> None:
         """Destroy the qgroups of deleted subvolumes ``subvolids`` and of earlier ones still
@@ -340,7 +340,7 @@ class BtrfsDriver:
         where = str(self._subvolumes)
         for subvolid in sorted(pending | set(subvolids)):
             try:
-                _linux.btrfs_qgroup_destroy(where, _linux.btrfs_qgroup_id(subvolid))
+                _btrfs.qgroup_destroy(where, _btrfs.qgroup_id(subvolid))
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
                     still.add(subvolid)
@@ -359,7 +359,7 @@ class BtrfsDriver:
         _check_id(id)
         path = self._subvolumes / id
         try:
-            is_subvolume = _linux.btrfs_is_subvolume(str(path))
+            is_subvolume = _btrfs.is_subvolume(str(path))
         except OSError as exc:
             raise LaminaeError(f"btrfs: examine {what} {id}: {exc.strerror}") from exc
         if not is_subvolume:
