@@ -27,24 +27,28 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-from layer_tars import TreeSummary, summarize_tree
+from layer_tars import MIB, TreeSummary, summarize_tree
 from measure import run_measured
-from oci_image import OciImage
+from oci_image import OciImage, write_benchmark_image, write_oci_archive
 from peers import Containerd, Podman, mount_described, skopeo_copy
-from report import Run, Spread, fmt, mib, ratio, verdict
+from report import Run, Spread, fmt, mib, ratio, run_rounds, verdict
+from rich.console import Console
 from rich.table import Table
 from scratch_fs import drop_caches, remove_tree, unmount_under
 
 __all__ = [
     "ImportTool",
     "ctr_import",
+    "image_json",
     "import_tables",
     "laminae_import",
+    "run_import_case",
     "skopeo_import",
 ]
 
@@ -215,6 +219,50 @@ def _chain_id(diff_ids: Sequence[str]) -> str:
     for diff_id in diff_ids[1:]:
         current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
     return current
+
+
+def run_import_case(
+    console: Console,
+    mnt: Path,
+    scale: float,
+    repeat: int,
+    driver: str,
+    unavailable: str | None,
+    snapshotter: str,
+    storage_driver: str,
+) -> tuple[OciImage, list[ImportTool], list[Run]]:
+    """Write the image, then run every tool ``repeat`` times; the image, the tools, the runs."""
+    console.print("[bold]import[/]: writing the image")
+    start = time.perf_counter()
+    image = write_benchmark_image(mnt / "images" / "bench", scale=scale)
+    archive = write_oci_archive(image, mnt / "images" / "bench.oci.tar")
+    console.print(f"  {image.describe()}; written in {time.perf_counter() - start:.1f} s")
+    for layer in image.layers:
+        console.print(
+            f"    {layer.tar_size / MIB:8.1f} MiB tar, {layer.size / MIB:7.1f} MiB gzip, "
+            f"{layer.entries:7,} entries: {layer.description}"
+        )
+    tools = [
+        laminae_import(driver, unavailable=unavailable),
+        skopeo_import(storage_driver),
+        ctr_import(snapshotter, archive),
+    ]
+    by_name = {t.name: t for t in tools}
+    runs = run_rounds(
+        console, list(by_name), repeat, lambda name, i: by_name[name].run(mnt, image, i)
+    )
+    return image, tools, runs
+
+
+def image_json(image: OciImage) -> dict[str, Any]:
+    return {
+        "description": image.describe(),
+        "manifest_digest": image.manifest_digest,
+        "layers": [attrs.asdict(layer) for layer in image.layers],
+        "tree": attrs.asdict(image.tree),
+        "tar_bytes": image.tar_bytes,
+        "compressed_bytes": image.compressed_bytes,
+    }
 
 
 def _rss(runs: Sequence[Run], tool: str) -> str:

@@ -21,10 +21,11 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
-__all__ = ["Measured", "rss_floor_kib", "run_measured"]
+__all__ = ["Measured", "rss_floor_kib", "run_json", "run_measured"]
 
 _LAUNCHER = """
 import json, os, sys, time
@@ -88,6 +89,18 @@ def run_measured(
             stdout=out.read_text(errors="replace"),
             stderr=err.read_text(errors="replace"),
         )
+
+
+def run_json(argv: Sequence[str]) -> tuple[Measured, dict[str, Any] | None, str | None]:
+    """Run a command that prints one JSON object, measured: (the measurement, the object or
+    ``None``, ``None`` or why it failed)."""
+    measured = run_measured(argv)
+    if measured.returncode != 0:
+        return measured, None, measured.failure(Path(argv[1] if len(argv) > 1 else argv[0]).name)
+    try:
+        return measured, json.loads(measured.stdout), None
+    except ValueError as exc:
+        return measured, None, f"{argv[0]} printed no JSON: {exc}"
 
 
 def rss_floor_kib() -> int:

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from image_import import ctr_import, import_tables, laminae_import, skopeo_import
-from layer_tars import MIB, write_small_files_tar
-from measure import Measured, rss_floor_kib, run_measured
-from oci_image import OciImage, write_benchmark_image, write_oci_archive, write_stack_image
+from image_import import image_json, import_tables, run_import_case
+from layer_tars import write_small_files_tar
+from measure import Measured, rss_floor_kib, run_json
+from oci_image import OciImage, write_stack_image
 from peers import Podman, ensure_installed, private_host_paths, skopeo_copy, versions
 from report import (
     Run,
@@ -80,20 +80,17 @@ NATIVE_TARGET_S = 0.100
 """Native changes + export under this."""
 
 KERNEL_TECHNIQUES = {
-    "lowerdir+": "new mount API, one lowerdir+ per layer (laminae)",
-    "absolute": "mount(2), absolute lowerdirs (containerd before compacting)",
-    "relative": "mount(2), lowerdirs relative to their common dir (containerd)",
-    "short-links": "mount(2), l/ short links relative to home (Moby, c/storage <= 1.43)",
-    "proc-fds": "mount(2), lowers as /proc/self/fd numbers (c/storage >= 1.44)",
+    "lowerdir+": "fsconfig lowerdir+ per layer (laminae)",
+    "absolute": "mount(2), absolute paths",
+    "relative": "mount(2), N/fs from common dir (containerd)",
+    "short-links": "mount(2), l/ links (Moby, c/storage 1.43)",
+    "proc-fds": "mount(2), /proc/self/fd (c/storage >= 1.44)",
 }
 
 
 def _laminae(*args: str) -> tuple[Measured, dict[str, Any] | None, str | None]:
-    """Run ``laminae_once.py ARGS`` measured; its JSON, or the error."""
-    measured = run_measured([sys.executable, str(LAMINAE_ONCE), *args])
-    if measured.returncode != 0:
-        return measured, None, measured.failure(f"laminae_once.py {args[0]}")
-    return measured, json.loads(measured.stdout), None
+    """Run ``laminae_once.py ARGS`` measured: the measurement, its JSON or why it failed."""
+    return run_json([sys.executable, str(LAMINAE_ONCE), *args])
 
 
 def _setup_store(root: Path, runroot: Path, driver: str) -> Any:
@@ -158,32 +155,41 @@ def mount_case(
         target = mnt / "kernel-target"
         target.mkdir(exist_ok=True)
         for technique, description in KERNEL_TECHNIQUES.items():
-            runs = []
-            for i in range(repeat):
-                drop_caches()
-                measured, report, error = _laminae(
-                    "kernel", technique, str(home), str(depth), str(target)
-                )
-                if report is not None and report["entries"] != depth:
-                    error = f"merged view has {report['entries']} entries, not {depth}"
-                runs.append(
-                    Run(
-                        f"kernel {technique}",
-                        i,
-                        None if error or report is None else report["seconds"],
-                        maxrss_kib=measured.maxrss_kib,
-                        error=error,
-                        detail={"data_bytes": None if report is None else report["data_bytes"]},
-                    )
-                )
-                unmount_under(target)
-            rows.append(MountRow(depth, f"kernel {technique}", runs, description))
+            tool = f"kernel {technique}"
+            runs = [_kernel_run(tool, i, home, depth, target, warm) for i in range(repeat)]
+            rows.append(MountRow(depth, tool, runs, description))
             console.print(f"  {_row_line(rows[-1])}")
         remove_tree(home)
         rows.extend(_podman_rows(console, mnt, podman, image, depth, repeat))
     unmount_under(mnt / "stacks-cs")
     remove_tree(mnt / "stacks-cs")
     return rows
+
+
+def _kernel_run(tool: str, i: int, home: Path, depth: int, target: Path, warm: int) -> Run:
+    technique = tool.removeprefix("kernel ")
+    drop_caches()
+    measured, report, error = _laminae(
+        "kernel", technique, str(home), str(depth), str(target), str(warm)
+    )
+    unmount_under(target)
+    if report is None:
+        return Run(tool, i, None, maxrss_kib=measured.maxrss_kib, error=error)
+    if report.get("error"):
+        error = report["error"]
+    elif report["entries"] != depth:
+        error = f"merged view has {report['entries']} entries, not {depth}"
+    return Run(
+        tool,
+        i,
+        None if error else report["seconds"],
+        maxrss_kib=measured.maxrss_kib,
+        error=error,
+        detail={
+            "data_bytes": report["data_bytes"],
+            "warm_seconds": report.get("warm_seconds", []),
+        },
+    )
 
 
 def _laminae_mount_row(
@@ -197,7 +203,7 @@ def _laminae_mount_row(
     warm: int,
 ) -> MountRow:
     tool = f"laminae {driver} store.mount"
-    note = f"an active layer on a chain of {depth} committed layers"
+    note = f"active layer on {depth} committed ones"
     if unavailable is not None:
         return MountRow(depth, tool, [Run(tool, 0, None, error=unavailable)], note)
     root, runroot = mnt / "stacks-laminae" / str(depth), mnt / "stacks-laminae" / f"{depth}-run"
@@ -267,9 +273,9 @@ def _podman_rows(
         "podman container exists": (["container", "exists", container], None),
     }
     notes = {
-        "podman mount (container)": f"{depth} lowers + upper; whole process",
-        "podman image mount": f"{depth} lowers, read-only; whole process",
-        "podman container exists": "podman's start-up, for scale; whole process",
+        "podman mount (container)": "N lowers + upper; whole process",
+        "podman image mount": "N lowers, read-only; whole process",
+        "podman container exists": "podman start-up only, for scale",
     }
     rows = []
     for tool, (command, undo) in commands.items():
@@ -309,11 +315,17 @@ def _row_line(row: MountRow) -> str:
     return f"{row.tool}: median {_ms(spread.median)} ms ({len(failures)} failed)"
 
 
+def _short(error: str) -> str:
+    """The end of an error message, where the peers say what went wrong."""
+    error = error.rpartition("Error: ")[2]
+    return error if len(error) <= 40 else "..." + error[-37:]
+
+
 def mount_table(rows: Sequence[MountRow], repeat: int) -> Table:
     table = Table(
         title=f"mount: a container on a stack of N layers; {repeat} run(s), caches cold",
-        caption="cold: the first mount in a fresh process after drop_caches (in-process clock, "
-        "except podman: whole process); warm: laminae's next mounts in the same process",
+        caption="cold: the first mount in a fresh process after drop_caches (in-process clock; "
+        "podman: the whole process); warm: the next mounts in the same process",
     )
     for column in ("N", "tool", "cold median ms", "min ms", "max ms", "warm median ms"):
         table.add_column(column, justify="left" if column == "tool" else "right")
@@ -324,9 +336,9 @@ def mount_table(rows: Sequence[MountRow], repeat: int) -> Table:
         warm = Spread.of([s for r in row.runs for s in r.detail.get("warm_seconds", [])])
         data = sorted({d for r in row.runs if (d := r.detail.get("data_bytes"))})
         failures = Run.failures(row.runs, row.tool)
-        result = "[green]ok[/]" if not failures else f"[red]{failures[0][:60]}[/]"
+        result = "[green]ok[/]" if not failures else f"[red]{_short(failures[0])}[/]"
         if failures and spread is not None:
-            result = f"[yellow]{len(failures)} failed[/]: {failures[0][:50]}"
+            result = f"[yellow]{len(failures)} failed[/]: {_short(failures[0])}"
         table.add_row(
             str(row.depth),
             row.tool,
@@ -465,42 +477,6 @@ def changes_tables(runs: Sequence[Run], info: dict[str, Any]) -> tuple[Table, Ta
     return times, targets, summary
 
 
-# -- import ----------------------------------------------------------------------------------
-
-
-def import_case(
-    console: Console,
-    mnt: Path,
-    scale: float,
-    repeat: int,
-    driver: str,
-    unavailable: str | None,
-    snapshotter: str,
-    storage_driver: str,
-) -> tuple[OciImage, list[Any], list[Run]]:
-    """The import comparison (shared with btrfs.py): the image, the tools, their runs."""
-    console.print("[bold]import[/]: writing the image")
-    start = time.perf_counter()
-    image = write_benchmark_image(mnt / "images" / "bench", scale=scale)
-    archive = write_oci_archive(image, mnt / "images" / "bench.oci.tar")
-    console.print(f"  {image.describe()}; written in {time.perf_counter() - start:.1f} s")
-    for layer in image.layers:
-        console.print(
-            f"    {layer.tar_size / MIB:8.1f} MiB tar, {layer.size / MIB:7.1f} MiB gzip, "
-            f"{layer.entries:7,} entries: {layer.description}"
-        )
-    tools = [
-        laminae_import(driver, unavailable=unavailable),
-        skopeo_import(storage_driver),
-        ctr_import(snapshotter, archive),
-    ]
-    by_name = {t.name: t for t in tools}
-    runs = run_rounds(
-        console, list(by_name), repeat, lambda name, i: by_name[name].run(mnt, image, i)
-    )
-    return image, tools, runs
-
-
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -588,14 +564,14 @@ def main(argv: Sequence[str]) -> int:
             }
             failed |= any(r.error for r in runs) and unavailable is None
         if "import" in args.case_names:
-            image, tools, runs = import_case(
+            image, tools, runs = run_import_case(
                 console, mnt, args.scale, args.repeat, args.driver, unavailable,
                 snapshotter="overlayfs", storage_driver="overlay",
             )  # fmt: skip
             times, targets, summary = import_tables("import", image, tools, runs)
             tables += [times, targets]
             document["cases"]["import"] = {
-                "image": _image_json(image),
+                "image": image_json(image),
                 "runs": [attrs.asdict(r) for r in runs],
                 "summary": summary,
             }
@@ -609,17 +585,6 @@ def main(argv: Sequence[str]) -> int:
         write_json(args.json, document)
         console.print(f"raw numbers in {args.json}")
     return 1 if failed else 0
-
-
-def _image_json(image: OciImage) -> dict[str, Any]:
-    return {
-        "description": image.describe(),
-        "manifest_digest": image.manifest_digest,
-        "layers": [attrs.asdict(layer) for layer in image.layers],
-        "tree": attrs.asdict(image.tree),
-        "tar_bytes": image.tar_bytes,
-        "compressed_bytes": image.compressed_bytes,
-    }
 
 
 if __name__ == "__main__":

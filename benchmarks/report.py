@@ -170,7 +170,7 @@ def loads(load: tuple[float, float, float]) -> str:
 
 def console() -> Console:
     """A console for the tables; piped into a file, rich would wrap them at 80 columns."""
-    return Console() if Console().is_terminal else Console(width=160)
+    return Console() if Console().is_terminal else Console(width=200)
 
 
 def first_line(*argv: str) -> str:

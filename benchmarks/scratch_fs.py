@@ -21,6 +21,7 @@ from pathlib import Path
 
 __all__ = [
     "GIB",
+    "btrfs_sync",
     "drop_caches",
     "enter_private_mount_namespace",
     "remove_tree",
@@ -34,11 +35,12 @@ GIB = 1 << 30
 _NAMESPACE_MARK = "LAMINAE_BENCH_PRIVATE_NS"
 
 
-def require_root() -> None:
-    """Exit with a message unless running as root (loop devices, mounts, chown, drop_caches)."""
+def require_root(tools: Sequence[str] = ()) -> None:
+    """Exit with a message unless running as root (loop devices, mounts, chown, drop_caches)
+    with the commands the benchmarks need, and ``tools`` besides, on PATH."""
     if os.geteuid() != 0:
         sys.exit("benchmarks need root: they make a loop filesystem and drop the page cache")
-    for tool in ("losetup", "mkfs.ext4", "mount", "umount", "unshare", "tar", "sync"):
+    for tool in ("losetup", "mkfs.ext4", "mount", "umount", "unshare", "tar", "sync", *tools):
         if shutil.which(tool) is None:
             sys.exit(f"benchmarks need {tool!r} on PATH")
 
@@ -62,6 +64,12 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def btrfs_sync(path: Path) -> None:
+    """Wait until the btrfs cleaner has freed every deleted subvolume (``btrfs subvolume
+    sync``), so that it does not work in the background of the next measurement."""
+    _run("btrfs", "subvolume", "sync", str(path))
 
 
 def remove_tree(path: Path) -> None:
@@ -93,7 +101,7 @@ def _remove_subvolumes(path: Path) -> None:
     for subvolume in sorted(below, key=lambda p: p.count("/"), reverse=True):
         _run("btrfs", "subvolume", "delete", subvolume)
     if below:
-        _run("btrfs", "subvolume", "sync", mount)
+        btrfs_sync(Path(mount))
 
 
 def _run(*command: str) -> str:
