@@ -45,12 +45,16 @@ Rules, in the order they apply to an entry:
   header says, only where the lowers show the name: in a directory with no lower, overlayfs
   lists a whiteout as an entry that cannot be opened. An opaque marker sets
   ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` with ``userxattr``, as a rootless
-  mount reads it) on a directory the layer or the lowers have; at the root, where overlayfs
-  ignores the flag, every lower name gets a whiteout instead. A directory that replaces a
-  non-directory of this layer (a whiteout, a file) is made opaque, since what it replaced hid
-  the lowers. A hard link to a file only the lowers have copies that file up first, as
-  overlayfs does. A ``0:0`` character device entry is refused: overlayfs would read it as a
-  whiteout.
+  mount reads it) on the layer's directory, where the lowers show a directory beneath it; at
+  the root, where overlayfs ignores the flag, every lower name gets a whiteout instead. A
+  directory that replaces a non-directory of this layer (a whiteout, a file) is made opaque
+  the same way, since what it replaced hid the lowers. The flag goes nowhere else: a stray
+  one would show as an xattr where a layer is mounted as a plain bind. Whiteouts below a
+  directory made opaque are dropped (they hide nothing any more). A missing parent directory
+  is made only where the lowers show none or a directory, so a path through a lower file is
+  refused as it is on the parent's tree. A hard link to a file only the lowers have copies
+  that file up first, as overlayfs does. A ``0:0`` character device entry is refused:
+  overlayfs would read it as a whiteout.
 * ``trusted.overlay.*`` and ``user.overlay.*`` xattrs in a tar are refused: they are
   overlayfs's own bookkeeping, and a forged ``redirect`` or ``opaque`` would let a layer alias
   or hide content of other layers. Every other xattr, ``trusted.*`` included, is content.
@@ -469,7 +473,8 @@ class _Applier(_Tree):
         fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
         try:
             os.fchmod(fd, 0o755)  # mkdir's mode went through the umask
-            _set_xattr(fd, self._opaque_xattr, b"y")
+            if self._hides_a_lower_dir(b"/".join([*resolved, name])):
+                _set_xattr(fd, self._opaque_xattr, b"y")
         finally:
             os.close(fd)
         return True
@@ -477,6 +482,12 @@ class _Applier(_Tree):
     def make_parent(self, dir_fd: int, name: bytes, resolved: list[bytes]) -> bool:
         if not self._creating:
             return False
+        if self._overlay:
+            # A lower non-directory there is a file of the parent's tree: applied onto that
+            # tree (DELETE mode) the path would not resolve, so neither does it here.
+            shown = self._lower_entry(b"/".join([*resolved, name]), upper=True, beneath=True)
+            if shown is not None and not stat.S_ISDIR(shown[1].st_mode):
+                return False
         os.mkdir(name, 0o755, dir_fd=dir_fd)
         fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
         try:
@@ -517,7 +528,9 @@ class _Applier(_Tree):
     def _open_lower_dir(self, path: bytes) -> int | None:
         """Open the directory at ``path`` in the nearest lower tree that has one."""
         if self._overlay:
-            shown = self._lower_entry(path, upper=False)
+            # Through this layer's directories above: under one it made opaque, or made over
+            # a whiteout, the lowers show nothing.
+            shown = self._lower_entry(path, upper=True, beneath=True)
             if shown is None or not stat.S_ISDIR(shown[1].st_mode):
                 return None
             return os.open(self._lower_path(shown[0], path), _O_LIST_DIR)
@@ -539,8 +552,13 @@ class _Applier(_Tree):
         root = self.root_path if index < 0 else self._lowers[index].root_path
         return root + b"/" + path
 
-    def _lower_entry(self, path: bytes, *, upper: bool) -> tuple[int, os.stat_result] | None:
+    def _lower_entry(
+        self, path: bytes, *, upper: bool, beneath: bool = False
+    ) -> tuple[int, os.stat_result] | None:
         """What overlayfs shows at ``path`` over the lowers, and over this layer if ``upper``.
+
+        With ``beneath``, this layer's own entry at ``path`` itself is passed over: what the
+        lowers show there, through this layer's directories above it.
 
         Read with overlayfs's lookup rules: in each directory the first layer with the name
         decides; a whiteout hides it, a non-directory ends the stack, an opaque directory
@@ -559,6 +577,8 @@ class _Applier(_Tree):
             found: tuple[int, os.stat_result] | None = None
             below: list[tuple[int, bytes]] = []
             for index, above in stack:
+                if last and beneath and index < 0:
+                    continue
                 relative = above + b"/" + name if above else name
                 try:
                     st = os.lstat(self._lower_path(index, relative))
@@ -591,11 +611,41 @@ class _Applier(_Tree):
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def _set_opaque(self, dir_fd: int, name: bytes = b".") -> None:
+        """Make a directory of this layer opaque, and drop the whiteouts below it.
+
+        Below an opaque directory nothing merges with the lowers, so a whiteout made there
+        earlier in the tar hides nothing, and overlayfs would list it as an entry that
+        cannot be opened.
+        """
         fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
+        pending = [fd]
         try:
             _set_xattr(fd, self._opaque_xattr, b"y")
+            while pending:
+                current = pending.pop()
+                try:
+                    with os.scandir(current) as entries:
+                        for entry in entries:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append(os.open(entry.name, _O_LIST_DIR, dir_fd=current))
+                            elif not entry.is_file(follow_symlinks=False) and _is_whiteout(
+                                entry.stat(follow_symlinks=False)
+                            ):
+                                os.unlink(entry.name, dir_fd=current)
+                finally:
+                    os.close(current)
         finally:
-            os.close(fd)
+            for left in pending:
+                os.close(left)
+
+    def _hides_a_lower_dir(self, path: bytes) -> bool:
+        """Whether a directory of this layer at ``path`` would merge with a lower one.
+
+        Only then is an opaque flag needed; anywhere else it would be a stray xattr, and
+        visible where the layer is mounted as a plain bind (a base layer).
+        """
+        shown = self._lower_entry(path, upper=True, beneath=True)
+        return shown is not None and stat.S_ISDIR(shown[1].st_mode)
 
     def _copy_up(self, path: bytes) -> None:
         """Copy the non-directory overlayfs shows at ``path`` from the lowers into this layer.
@@ -778,7 +828,7 @@ class _Applier(_Tree):
             elif not created:
                 # Cached records hold the group new files get here; it may change now.
                 self.forget(_dir_key(fd))
-            if replaced and self._overlay:
+            if replaced and self._overlay and self._hides_a_lower_dir(path):
                 # What this layer put here before (a whiteout, a file) hid the lowers.
                 _set_xattr(fd, self._opaque_xattr, b"y")
             os.fchown(fd, entry.uid, entry.gid)
@@ -923,8 +973,9 @@ class _Applier(_Tree):
     def _overlay_opaque(self, path: bytes) -> None:
         shown = self._lower_entry(path, upper=True)
         if shown is None or not stat.S_ISDIR(shown[1].st_mode):
-            return  # no directory there to hide anything below
-        self._set_opaque(self.parent(path)[0])
+            return  # no directory there (or this layer's non-directory): nothing below it
+        if self._hides_a_lower_dir(path):
+            self._set_opaque(self.parent(path)[0])
 
     def _overlay_opaque_root(self, entry: TarEntry) -> None:
         """Hide every lower child of the root: overlayfs ignores the flag on a layer's root."""
@@ -937,7 +988,7 @@ class _Applier(_Tree):
                 continue
             if shown[0] >= 0:
                 self._make_whiteout(self.root_fd, name, entry.uid, entry.gid)
-            elif stat.S_ISDIR(shown[1].st_mode):
+            elif stat.S_ISDIR(shown[1].st_mode) and self._hides_a_lower_dir(name):
                 self._set_opaque(self.root_fd, name)
 
     def _delete_opaque(self, path: bytes) -> None:

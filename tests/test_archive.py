@@ -642,6 +642,30 @@ def test_overlay_directory_made_over_a_whiteout_is_opaque(
 
 
 @pytest.mark.root
+def test_overlay_opaque_flags_only_over_lower_directories(root: Path, lower: Path) -> None:
+    # A flag with nothing beneath it would be a stray xattr, visible where a layer is a bind.
+    data = (
+        Layer()
+        .dir("new")
+        .file("new/.wh..wh..opq")  # no lower "new"
+        .file("mine")
+        .dir("mine")  # over a file of this layer, the lower "mine" being a file too
+        .file("a/.wh..wh..opq")  # a lower directory: flagged
+        .file(".wh..wh..opq")
+        .bytes()
+    )
+    apply(root, data, whiteouts=WhiteoutMode.OVERLAY, parent_roots=[lower])
+    for name in ("new", "mine"):
+        assert _xattrs.read_xattrs(str(root / name)) == {}, name
+    assert os.getxattr(root / "a", "trusted.overlay.opaque") == b"y"
+    base = root.parent / "base"
+    base.mkdir()
+    apply(base, data, whiteouts=WhiteoutMode.OVERLAY)  # a base layer: no lowers at all
+    assert all(_xattrs.read_xattrs(str(path)) == {} for path in [base, *base.rglob("*")])
+    assert listing(base) == ["mine", "new"]
+
+
+@pytest.mark.root
 def test_overlay_hardlink_to_a_lower_file_copies_it_up(tmp_path: Path, root: Path) -> None:
     lower = tmp_path / "lower"
     (lower / "usr/bin").mkdir(parents=True)
