@@ -109,7 +109,11 @@ class OverlayDriver:
         features=frozenset({Feature.APPLY, Feature.CHANGES}),
         max_depth=KERNEL_MAX_LOWERS if LOWERDIR_APPEND else _FALLBACK_DEPTH,
         needs_root=True,
-        independent_layers=True,
+        # A layer's files live apart from its parents', but applying a tar reads the parents:
+        # whiteouts go only where they show a name, new parent dirs take their attributes,
+        # hard links to their files copy them up (as containerd's overlay apply does). So a
+        # layer is applied after its parents are complete, not beside them.
+        independent_layers=False,
         known_failures=known_failures(
             user_namespace=USERXATTR, ids=mapped_ids() if USERXATTR else 1 << 32
         ),
