@@ -103,8 +103,9 @@ class OverlayDriver:
     """Layers as overlayfs layer dirs. See the module docstring for the layout and mounts."""
 
     name: ClassVar[str] = "overlay"
-    # Decided when the class is defined, from this process's kernel and user namespace: a
-    # store is used by one process at a time per namespace, and both facts hold for its life.
+    # Decided when the class is defined, from this process's kernel and user namespace
+    # (_host): capabilities are a class attribute, and neither fact changes while a process
+    # runs. A home records its namespace, so a store made rootless is refused outside one.
     capabilities: ClassVar[Capabilities] = Capabilities(
         features=frozenset({Feature.APPLY, Feature.CHANGES}),
         max_depth=KERNEL_MAX_LOWERS if LOWERDIR_APPEND else _FALLBACK_DEPTH,
