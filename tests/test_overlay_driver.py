@@ -50,6 +50,7 @@ from laminae.drivers.overlay._driver import (
     USERXATTR,
 )
 from laminae.drivers.overlay._known_failures import _contiguous_from_zero, known_failures
+from laminae.drivers.overlay._probe import check_kernel_options
 
 pytestmark = pytest.mark.root
 
@@ -488,6 +489,19 @@ def test_probe_refuses_a_home_made_in_a_user_namespace(tmp_path: Path) -> None:
         OverlayDriver.probe(home, {})
     with pytest.raises(FailedPrecondition, match=r"user\.overlay"):
         OverlayDriver(home, {})
+
+
+def test_probe_refuses_a_kernel_without_the_native_diff_options(tmp_path: Path) -> None:
+    parameters = tmp_path / "parameters"  # what /sys/module/overlay/parameters holds
+    parameters.mkdir()
+    for name in ("index", "redirect_dir"):
+        (parameters / name).write_text("N\n")
+    with pytest.raises(DriverUnavailable, match="has no metacopy option"):
+        check_kernel_options(False, parameters)
+    (parameters / "metacopy").write_text("N\n")
+    check_kernel_options(False, parameters)
+    check_kernel_options(True, parameters)  # Linux 6.18 has userxattr
+    check_kernel_options(False, tmp_path / "not-loaded")
 
 
 def test_probe_refuses_without_privileges(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 Each check that fails raises :class:`DriverUnavailable` saying which one and why:
 
-* overlayfs is in the kernel (``/proc/filesystems``), or a module the first mount loads;
+* overlayfs is in the kernel (``/proc/filesystems``), or a module the first mount loads,
+  and knows the options the mounts set (``index``, ``redirect_dir``, ``metacopy``: Linux
+  4.19; ``userxattr`` in a user namespace: Linux 5.11), so no kernel default decides where
+  changes go;
 * the process may mount it: root, or root of a user namespace (rootless, with ``userxattr``);
 * the backing filesystem is not overlayfs itself (an upper dir cannot be on overlay) nor NFS
   (no whiteouts, no trusted xattrs, and overlayfs refuses it as an upper);
@@ -34,9 +37,13 @@ from laminae._xattrs import set_xattr
 
 from ._host import kernel_release
 
-__all__ = ["XATTR_RECORD", "probe_host", "read_namespace"]
+__all__ = ["XATTR_RECORD", "check_kernel_options", "probe_host", "read_namespace"]
 
 _NFS_SUPER_MAGIC: Final = 0x6969
+_PARAMETERS: Final = Path("/sys/module/overlay/parameters")
+# The module's parameters are the defaults of the mount options the driver sets; a kernel
+# without one does not know the option either.
+_OPTIONS_SET: Final = ("index", "metacopy", "redirect_dir")
 
 XATTR_RECORD: Final = "xattrs"
 """File in the home naming the xattr namespace of its layers' flags: ``trusted`` or ``user``."""
@@ -96,6 +103,28 @@ def _has_d_type(scratch: Path) -> bool:
     return bool(found) and found[0].is_dir(follow_symlinks=False)
 
 
+def check_kernel_options(userxattr: bool, parameters: Path = _PARAMETERS) -> None:
+    """Raise :class:`DriverUnavailable` if overlayfs lacks an option the mounts set.
+
+    :param parameters: the overlay module's parameters (absent until it is loaded; then
+        the mount itself is the check).
+    """
+    if parameters.is_dir():
+        missing = [name for name in _OPTIONS_SET if not (parameters / name).exists()]
+        if missing:
+            raise DriverUnavailable(
+                f"overlay: this kernel's overlayfs has no {', '.join(missing)} option "
+                "(Linux 4.19+), which the driver sets so that every change stays in the "
+                "upper dir"
+            )
+    if userxattr and kernel_release() < (5, 11):
+        major, minor = kernel_release()
+        raise DriverUnavailable(
+            f"overlay: in a user namespace overlayfs needs userxattr (Linux 5.11); "
+            f"this is Linux {major}.{minor}"
+        )
+
+
 def probe_host(home: Path, *, userxattr: bool, max_home: int | None) -> None:
     """Raise :class:`DriverUnavailable` unless overlay can run with its home at ``home``.
 
@@ -107,6 +136,7 @@ def probe_host(home: Path, *, userxattr: bool, max_home: int | None) -> None:
         raise DriverUnavailable(
             "overlay: the kernel has no overlayfs (not in /proc/filesystems, no module)"
         )
+    check_kernel_options(userxattr)
     if os.geteuid() != 0:
         raise DriverUnavailable(
             "overlay: mounting overlayfs needs root (CAP_SYS_ADMIN), or root of a user "
