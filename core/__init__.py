@@ -32,6 +32,7 @@ from ._driver import (
     MountSpec,
     QuotaSetter,
     Usage,
+    tree_usage,
 )
 from ._exceptions import (
     AlreadyExists,
@@ -100,5 +101,6 @@ __all__ = [
     "load_config",
     "naive_changes",
     "open_store",
+    "tree_usage",
     "write_changes_tar",
 ]

@@ -47,6 +47,7 @@ declares :attr:`Feature.APPLY` must satisfy :class:`Applier`, and so on.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Protocol, runtime_checkable
@@ -65,6 +66,7 @@ __all__ = [
     "MountSpec",
     "QuotaSetter",
     "Usage",
+    "tree_usage",
 ]
 
 
@@ -152,6 +154,32 @@ class Usage:
 
     size: int
     inodes: int
+
+
+def tree_usage(top: str | os.PathLike[str]) -> Usage:
+    """Bytes (allocated blocks) and inodes of the tree at ``top``, each inode counted once.
+
+    For drivers whose layers are directory trees (vfs, overlay's ``diff/``, btrfs without
+    quota): hard links, and the whiteouts overlayfs makes (one shared inode, Linux 5.8+),
+    count once. Symlinks are not followed.
+    """
+    root = os.lstat(top)
+    size, inodes = root.st_blocks * 512, 1
+    seen: set[tuple[int, int]] = set()
+    pending = [os.fspath(top)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                size += st.st_blocks * 512
+                inodes += 1
+    return Usage(size=size, inodes=inodes)
 
 
 class Driver(Protocol):

@@ -30,14 +30,13 @@ import contextlib
 import errno
 import os
 import re
-import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
 from laminae import _btrfs, _linux
 from laminae._config import parse_size
-from laminae._driver import Capabilities, Feature, MountSpec, Usage
+from laminae._driver import Capabilities, Feature, MountSpec, Usage, tree_usage
 from laminae._exceptions import (
     AlreadyExists,
     DriverUnavailable,
@@ -257,7 +256,7 @@ class BtrfsDriver:
                 qgroup = _btrfs.qgroups(str(path)).get(_btrfs.qgroup_id(subvolid))
                 if qgroup is not None:
                     return Usage(size=qgroup.referenced, inodes=1 + _count_entries(str(path)))
-            return _walk_usage(str(path))
+            return tree_usage(path)
 
     def layers(self) -> list[str]:
         """The storage ids under ``subvolumes/`` that are subvolumes, sorted."""
@@ -367,32 +366,6 @@ class BtrfsDriver:
                 raise LaminaeError(f"btrfs: {path} is not a subvolume; it is not a layer")
             raise NotFound(f"btrfs: {what} {id} is not on disk")
         return path
-
-
-def _walk_stats(top: str) -> Iterator[os.stat_result]:
-    """lstat of everything below ``top``, not following symlinks."""
-    pending = [top]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                yield entry.stat(follow_symlinks=False)
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-
-
-def _walk_usage(top: str) -> Usage:
-    root = os.lstat(top)
-    size, inodes = root.st_blocks * 512, 1
-    seen: set[tuple[int, int]] = set()
-    for st in _walk_stats(top):
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-        size += st.st_blocks * 512
-        inodes += 1
-    return Usage(size=size, inodes=inodes)
 
 
 def _count_entries(top: str) -> int:

@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Final, final
@@ -55,6 +54,7 @@ from laminae import (
     WhiteoutMode,
     _linux,
     apply_tar,
+    tree_usage,
 )
 from laminae._exceptions import map_os_errors
 
@@ -254,18 +254,7 @@ class OverlayDriver:
         """
         diff = self._layer(id) / "diff"
         with map_os_errors(f"overlay: usage of layer {id}"):
-            root = os.lstat(diff)
-            size, inodes = root.st_blocks * 512, 1
-            seen: set[int] = set()
-            for st in _walk_stats(str(diff)):
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    # Whiteouts the kernel makes share one inode (Linux 5.8+); so do links.
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                size += st.st_blocks * 512
-                inodes += 1
-        return Usage(size=size, inodes=inodes)
+            return tree_usage(diff)
 
     def close(self) -> None:
         """Nothing to release: the driver holds no fds, mounts or locks between calls."""
@@ -416,14 +405,3 @@ class OverlayDriver:
         diff = str(self._layer(id) / "diff")
         lowers = [str(self._layer(parent, what="parent layer") / "diff") for parent in parents]
         return native_changes(diff, lowers, userxattr=self.userxattr)
-
-
-def _walk_stats(top: str) -> Iterator[os.stat_result]:
-    """lstat of everything below ``top``, not following symlinks."""
-    pending = [top]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                yield entry.stat(follow_symlinks=False)
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)

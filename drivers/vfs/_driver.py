@@ -22,12 +22,12 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
 from laminae import _linux
-from laminae._driver import Capabilities, MountSpec, Usage
+from laminae._driver import Capabilities, MountSpec, Usage, tree_usage
 from laminae._exceptions import (
     AlreadyExists,
     DriverUnavailable,
@@ -175,18 +175,7 @@ class VfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"vfs: usage of layer {id}"):
-            root = os.lstat(path)
-            size, inodes = root.st_blocks * 512, 1
-            seen: set[tuple[int, int]] = set()
-            for st in _walk_stats(str(path)):
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                size += st.st_blocks * 512
-                inodes += 1
-        return Usage(size=size, inodes=inodes)
+            return tree_usage(path)
 
     def layers(self) -> list[str]:
         """The storage ids under ``dir/``, sorted; layers being created or removed are not."""
@@ -206,17 +195,6 @@ class VfsDriver:
         if not path.is_dir():
             raise NotFound(f"vfs: layer {id} is not on disk")
         return path
-
-
-def _walk_stats(top: str) -> Iterator[os.stat_result]:
-    """lstat of everything below ``top``, not following symlinks."""
-    pending = [top]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                yield entry.stat(follow_symlinks=False)
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
 
 
 def _remove_tree(path: Path, *, missing_ok: bool = False) -> None:
