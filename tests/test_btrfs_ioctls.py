@@ -6,37 +6,11 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from laminae import _btrfs, _linux
-
-
-@pytest.fixture
-def btrfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 GiB sparse btrfs image, loop-mounted at ``tmp_path/btrfs``."""
-    mkfs = shutil.which("mkfs.btrfs")
-    if mkfs is None:
-        pytest.fail("mkfs.btrfs is missing: install btrfs-progs")
-    image = tmp_path / "btrfs.img"
-    target = tmp_path / "btrfs"
-    target.mkdir()
-    with open(image, "wb") as file:
-        file.truncate(1 << 30)
-    subprocess.run([mkfs, "-q", str(image)], check=True, capture_output=True)
-    device = _linux.attach_loop(str(image))
-    try:
-        _linux.mount(device, str(target), "btrfs")
-        try:
-            yield target
-        finally:
-            _linux.umount(str(target))
-    finally:
-        _linux.detach_loop(device)
 
 
 def _sync(path: Path) -> None:

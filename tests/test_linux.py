@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -193,27 +192,6 @@ def test_ficlone_across_filesystems_raises_exdev(tmpfs: Path, tmp_path: Path) ->
     finally:
         os.close(src_fd)
         os.close(dst_fd)
-
-
-@pytest.fixture
-def btrfs(tmp_path: Path) -> Iterator[Path]:
-    """A 300 MB btrfs image, loop-mounted at ``tmp_path/btrfs``."""
-    if shutil.which("mkfs.btrfs") is None:
-        pytest.fail("mkfs.btrfs is missing: install btrfs-progs")
-    image = tmp_path / "btrfs.img"
-    target = tmp_path / "btrfs"
-    target.mkdir()
-    subprocess.run(["truncate", "-s", "300M", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    device = _linux.attach_loop(str(image))
-    try:
-        _linux.mount(device, str(target), "btrfs")
-        try:
-            yield target
-        finally:
-            _linux.umount(str(target))
-    finally:
-        _linux.detach_loop(device)
 
 
 @pytest.mark.root

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -322,21 +321,9 @@ def test_a_failed_copy_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def btrfs_home(tmp_path: Path) -> Iterator[Path]:
-    """A driver home on a fresh 300 MB btrfs loop image."""
-    image, mountpoint = tmp_path / "btrfs.img", tmp_path / "btrfs"
-    mountpoint.mkdir()
-    subprocess.run(["truncate", "-s", "300M", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    device = _linux.attach_loop(str(image))
-    try:
-        _linux.mount(device, str(mountpoint), "btrfs")
-        try:
-            yield mountpoint / "home"
-        finally:
-            _linux.umount(str(mountpoint))
-    finally:
-        _linux.detach_loop(device)
+def btrfs_home(btrfs: Path) -> Path:
+    """A driver home on a fresh loop-mounted btrfs."""
+    return btrfs / "vfs-home"
 
 
 def _exclusive_bytes(path: Path) -> int:

@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from laminae.drivers.btrfs import loop_btrfs
+
+
+@pytest.fixture
+def btrfs(tmp_path: Path) -> Iterator[Path]:
+    """The root of a fresh loop-mounted btrfs, unmounted and detached after the test."""
+    base = tmp_path / "btrfs-fs"
+    base.mkdir()
+    with loop_btrfs(base) as home:
+        yield home.parent
