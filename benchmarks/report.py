@@ -87,8 +87,9 @@ class Run:
 
     @staticmethod
     def spread(runs: Sequence[Run], tool: str, *, total: bool = True) -> Spread | None:
-        """The spread of ``tool``'s good runs (with their syncs, unless ``total`` is false)."""
-        values = [r.total if total else r.seconds for r in runs if r.tool == tool]
+        """The spread of ``tool``'s good runs (with their syncs, unless ``total`` is false); a
+        run with an error (a wrong result, too) does not count."""
+        values = [r.total if total else r.seconds for r in runs if r.tool == tool and not r.error]
         return Spread.of([v for v in values if v is not None])
 
     @staticmethod
