@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fsops import sync_fs, write_mib
 from tarbuild import make_tar
 
 import laminae
@@ -40,23 +41,6 @@ def driver(home: Path) -> Iterator[BtrfsDriver]:
 
 def _layer(home: Path, id: str) -> Path:
     return home / "subvolumes" / id
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _linux.syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_mib(path: Path, count: int) -> None:
-    chunk = b"\x5a" * (1 << 20)
-    with open(path, "wb") as file:
-        for _ in range(count):
-            file.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
 
 
 def _populate(root: Path, files: int) -> None:
@@ -166,14 +150,14 @@ def test_child_is_a_snapshot_sharing_its_parents_extents(driver: BtrfsDriver, ho
     exclusive bytes stay at a tree block's worth however much the parent holds."""
     _enable_quota(home)
     driver.create("base", [], writable=True)
-    _write_mib(_layer(home, "base") / "big", 32)
+    write_mib(_layer(home, "base") / "big", 32)
     _populate(_layer(home, "base"), 2000)
     driver.create("child", ["base"], writable=True)
     child = _layer(home, "child")
     assert _btrfs.is_subvolume(str(child))
     assert (child / "big").stat().st_size == 32 << 20
     assert (child / "d1" / "f1999").read_bytes() == b"x"
-    _sync(home)
+    sync_fs(home)
     qgroups = _btrfs.qgroups(str(home))
     numbers = qgroups[_btrfs.subvolume_id(str(child))]
     assert numbers.referenced >= 32 << 20
@@ -187,7 +171,7 @@ def test_creating_a_child_does_not_grow_with_the_parent(driver: BtrfsDriver, hom
         parent = f"parent-{files}"
         driver.create(parent, [], writable=True)
         _populate(_layer(home, parent), files)
-        _sync(home)
+        sync_fs(home)
         best = float("inf")
         for attempt in range(3):
             started = time.perf_counter()
@@ -314,13 +298,13 @@ def test_set_quota_turns_quota_on_and_refuses_writes_past_it(
     driver.set_quota("layer", 16 << 20)
     assert _btrfs.quota_status(str(home)) is not None
     path = _layer(home, "layer")
-    _write_mib(path / "fits", 8)
+    write_mib(path / "fits", 8)
     with pytest.raises(OSError) as caught:
-        _write_mib(path / "too-much", 16)
+        write_mib(path / "too-much", 16)
     assert caught.value.errno == errno.EDQUOT
     # The driver still works: remove the excess and write again.
     (path / "too-much").unlink()
-    _write_mib(path / "again", 2)
+    write_mib(path / "again", 2)
     with pytest.raises(InvalidArgument):
         driver.set_quota("layer", 0)
     with pytest.raises(NotFound):
@@ -337,7 +321,7 @@ def test_children_do_not_inherit_a_quota(driver: BtrfsDriver, home: Path) -> Non
     for id, limit in (("layer", 16 << 20), ("child", None), ("view", None)):
         subvolid = _btrfs.subvolume_id(str(_layer(home, id)))
         assert qgroups[subvolid].max_referenced == limit, id
-    _write_mib(_layer(home, "child") / "more-than-the-parent-may", 24)
+    write_mib(_layer(home, "child") / "more-than-the-parent-may", 24)
 
 
 def test_size_option_limits_writable_layers(home: Path) -> None:
@@ -345,14 +329,14 @@ def test_size_option_limits_writable_layers(home: Path) -> None:
     try:
         driver.create("layer", [], writable=True)
         driver.create("view", ["layer"], writable=False)
-        _sync(home)
+        sync_fs(home)
         qgroups = _btrfs.qgroups(str(home))
         for id, limit in (("layer", 16 << 20), ("view", None)):
             subvolid = _btrfs.subvolume_id(str(_layer(home, id)))
             assert qgroups[subvolid].max_referenced == limit, id
         driver.create("child", ["layer"], writable=True)
         with pytest.raises(OSError) as caught:
-            _write_mib(_layer(home, "child") / "too-much", 24)
+            write_mib(_layer(home, "child") / "too-much", 24)
         assert caught.value.errno == errno.EDQUOT
     finally:
         driver.close()
@@ -366,7 +350,7 @@ def test_remove_drops_the_qgroups(driver: BtrfsDriver, home: Path) -> None:
     path = _layer(home, "layer")
     _btrfs.create_subvolume(str(path / "nested"))
     driver.set_quota("layer", 64 << 20)
-    _write_mib(path / "data", 4)
+    write_mib(path / "data", 4)
     ids = [_btrfs.subvolume_id(str(p)) for p in (path, path / "nested")]
     assert all(i in _btrfs.qgroups(str(home)) for i in ids)
 
@@ -403,7 +387,7 @@ def test_usage_reads_qgroup_numbers_with_quota(driver: BtrfsDriver, home: Path) 
     driver.create("layer", [], writable=True)
     path = _layer(home, "layer")
     (path / "dir").mkdir()
-    _write_mib(path / "dir" / "data", 3)
+    write_mib(path / "dir" / "data", 3)
     usage = driver.usage("layer")
     assert 3 << 20 <= usage.size < 4 << 20
     assert usage.inodes == 3

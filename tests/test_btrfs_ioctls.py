@@ -9,26 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
+from fsops import sync_fs, write_mib
 
 from laminae import _btrfs, _linux
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _linux.syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_mib(path: Path, count: int) -> None:
-    chunk = b"\x5a" * (1 << 20)
-    with open(path, "wb") as file:
-        for _ in range(count):
-            file.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
-
 
 # --- layouts and request numbers ----------------------------------------------------------------
 
@@ -243,7 +226,7 @@ def test_quota_is_off_until_enabled(btrfs: Path) -> None:
     _btrfs.quota_enable(str(btrfs))
     _btrfs.quota_enable(str(btrfs))  # already on: harmless
     _btrfs.quota_rescan_wait(str(btrfs))
-    _sync(btrfs)
+    sync_fs(btrfs)
     status = _btrfs.quota_status(str(btrfs))
     assert status is not None and status.consistent and not status.rescanning
     # Every subvolume has its level-0 qgroup, those made before quota was on too.
@@ -263,18 +246,18 @@ def test_qgroup_limit_refuses_writes_past_it(btrfs: Path) -> None:
     _btrfs.qgroup_limit(str(btrfs), qgroup, 8 << 20)
     assert _btrfs.qgroups(str(btrfs))[qgroup].max_referenced == 8 << 20
 
-    _write_mib(sub / "fits", 4)
+    write_mib(sub / "fits", 4)
     with pytest.raises(OSError) as caught:
-        _write_mib(sub / "too-much", 8)
+        write_mib(sub / "too-much", 8)
     assert caught.value.errno == errno.EDQUOT
-    _sync(btrfs)
+    sync_fs(btrfs)
     numbers = _btrfs.qgroups(str(btrfs))[qgroup]
     assert 4 << 20 <= numbers.referenced <= 8 << 20
     assert numbers.exclusive <= numbers.referenced
 
     _btrfs.qgroup_limit(str(btrfs), qgroup, None)
     assert _btrfs.qgroups(str(btrfs))[qgroup].max_referenced is None
-    _write_mib(sub / "now-it-fits", 8)
+    write_mib(sub / "now-it-fits", 8)
 
 
 @pytest.mark.root
