@@ -248,16 +248,7 @@ class LayerTar:
         gid: int = 0,
     ) -> LayerTar:
         """A character device node."""
-        header = _entry_header(
-            _bytes(path),
-            tarfile.CHRTYPE,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            devmajor=major,
-            devminor=minor,
-        )
-        return self._add(header)
+        return self._device(path, tarfile.CHRTYPE, major, minor, mode, uid, gid)
 
     def blockdev(
         self,
@@ -270,14 +261,13 @@ class LayerTar:
         gid: int = 0,
     ) -> LayerTar:
         """A block device node."""
+        return self._device(path, tarfile.BLKTYPE, major, minor, mode, uid, gid)
+
+    def _device(
+        self, path: str | bytes, kind: bytes, major: int, minor: int, mode: int, uid: int, gid: int
+    ) -> LayerTar:
         header = _entry_header(
-            _bytes(path),
-            tarfile.BLKTYPE,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            devmajor=major,
-            devminor=minor,
+            _bytes(path), kind, mode=mode, uid=uid, gid=gid, devmajor=major, devminor=minor
         )
         return self._add(header)
 
