@@ -70,8 +70,14 @@ class ImportTool:
     """A tool that imports an image, and how to run it once on a filesystem."""
 
     name: str
-    peer: bool
+    role: str
+    """``laminae``, ``peer`` (a target compares laminae with it) or ``reference`` (shown for
+    what it tells, no target)."""
     run: Callable[[Path, OciImage, int], Run]
+
+    @property
+    def peer(self) -> bool:
+        return self.role == "peer"
 
 
 def _settle(mnt: Path) -> tuple[float, float | None, str | None]:
@@ -151,7 +157,7 @@ def laminae_import(driver: str, *, unavailable: str | None = None) -> ImportTool
             remove_tree(root)
             remove_tree(runroot)
 
-    return ImportTool(name, False, run)
+    return ImportTool(name, "laminae", run)
 
 
 def skopeo_import(driver: str) -> ImportTool:
@@ -189,15 +195,19 @@ def skopeo_import(driver: str) -> ImportTool:
             unmount_under(base)
             remove_tree(base)
 
-    return ImportTool(name, True, run)
+    return ImportTool(name, "peer", run)
 
 
-def ctr_import(snapshotter: str, archive: Path) -> ImportTool:
+def ctr_import(snapshotter: str, archive: Path, *, unpack: bool = True) -> ImportTool:
     """``ctr images import --snapshotter SNAPSHOTTER ARCHIVE`` (which unpacks).
 
     :param archive: the image as an OCI archive (:func:`oci_image.write_oci_archive`).
+    :param unpack: ``False`` adds ``--no-unpack``: the blobs go into the content store and
+        nothing into the snapshotter; a reference for how containerd's time splits.
     """
     name = f"ctr import -> containerd {snapshotter}"
+    if not unpack:
+        name = "ctr import --no-unpack (content store only)"
 
     def run(mnt: Path, image: OciImage, round_: int) -> Run:
         view = mnt / "containerd-view"
@@ -206,7 +216,7 @@ def ctr_import(snapshotter: str, archive: Path) -> ImportTool:
             base_name = f"localhost/{image.tag}"
             measured = daemon.ctr_measured(
                 "images", "import", "--snapshotter", snapshotter, "--base-name", base_name,
-                str(archive),
+                *([] if unpack else ["--no-unpack"]), str(archive),
             )  # fmt: skip
             settle, cleaner, error = _settle(mnt)
             detail: dict[str, Any] = {
@@ -217,6 +227,21 @@ def ctr_import(snapshotter: str, archive: Path) -> ImportTool:
             if measured.returncode != 0 or error:
                 error = measured.failure("ctr images import") if measured.returncode else error
                 return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=error)
+
+            if not unpack:
+                listed = daemon.ctr("images", "ls", "--quiet").split()
+                snapshots = daemon.ctr("snapshots", "--snapshotter", snapshotter, "ls")
+                if f"{base_name}:{image.tag}" not in listed or len(snapshots.splitlines()) > 1:
+                    error = f"expected the image and no snapshots: {listed}, {snapshots[:200]}"
+                return Run(
+                    name,
+                    round_,
+                    None if error else measured.seconds,
+                    sync_seconds=settle,
+                    maxrss_kib=measured.maxrss_kib,
+                    error=error,
+                    detail=detail,
+                )
 
             def read() -> TreeSummary:
                 top = _chain_id([layer.diff_id for layer in image.layers])
@@ -239,7 +264,7 @@ def ctr_import(snapshotter: str, archive: Path) -> ImportTool:
                 detail=detail,
             )
 
-    return ImportTool(name, True, run)
+    return ImportTool(name, "peer" if unpack else "reference", run)
 
 
 def _chain_id(diff_ids: Sequence[str]) -> str:
@@ -276,6 +301,7 @@ def run_import_case(
         laminae_import(driver, unavailable=unavailable),
         skopeo_import(storage_driver),
         ctr_import(snapshotter, archive),
+        ctr_import(snapshotter, archive, unpack=False),
     ]
     by_name = {t.name: t for t in tools}
     runs = run_rounds(
@@ -345,7 +371,7 @@ def import_tables(
             "sync_median": None if sync is None else sync.median,
             "failures": failures,
         }
-        if not tool.peer:
+        if tool.role == "laminae":
             inner = Spread.of(
                 [
                     r.detail["in_process"]["seconds"]
@@ -373,7 +399,7 @@ def import_tables(
         "vs peer without sync",
     ):
         targets.add_column(column, justify="left" if column in ("laminae", "peer") else "right")
-    mine = [t for t in tools if not t.peer]
+    mine = [t for t in tools if t.role == "laminae"]
     summary["targets"] = []
     for lam in mine:
         ours = Run.spread(runs, lam.name)

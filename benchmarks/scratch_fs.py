@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,12 +52,19 @@ def enter_private_mount_namespace(script: Path, argv: Sequence[str]) -> None:
     Returns only in the re-executed process, which is recognised by an environment mark.
     """
     if os.environ.get(_NAMESPACE_MARK) == "1":
+        # SIGTERM (``kill PID``) ends the run through the ``finally`` blocks, as Ctrl-C does:
+        # unmounts, stopping containerd, deleting the image.
+        signal.signal(signal.SIGTERM, _terminate)
         return
     env = dict(os.environ, **{_NAMESPACE_MARK: "1"})
     command = ["unshare", "--mount", "--propagation", "private", "--"]
     command += [sys.executable, str(script), *argv]
     sys.stdout.flush()
     os.execvpe("unshare", command, env)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def drop_caches() -> None:
