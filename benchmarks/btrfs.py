@@ -36,15 +36,14 @@ from report import (
     Run,
     Spread,
     driver_unavailable,
+    finish,
     first_line,
     fmt,
-    loads,
     machine,
     mib,
     ratio,
     run_rounds,
     verdict,
-    write_json,
 )
 from report import console as make_console
 from rich.console import Console
@@ -313,14 +312,7 @@ def main(argv: Sequence[str]) -> int:
                 "summary": summary,
             }
             failed |= any(r.error for r in runs if r.tool != tools[0].name or not unavailable)
-    load_after = os.getloadavg()
-    for table in tables:
-        console.print(table)
-    console.print(f"load average before {loads(load_before)}, after {loads(load_after)}")
-    document["settings"] |= {"load_average_before": load_before, "load_average_after": load_after}
-    if args.json is not None:
-        write_json(args.json, document)
-        console.print(f"raw numbers in {args.json}")
+    finish(console, tables, document, load_before, args.json)
     return 1 if failed else 0
 
 

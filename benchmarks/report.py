@@ -223,3 +223,21 @@ def write_json(path: Path, document: Mapping[str, Any]) -> None:
     dated = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**dated, **document}, indent=2, default=str) + "\n")
+
+
+def finish(
+    console: Console,
+    tables: Sequence[Any],
+    document: dict[str, Any],
+    load_before: tuple[float, float, float],
+    json_path: Path | None,
+) -> None:
+    """Print the tables and the load average, and write the JSON document if asked."""
+    load_after = os.getloadavg()
+    for table in tables:
+        console.print(table)
+    console.print(f"load average before {loads(load_before)}, after {loads(load_after)}")
+    document["settings"] |= {"load_average_before": load_before, "load_average_after": load_after}
+    if json_path is not None:
+        write_json(json_path, document)
+        console.print(f"raw numbers in {json_path}")
