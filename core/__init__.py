@@ -43,6 +43,8 @@ from ._exceptions import (
     LaminaeError,
     LimitExceeded,
     NotFound,
+    PermissionDenied,
+    Unavailable,
     Unsupported,
 )
 from ._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
@@ -87,10 +89,12 @@ __all__ = [
     "Limits",
     "MountSpec",
     "NotFound",
+    "PermissionDenied",
     "QuotaSetter",
     "Store",
     "StoreConfig",
     "StoreInfo",
+    "Unavailable",
     "Unsupported",
     "Usage",
     "WhiteoutMode",

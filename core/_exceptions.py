@@ -10,8 +10,11 @@
     ├── Unsupported               the driver does not have this capability
     ├── DriverUnavailable         the host or backing filesystem cannot run the driver
     ├── CorruptLayer              stored or received content does not match its digest
-    └── LimitExceeded             a hostile or oversized layer broke a configured limit
-        (also an InvalidArgument: the tar is the bad input)
+    ├── LimitExceeded             a hostile or oversized layer broke a configured limit
+    │   (also an InvalidArgument: the tar is the bad input)
+    ├── PermissionDenied          a registry refused the credentials (or gave none the right)
+    └── Unavailable               the outside world failed: a registry unreachable, a TLS
+                                  error, a server error; trying again later may work
 
 Foreign exceptions (``OSError`` above all) are translated at one boundary,
 :func:`map_os_errors`, which keeps the original as ``__cause__``.
@@ -35,6 +38,8 @@ __all__ = [
     "LaminaeError",
     "LimitExceeded",
     "NotFound",
+    "PermissionDenied",
+    "Unavailable",
     "Unsupported",
     "map_os_errors",
 ]
@@ -99,6 +104,18 @@ class LimitExceeded(InvalidArgument):
     """A layer broke a configured limit (size, entries, depth, header size)."""
 
     exit_code = 9
+
+
+class PermissionDenied(LaminaeError):
+    """A registry refused access: bad credentials, or none with the right to pull or push."""
+
+    exit_code = 10
+
+
+class Unavailable(LaminaeError):
+    """The outside world failed: a registry is unreachable, TLS fails, a server errs (5xx)."""
+
+    exit_code = 11
 
 
 @contextlib.contextmanager

@@ -42,8 +42,8 @@ def test_public_names_come_from_underscored_modules() -> None:
 def test_errors_form_one_tree_with_distinct_exit_codes() -> None:
     errors = [getattr(laminae, n) for n in laminae.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, laminae.LaminaeError)]
-    assert len(errors) == 9
-    assert len({e.exit_code for e in errors}) == 9
+    assert len(errors) == 11
+    assert len({e.exit_code for e in errors}) == 11
 
 
 def test_built_in_drivers_come_through_entry_points() -> None:
