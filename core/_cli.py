@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import sys
 import tempfile
@@ -183,8 +184,24 @@ def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
     raise click.exceptions.Exit(code)
 
 
+# Commands defined in another module, loaded when named: the image commands import the
+# registry client (httpx), which the layer commands should not wait for.
+_LAZY_COMMANDS = dict.fromkeys(("image", "pull", "push"), "laminae._cli_image")
+
+
 class _LaminaeGroup(click.Group):
     """The top group: turns every error below it into one line on stderr and an exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _LAZY_COMMANDS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module(module), cmd_name)
+        assert isinstance(command, click.Command), f"{module}.{cmd_name} is a click command"
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
