@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS images (
     top_layer TEXT REFERENCES layers(id) ON UPDATE CASCADE,
     manifest_digest TEXT,
     config BLOB,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    manifest BLOB
 );
 CREATE TABLE IF NOT EXISTS image_names (
     name TEXT PRIMARY KEY,
@@ -125,6 +126,9 @@ class Graph:
         self._db.execute("PRAGMA synchronous=FULL")
         # executescript commits on its own; the statements are idempotent (IF NOT EXISTS).
         self._db.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(images)")}
+        if "manifest" not in columns:  # a store made before images kept their manifest
+            self._db.execute("ALTER TABLE images ADD COLUMN manifest BLOB")
         with self.transaction():
             if self.meta("schema") is None:
                 self.set_meta("schema", str(SCHEMA_VERSION))
@@ -265,12 +269,25 @@ class Graph:
         top_layer: str | None,
         manifest_digest: str | None,
         config: bytes | None,
+        manifest: bytes | None = None,
     ) -> None:
         self._db.execute(
-            "INSERT INTO images (id, top_layer, manifest_digest, config, created) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (image_id, top_layer, manifest_digest, config, now()),
+            "INSERT INTO images (id, top_layer, manifest_digest, config, manifest, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (image_id, top_layer, manifest_digest, config, manifest, now()),
         )
+
+    def match_image_prefix(self, prefix: str) -> list[str]:
+        """Image ids starting with ``prefix`` (``sha256:`` optional)."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._all(
+            "SELECT id FROM images WHERE id LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\' LIMIT 2",
+            (escaped + "%", "sha256:" + escaped + "%"),
+        )
+        return [r["id"] for r in rows]
+
+    def remove_image_name(self, name: str) -> None:
+        self._db.execute("DELETE FROM image_names WHERE name = ?", (name,))
 
     def image(self, image_id: str) -> sqlite3.Row | None:
         return self._one("SELECT * FROM images WHERE id = ?", (image_id,))

@@ -75,6 +75,7 @@ class Image:
     manifest_digest: str | None
     config: bytes | None = attrs.field(repr=False)
     created: datetime
+    manifest: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
