@@ -63,7 +63,6 @@ from ._image import ImageConfig, Manifest
 from ._locks import StoreLock, claim, is_claimed
 from ._mount import mount_all, mounted, unmount_all
 from ._plugins import DriverEntry, available_drivers
-from ._reference import ImageLocation, local_name
 from ._records import (
     ID_PREFIX,
     CheckReport,
@@ -79,6 +78,7 @@ from ._records import (
     check_labels,
     parse_time,
 )
+from ._reference import ImageLocation, local_name
 
 if TYPE_CHECKING:
     from ._progress import Progress
@@ -521,7 +521,7 @@ class Store:
         path = self._tar_split_path(row.storage_id)
         with map_os_errors(f"record tar-split of layer {row.id!r}"):
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            out = open(path, "wb")
+            out = open(path, "wb")  # noqa: SIM115 (closed below, and unlinked on error)
         try:
             with out:
                 recorder = TarSplitRecorder(tar, out, self.limits)

@@ -48,7 +48,7 @@ from ._compression import (
     open_compressor,
     open_decompressed,
 )
-from ._driver import DetachedApplier, Feature, ParentsNeeded
+from ._driver import Feature, ParentsNeeded
 from ._exceptions import (
     CorruptLayer,
     FailedPrecondition,
@@ -298,7 +298,9 @@ class _Importer:
             chain.append(diff_id if not chain else chain_id([chain[-1], diff_id]))
         plan = [
             _Staged(i, desc, diff_id, cid)
-            for i, (desc, diff_id, cid) in enumerate(zip(manifest.layers, config.diff_ids, chain))
+            for i, (desc, diff_id, cid) in enumerate(
+                zip(manifest.layers, config.diff_ids, chain, strict=True)
+            )
         ]
         first = len(plan)
         for i, cid in enumerate(chain):
@@ -382,7 +384,7 @@ class _Importer:
         try:
             if detached:
                 futures = [pool.submit(self._apply_one, s, spools, True) for s in todo]
-                for staged, future in zip(todo, futures):
+                for staged, future in zip(todo, futures, strict=True):
                     future.result()
                     self._settle(staged, spools)
                     self.progress.finish(self._key(staged), "applied")

@@ -15,9 +15,9 @@ from ._exceptions import InvalidArgument
 from ._image import ImageSink, ImageSource, Platform
 from ._layout import OCIArchiveSink, OCIArchiveSource, OCILayoutSink, OCILayoutSource
 from ._progress import Progress
+from ._records import Image, check_key
 from ._reference import ImageLocation, local_name, parse_location, parse_reference
 from ._registry import RegistryOptions, RegistrySink, RegistrySource
-from ._records import Image, check_key
 from ._transfer import export_image, import_image
 
 if TYPE_CHECKING:
