@@ -30,12 +30,33 @@ import attrs
 
 from ._exceptions import InvalidArgument, LimitExceeded
 
-__all__ = ["CHUNK_SIZE", "EntryType", "Limits", "TarEntry", "TarReader"]
+__all__ = [
+    "BLOCK_SIZE",
+    "CHUNK_SIZE",
+    "EntryType",
+    "HeaderDecoder",
+    "Limits",
+    "PendingHeaders",
+    "TarEntry",
+    "TarReader",
+    "check_checksum",
+    "cstring",
+    "decode_number",
+    "effective_name",
+    "entry_data_size",
+    "entry_type",
+    "header_size",
+    "pax_int",
+    "ustar_name",
+]
 
 CHUNK_SIZE: Final = 1 << 20
 """Bytes asked of the stream per read, and the largest data chunk handed out."""
 
-_BLOCK: Final = 512
+BLOCK_SIZE: Final = 512
+"""The tar block: headers are one, data is padded to a whole number of them."""
+
+_BLOCK: Final = BLOCK_SIZE
 _ZERO_BLOCK: Final = bytes(_BLOCK)
 _XATTR_NAME_MAX: Final = 255  # linux/limits.h
 
@@ -149,7 +170,7 @@ class TarEntry:
     xattrs: dict[bytes, bytes]
     sparse: tuple[tuple[int, int], ...] | None
     index: int
-    _reader: TarReader
+    _reader: HeaderDecoder
     _data_size: int
 
     def buffered(self) -> memoryview | None:
@@ -171,18 +192,56 @@ class TarEntry:
         return self._reader._chunks(self)
 
 
+def ustar_name(block: bytes) -> bytes:
+    """The name a header block holds: its ``name`` field, after ustar's ``prefix`` if any."""
+    end = block.find(0, 0, 100)
+    name = block[:100] if end < 0 else block[:end]
+    if block[345] and block[257:263] == _POSIX_MAGIC:
+        name = cstring(block[345:500]) + b"/" + name
+    return name
+
+
+def effective_name(name: bytes, pending: PendingHeaders) -> bytes:
+    """An entry's path: PAX ``path``, else a GNU long name, else ``name`` (:func:`ustar_name`)."""
+    path = pending.pax.get(b"path")
+    if path is not None:
+        return path
+    return name if pending.name is None else pending.name
+
+
+def entry_type(typeflag: int, name: bytes) -> int:
+    """The :class:`EntryType` a header's type flag means for the entry at ``name``.
+
+    ``\\0``, ``7`` and old-GNU sparse ``S`` read as :attr:`EntryType.REGULAR`; pre-POSIX tars
+    mark a directory with a trailing slash on an ``\\0`` entry. Other flags pass through.
+    """
+    if typeflag in _REGULAR_ALIASES:
+        return _DIRECTORY if typeflag == 0 and name.endswith(b"/") else _REGULAR
+    return typeflag
+
+
+def entry_data_size(kind: int, size: int) -> int:
+    """Bytes of data that follow the header of an entry of type ``kind`` and size ``size``.
+
+    Links, devices, FIFOs and directories have none whatever their size field says (Go's
+    ``isHeaderOnlyType``).
+    """
+    return 0 if kind in _HEADER_ONLY else size
+
+
 def _text(name: bytes) -> str:
     """A path for an error message: printable whatever its bytes."""
     return name.decode("utf-8", "backslashreplace")
 
 
-def _cstring(field: bytes) -> bytes:
+def cstring(field: bytes) -> bytes:
+    """A NUL-terminated header field without its NUL and what follows."""
     end = field.find(0)
     return field if end < 0 else field[:end]
 
 
 @attrs.define(slots=True)
-class _Pending:
+class PendingHeaders:
     """What the extension headers in front of an entry said about it."""
 
     name: bytes | None = None
@@ -195,11 +254,159 @@ class _Pending:
     """Extension headers seen that describe the next entry (global headers do not)."""
 
 
-_NOTHING_PENDING: Final = _Pending()
+_NOTHING_PENDING: Final = PendingHeaders()
 """Stands for "no extension headers" (most entries), so none is allocated for them."""
 
 
-class TarReader:
+class HeaderDecoder:
+    """The bounded decoding of tar headers, without the stream: what :class:`TarReader` and an
+    incremental framer (:mod:`laminae._tarsplit`) share, so both read a header the same way.
+
+    A subclass feeds it whole blocks and extension-header data; it checks every size against
+    :class:`Limits` before the caller reads the bytes, parses PAX records into a
+    :class:`PendingHeaders`, and raises the errors :class:`TarReader` documents.
+
+    :param limits: the bounds to enforce.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._index = 0
+        """Entries seen so far; an error names the current one."""
+
+    def _fail(self, what: str, name: bytes | None) -> NoReturn:
+        where = f"at entry {self._index}"
+        if name:
+            where += f" '{_text(name)}'"
+        raise InvalidArgument(f"layer tar: {what}, {where}")
+
+    def _limit(self, what: str, value: int, limit: int, name: bytes | None) -> NoReturn:
+        where = f"at entry {self._index}"
+        if name:
+            where += f" '{_text(name)}'"
+        raise LimitExceeded(f"layer tar: {what} is {value}, above the limit of {limit}, {where}")
+
+    def meta_size(self, block: bytes, pending: PendingHeaders) -> int:
+        """Check an extension header block (``x``, ``g``, ``L``, ``K``) and its data's size.
+
+        The size is checked against ``max_header_bytes`` (alone, and with the extension headers
+        in front of the same entry) before a byte of the data is read: it is the attacker's
+        number.
+
+        :returns: the size of the data that follows the block (padded to a block in the tar).
+        """
+        name = pending.name or cstring(block[0:100])
+        check_checksum(block, self, name)
+        size = decode_number(block[124:136], self, "size", name)
+        if size < 0:
+            self._fail("negative size", name)
+        typeflag = block[156]
+        what = _META_NAMES[typeflag]
+        limit = self._limits.max_header_bytes
+        if size > limit:
+            self._limit(f"the size of a {what} (limit max_header_bytes)", size, limit, pending.name)
+        pending.meta_bytes += size
+        if pending.meta_bytes > limit:
+            self._limit(
+                "the size of the extension headers of one entry (limit max_header_bytes)",
+                pending.meta_bytes,
+                limit,
+                pending.name,
+            )
+        return size
+
+    def meta_data(self, typeflag: int, data: bytes, pending: PendingHeaders) -> None:
+        """Take in the data of an extension header whose block :meth:`meta_size` checked."""
+        if typeflag != _PAX_GLOBAL:
+            pending.headers += 1
+        if typeflag == _GNU_LONGNAME:
+            pending.name = cstring(data)
+        elif typeflag == _GNU_LONGLINK:
+            pending.linkname = cstring(data)
+        elif typeflag == _PAX:
+            self._parse_pax(data, pending)
+        else:
+            # Global records are parsed (so a malformed one fails) and then ignored, as Go's
+            # archive/tar and containerd ignore them.
+            self._parse_pax(data, PendingHeaders())
+
+    def sparse_block(self, pending: PendingHeaders, name: bytes) -> None:
+        """Count one old-GNU sparse extension block against ``max_header_bytes``."""
+        pending.meta_bytes += _BLOCK
+        if pending.meta_bytes > self._limits.max_header_bytes:
+            self._limit(
+                "the size of the sparse map (limit max_header_bytes)",
+                pending.meta_bytes,
+                self._limits.max_header_bytes,
+                name,
+            )
+
+    def _parse_pax(self, data: bytes, pending: PendingHeaders) -> None:
+        pos = 0
+        end = len(data)
+        name = pending.name
+        while pos < end:
+            space = data.find(b" ", pos, min(end, pos + 20))
+            if space < 0:
+                self._fail("malformed PAX record (no length)", name)
+            digits = data[pos:space]
+            if not digits.isdigit():
+                self._fail("malformed PAX record length", name)
+            length = int(digits)
+            if length <= space - pos + 1 or pos + length > end:
+                self._fail("malformed PAX record length", name)
+            if data[pos + length - 1] != 0x0A:
+                self._fail("PAX record without its newline", name)
+            record = data[space + 1 : pos + length - 1]
+            pos += length
+            key, eq, value = record.partition(b"=")
+            if not eq or not key:
+                self._fail("malformed PAX record (no keyword)", name)
+            self._pax_record(key, value, pending)
+
+    def _pax_record(self, key: bytes, value: bytes, pending: PendingHeaders) -> None:
+        name = pending.name
+        if key.startswith(b"SCHILY.xattr."):
+            self._xattr(key[13:], value, pending)
+        elif key.startswith(b"LIBARCHIVE.xattr."):
+            # libarchive's form: URL-encoded name, base64 value.
+            xname = urllib.parse.unquote_to_bytes(key[17:])
+            try:
+                xvalue = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                self._fail("malformed LIBARCHIVE.xattr value", name)
+            if xname not in pending.xattrs:
+                self._xattr(xname, xvalue, pending)
+        elif key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
+            # Sparse format 0.0 repeats these two keywords; their order is the map.
+            expected = b"GNU.sparse.offset" if len(pending.sparse_pairs) % 2 == 0 else None
+            if (key == b"GNU.sparse.offset") != (expected is not None):
+                self._fail("GNU.sparse.offset and GNU.sparse.numbytes out of order", name)
+            pending.sparse_pairs.append(pax_int(value, self, key.decode(), name))
+        elif not value:
+            # An empty value deletes the keyword: the header's field applies again.
+            pending.pax.pop(key, None)
+            if key == b"path":
+                pending.name = None
+        else:
+            pending.pax[key] = value
+            if key == b"path":
+                pending.name = value
+
+    def _xattr(self, xname: bytes, value: bytes, pending: PendingHeaders) -> None:
+        if not xname or len(xname) > _XATTR_NAME_MAX or 0 in xname:
+            self._fail(f"invalid xattr name {_text(xname[:300])!r}", pending.name)
+        if len(value) > self._limits.max_xattr_bytes:
+            self._limit(
+                f"the size of xattr {_text(xname)!r} (limit max_xattr_bytes)",
+                len(value),
+                self._limits.max_xattr_bytes,
+                pending.name,
+            )
+        pending.xattrs[xname] = value
+
+
+class TarReader(HeaderDecoder):
     """Iterate the entries of a tar stream, within :class:`Limits`.
 
     :param stream: the uncompressed tar; read in 1 MiB pieces, to its end.
@@ -214,14 +421,13 @@ class TarReader:
     """
 
     def __init__(self, stream: BinaryIO, limits: Limits) -> None:
+        super().__init__(limits)
         self._stream = stream
-        self._limits = limits
         self._max_path = limits.max_path_bytes
         self._buf = b""
         self._view = memoryview(self._buf)
         self._pos = 0
         self.bytes_read = 0
-        self._index = 0
         self._current: TarEntry | None = None
         # Data (and padding) of the current entry not yet handed out.
         self._data_left = 0
@@ -276,18 +482,6 @@ class TarReader:
                 self._fail("truncated entry data", name)
             size -= len(data)
 
-    def _fail(self, what: str, name: bytes | None) -> NoReturn:
-        where = f"at entry {self._index}"
-        if name:
-            where += f" '{_text(name)}'"
-        raise InvalidArgument(f"layer tar: {what}, {where}")
-
-    def _limit(self, what: str, value: int, limit: int, name: bytes | None) -> NoReturn:
-        where = f"at entry {self._index}"
-        if name:
-            where += f" '{_text(name)}'"
-        raise LimitExceeded(f"layer tar: {what} is {value}, above the limit of {limit}, {where}")
-
     def _drain(self) -> None:
         self._pos = len(self._buf)
         while self._read(CHUNK_SIZE):
@@ -340,66 +534,57 @@ class TarReader:
                 )
             if block[156] in _META_TYPES:
                 if pending is _NOTHING_PENDING:
-                    pending = _Pending()
+                    pending = PendingHeaders()
                 self._meta_header(block, pending)
                 # An extension header describes the entry that follows, and is not one itself.
                 self._index -= 1
                 continue
             return self._header(block, pending)
 
-    def _end(self, pending: _Pending) -> None:
+    def _end(self, pending: PendingHeaders) -> None:
         if pending.headers:
             self._index += 1
             self._fail("extension headers without an entry at the end of the archive", None)
         self._done = True
         self._drain()
 
-    def _meta_header(self, block: bytes, pending: _Pending) -> None:
-        name = pending.name or _cstring(block[0:100])
-        _check_checksum(block, self, name)
-        size = _number(block[124:136], self, "size", name)
-        if size < 0:
-            self._fail("negative size", name)
-        self._extension(block[156], size, pending)
+    def _meta_header(self, block: bytes, pending: PendingHeaders) -> None:
+        size = self.meta_size(block, pending)
+        what = _META_NAMES[block[156]]
+        data = self._take(size, what, pending.name or b"")
+        self._skip(-size % _BLOCK, pending.name or b"")
+        self.meta_data(block[156], data, pending)
 
-    def _header(self, block: bytes, pending: _Pending) -> TarEntry:
+    def _header(self, block: bytes, pending: PendingHeaders) -> TarEntry:
         # The hot path of reading a layer (once per file): field lookups go through the
         # _NUMBERS cache, and entries without extension headers skip every PAX step.
         numbers = _NUMBERS
-        end = block.find(0, 0, 100)
-        name = block[:100] if end < 0 else block[:end]
-        _check_checksum(block, self, pending.name or name)
+        name = ustar_name(block)
+        check_checksum(block, self, pending.name or name)
         typeflag = block[156]
-        field = block[124:136]
-        size = numbers.get(field)
-        if size is None:
-            size = _number(field, self, "size", name)
-        if size < 0:
-            self._fail("negative size", name)
+        size = header_size(block, self, name)
         magic = block[257:263]
-        if block[345] and magic == _POSIX_MAGIC:
-            name = _cstring(block[345:500]) + b"/" + name
         field = block[100:108]
         mode = numbers.get(field)
         if mode is None:
-            mode = _number(field, self, "mode", name)
+            mode = decode_number(field, self, "mode", name)
         field = block[108:116]
         uid = numbers.get(field)
         if uid is None:
-            uid = _number(field, self, "uid", name)
+            uid = decode_number(field, self, "uid", name)
         field = block[116:124]
         gid = numbers.get(field)
         if gid is None:
-            gid = _number(field, self, "gid", name)
+            gid = decode_number(field, self, "gid", name)
         field = block[136:148]
         mtime = numbers.get(field)
         if mtime is None:
-            mtime = _number(field, self, "mtime", name)
-        linkname = _cstring(block[157:257]) if block[157] else b""
+            mtime = decode_number(field, self, "mtime", name)
+        linkname = cstring(block[157:257]) if block[157] else b""
         devmajor = devminor = 0
         if typeflag in (_CHAR, _BLOCK_DEVICE):
-            devmajor = _number(block[329:337], self, "devmajor", name)
-            devminor = _number(block[337:345], self, "devminor", name)
+            devmajor = decode_number(block[329:337], self, "devmajor", name)
+            devminor = decode_number(block[337:345], self, "devminor", name)
         mtime_ns = mtime * 1_000_000_000
         atime_ns: int | None = None
         sparse: list[tuple[int, int]] | None = None
@@ -408,37 +593,32 @@ class TarReader:
             if magic != _GNU_MAGIC:
                 self._fail("a GNU sparse header without the GNU magic", name)
             if pending is _NOTHING_PENDING:
-                pending = _Pending()
+                pending = PendingHeaders()
             sparse, realsize = self._old_gnu_sparse(block, name, pending)
         pax = pending.pax
         if pending is not _NOTHING_PENDING:
-            if pending.name is not None:
-                name = pending.name
+            name = effective_name(name, pending)
             if pending.linkname is not None:
                 linkname = pending.linkname
             if pax:
-                if b"path" in pax:
-                    name = pax[b"path"]
                 if b"linkpath" in pax:
                     linkname = pax[b"linkpath"]
                 if b"size" in pax:
-                    size = realsize = _pax_int(pax[b"size"], self, "size", name)
+                    size = realsize = pax_int(pax[b"size"], self, "size", name)
                 if b"uid" in pax:
-                    uid = _pax_int(pax[b"uid"], self, "uid", name)
+                    uid = pax_int(pax[b"uid"], self, "uid", name)
                 if b"gid" in pax:
-                    gid = _pax_int(pax[b"gid"], self, "gid", name)
+                    gid = pax_int(pax[b"gid"], self, "gid", name)
                 if b"mtime" in pax:
                     mtime_ns = _pax_time(pax[b"mtime"], self, "mtime", name)
                 if b"atime" in pax:
                     atime_ns = _pax_time(pax[b"atime"], self, "atime", name)
                 if b"SCHILY.devmajor" in pax:
-                    devmajor = _pax_int(pax[b"SCHILY.devmajor"], self, "devmajor", name)
+                    devmajor = pax_int(pax[b"SCHILY.devmajor"], self, "devmajor", name)
                 if b"SCHILY.devminor" in pax:
-                    devminor = _pax_int(pax[b"SCHILY.devminor"], self, "devminor", name)
-        if typeflag in _REGULAR_ALIASES:
-            # Pre-POSIX tars mark directories with a trailing slash on a regular entry.
-            typeflag = _DIRECTORY if typeflag == 0 and name.endswith(b"/") else _REGULAR
-        data_size = 0 if typeflag in _HEADER_ONLY else size
+                    devminor = pax_int(pax[b"SCHILY.devminor"], self, "devminor", name)
+        typeflag = entry_type(typeflag, name)
+        data_size = entry_data_size(typeflag, size)
         self._current = entry = TarEntry(
             name,
             linkname,
@@ -482,117 +662,17 @@ class TarReader:
             entry.name,
         )
 
-    def _extension(self, typeflag: int, size: int, pending: _Pending) -> None:
-        what = _META_NAMES[typeflag]
-        limit = self._limits.max_header_bytes
-        # Checked before a byte of it is read: the size is the attacker's number.
-        if size > limit:
-            self._limit(f"the size of a {what} (limit max_header_bytes)", size, limit, pending.name)
-        pending.meta_bytes += size
-        if pending.meta_bytes > limit:
-            self._limit(
-                "the size of the extension headers of one entry (limit max_header_bytes)",
-                pending.meta_bytes,
-                limit,
-                pending.name,
-            )
-        data = self._take(size, what, pending.name or b"")
-        self._skip(-size % _BLOCK, pending.name or b"")
-        if typeflag != _PAX_GLOBAL:
-            pending.headers += 1
-        if typeflag == _GNU_LONGNAME:
-            pending.name = _cstring(data)
-        elif typeflag == _GNU_LONGLINK:
-            pending.linkname = _cstring(data)
-        elif typeflag == _PAX:
-            self._parse_pax(data, pending)
-        else:
-            # Global records are parsed (so a malformed one fails) and then ignored, as Go's
-            # archive/tar and containerd ignore them.
-            self._parse_pax(data, _Pending())
-
-    def _parse_pax(self, data: bytes, pending: _Pending) -> None:
-        pos = 0
-        end = len(data)
-        name = pending.name
-        while pos < end:
-            space = data.find(b" ", pos, min(end, pos + 20))
-            if space < 0:
-                self._fail("malformed PAX record (no length)", name)
-            digits = data[pos:space]
-            if not digits.isdigit():
-                self._fail("malformed PAX record length", name)
-            length = int(digits)
-            if length <= space - pos + 1 or pos + length > end:
-                self._fail("malformed PAX record length", name)
-            if data[pos + length - 1] != 0x0A:
-                self._fail("PAX record without its newline", name)
-            record = data[space + 1 : pos + length - 1]
-            pos += length
-            key, eq, value = record.partition(b"=")
-            if not eq or not key:
-                self._fail("malformed PAX record (no keyword)", name)
-            self._pax_record(key, value, pending)
-
-    def _pax_record(self, key: bytes, value: bytes, pending: _Pending) -> None:
-        name = pending.name
-        if key.startswith(b"SCHILY.xattr."):
-            self._xattr(key[13:], value, pending)
-        elif key.startswith(b"LIBARCHIVE.xattr."):
-            # libarchive's form: URL-encoded name, base64 value.
-            xname = urllib.parse.unquote_to_bytes(key[17:])
-            try:
-                xvalue = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
-            except ValueError:
-                self._fail("malformed LIBARCHIVE.xattr value", name)
-            if xname not in pending.xattrs:
-                self._xattr(xname, xvalue, pending)
-        elif key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
-            # Sparse format 0.0 repeats these two keywords; their order is the map.
-            expected = b"GNU.sparse.offset" if len(pending.sparse_pairs) % 2 == 0 else None
-            if (key == b"GNU.sparse.offset") != (expected is not None):
-                self._fail("GNU.sparse.offset and GNU.sparse.numbytes out of order", name)
-            pending.sparse_pairs.append(_pax_int(value, self, key.decode(), name))
-        elif not value:
-            # An empty value deletes the keyword: the header's field applies again.
-            pending.pax.pop(key, None)
-            if key == b"path":
-                pending.name = None
-        else:
-            pending.pax[key] = value
-            if key == b"path":
-                pending.name = value
-
-    def _xattr(self, xname: bytes, value: bytes, pending: _Pending) -> None:
-        if not xname or len(xname) > _XATTR_NAME_MAX or 0 in xname:
-            self._fail(f"invalid xattr name {_text(xname[:300])!r}", pending.name)
-        if len(value) > self._limits.max_xattr_bytes:
-            self._limit(
-                f"the size of xattr {_text(xname)!r} (limit max_xattr_bytes)",
-                len(value),
-                self._limits.max_xattr_bytes,
-                pending.name,
-            )
-        pending.xattrs[xname] = value
-
     # --- sparse files -------------------------------------------------------------------
 
     def _old_gnu_sparse(
-        self, block: bytes, name: bytes, pending: _Pending
+        self, block: bytes, name: bytes, pending: PendingHeaders
     ) -> tuple[list[tuple[int, int]], int]:
-        realsize = _number(block[483:495], self, "sparse real size", name)
+        realsize = decode_number(block[483:495], self, "sparse real size", name)
         segments: list[tuple[int, int]] = []
         _sparse_entries(block[386:482], 4, segments, self, name)
         extended = block[482]
         while extended:
-            pending.meta_bytes += _BLOCK
-            if pending.meta_bytes > self._limits.max_header_bytes:
-                self._limit(
-                    "the size of the sparse map (limit max_header_bytes)",
-                    pending.meta_bytes,
-                    self._limits.max_header_bytes,
-                    name,
-                )
+            self.sparse_block(pending, name)
             ext = self._take(_BLOCK, "sparse header", name)
             _sparse_entries(ext[:504], 21, segments, self, name)
             extended = ext[504]
@@ -602,7 +682,7 @@ class TarReader:
         self,
         entry: TarEntry,
         pax: dict[bytes, bytes],
-        pending: _Pending,
+        pending: PendingHeaders,
         sparse: list[tuple[int, int]] | None,
     ) -> list[tuple[int, int]] | None:
         major = pax.get(b"GNU.sparse.major")
@@ -615,7 +695,7 @@ class TarReader:
             entry.name = name = pax[b"GNU.sparse.name"]
         for key in (b"GNU.sparse.realsize", b"GNU.sparse.size"):
             if key in pax:
-                entry.size = _pax_int(pax[key], self, key.decode(), name)
+                entry.size = pax_int(pax[key], self, key.decode(), name)
                 break
         else:
             self._fail("a PAX sparse file without GNU.sparse.realsize or .size", name)
@@ -627,13 +707,13 @@ class TarReader:
         numbers: list[int]
         if b"GNU.sparse.map" in pax:  # format 0.1
             raw = pax[b"GNU.sparse.map"]
-            numbers = [_pax_int(n, self, "GNU.sparse.map", name) for n in raw.split(b",")]
+            numbers = [pax_int(n, self, "GNU.sparse.map", name) for n in raw.split(b",")]
         else:  # format 0.0
             numbers = pending.sparse_pairs
         if len(numbers) % 2:
             self._fail("a sparse map with an odd number of values", name)
         if b"GNU.sparse.numblocks" in pax:
-            blocks = _pax_int(pax[b"GNU.sparse.numblocks"], self, "GNU.sparse.numblocks", name)
+            blocks = pax_int(pax[b"GNU.sparse.numblocks"], self, "GNU.sparse.numblocks", name)
             if blocks * 2 != len(numbers):
                 self._fail("GNU.sparse.numblocks does not match the sparse map", name)
         return list(zip(numbers[::2], numbers[1::2], strict=True))
@@ -661,7 +741,7 @@ class TarReader:
                 text += self._take(_BLOCK, "sparse map", name)
                 consumed += _BLOCK
                 continue
-            value = _pax_int(text[:newline], self, "sparse map", name)
+            value = pax_int(text[:newline], self, "sparse map", name)
             text = text[newline + 1 :]
             if count < 0:
                 count = value
@@ -718,12 +798,12 @@ class TarReader:
         return data
 
 
-def _check_checksum(block: bytes, reader: TarReader, name: bytes) -> None:
+def check_checksum(block: bytes, reader: HeaderDecoder, name: bytes) -> None:
     field = block[148:156]
     stored = _NUMBERS.get(field)
     if stored is None:
         try:
-            stored = _number(field, reader, "checksum", name)
+            stored = decode_number(field, reader, "checksum", name)
         except InvalidArgument:
             reader._fail("not a tar header (malformed checksum field)", None)
     # The checksum field counts as eight spaces (0x20 * 8 = 256). The byte sum comes from
@@ -745,21 +825,32 @@ _NUMBERS: Final[dict[bytes, int]] = {}
 _NUMBERS_MAX: Final = 1 << 14
 
 
-def _number(field: bytes, reader: TarReader, what: str, name: bytes) -> int:
+def header_size(block: bytes, reader: HeaderDecoder, name: bytes) -> int:
+    """The ``size`` field of a header block (no PAX ``size`` applied); never negative."""
+    field = block[124:136]
+    size = _NUMBERS.get(field)
+    if size is None:
+        size = decode_number(field, reader, "size", name)
+    if size < 0:
+        reader._fail("negative size", name)
+    return size
+
+
+def decode_number(field: bytes, reader: HeaderDecoder, what: str, name: bytes) -> int:
     """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
-    value = _parse_number(field, reader, what, name)
+    value = _parsedecode_number(field, reader, what, name)
     if len(_NUMBERS) < _NUMBERS_MAX:
         _NUMBERS[field] = value
     return value
 
 
-def _parse_number(field: bytes, reader: TarReader, what: str, name: bytes) -> int:
+def _parsedecode_number(field: bytes, reader: HeaderDecoder, what: str, name: bytes) -> int:
     first = field[0]
     if first & 0x80:
         if first == 0xFF:
             return int.from_bytes(field, "big", signed=True)
         return int.from_bytes(bytes([first & 0x7F]) + field[1:], "big")
-    text = _cstring(field).strip(b" ")
+    text = cstring(field).strip(b" ")
     if not text:
         return 0
     if not text.isdigit():
@@ -770,13 +861,13 @@ def _parse_number(field: bytes, reader: TarReader, what: str, name: bytes) -> in
         reader._fail(f"malformed {what} field", name)
 
 
-def _pax_int(value: bytes, reader: TarReader, what: str, name: bytes | None) -> int:
+def pax_int(value: bytes, reader: HeaderDecoder, what: str, name: bytes | None) -> int:
     if not value.isdigit() or len(value) > 30:
         reader._fail(f"malformed PAX {what} {_text(value[:40])!r}", name)
     return int(value)
 
 
-def _pax_time(value: bytes, reader: TarReader, what: str, name: bytes | None) -> int:
+def _pax_time(value: bytes, reader: HeaderDecoder, what: str, name: bytes | None) -> int:
     """A PAX time ("1700000000.123456789", maybe negative) in nanoseconds."""
     negative = value.startswith(b"-")
     whole, dot, fraction = value[negative:].partition(b".")
@@ -792,7 +883,7 @@ def _pax_time(value: bytes, reader: TarReader, what: str, name: bytes | None) ->
 
 
 def _sparse_entries(
-    raw: bytes, count: int, out: list[tuple[int, int]], reader: TarReader, name: bytes
+    raw: bytes, count: int, out: list[tuple[int, int]], reader: HeaderDecoder, name: bytes
 ) -> None:
     for i in range(count):
         field = raw[i * 24 : i * 24 + 24]
@@ -800,14 +891,14 @@ def _sparse_entries(
             return
         out.append(
             (
-                _number(field[:12], reader, "sparse offset", name),
-                _number(field[12:], reader, "sparse length", name),
+                decode_number(field[:12], reader, "sparse offset", name),
+                decode_number(field[12:], reader, "sparse length", name),
             )
         )
 
 
 def _check_sparse(
-    segments: list[tuple[int, int]], entry: TarEntry, reader: TarReader
+    segments: list[tuple[int, int]], entry: TarEntry, reader: HeaderDecoder
 ) -> tuple[tuple[int, int], ...]:
     """Segments ascend, do not overlap, stay inside the file and add up to the stored data."""
     name = entry.name
