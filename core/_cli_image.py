@@ -41,7 +41,7 @@ from ._store import Store
 __all__ = ["image", "pull", "push"]
 
 
-# -- the flags every transfer shares --------------------------------------------------------------
+# -- the flags every transfer shares ----------------------------------------------------------
 
 
 @attrs.frozen
@@ -163,7 +163,12 @@ _platform_option = click.option(
 _jobs_option = click.option(
     "--jobs",
     type=click.IntRange(min=1),
-    help="Layers fetched at once (default: the store's choice).",
+    help="Layers moved at once (default: the store's choice).",
+)
+_compression_option = click.option(
+    "--compression",
+    type=click.Choice([c.value for c in Compression]),
+    help="Layer compression (default: what DEST wants, else gzip).",
 )
 _names_option = click.option(
     "--name", "names", multiple=True, help="Name for the image; repeatable."
@@ -189,7 +194,7 @@ def _image_result(verb: str, image: Image, transfer: _Transfer) -> None:
     transfer.result(text, fields)
 
 
-# -- image ----------------------------------------------------------------------------------------
+# -- image ------------------------------------------------------------------------------------
 
 
 @click.group()
@@ -230,11 +235,8 @@ def image_import(
 @image.command("export")
 @click.argument("ref", metavar="IMAGE")
 @click.argument("destination", metavar="DEST", callback=_location)
-@click.option(
-    "--compression",
-    type=click.Choice([c.value for c in Compression]),
-    help="Layer compression (default: what DEST wants, else gzip).",
-)
+@_compression_option
+@_jobs_option
 @_transfer_options
 @_with_store
 def image_export(
@@ -242,6 +244,7 @@ def image_export(
     ref: str,
     destination: ImageLocation,
     compression: str | None,
+    jobs: int | None,
     transfer: _Transfer,
 ) -> None:
     """Write IMAGE to DEST (oci:, oci-archive:, docker-archive: or docker://); print its digest."""
@@ -252,6 +255,7 @@ def image_export(
             compression=Compression(compression) if compression else None,
             registry=transfer.registry,
             progress=progress,
+            jobs=jobs,
         )
     _written("Exported", ref, destination, digest, transfer)
 
@@ -278,7 +282,7 @@ class _ImageRow:
 
 
 def _layer_sizes(store: Store, item: Image) -> list[int]:
-    return [store.layer(layer_id).size or 0 for layer_id in store.image_layers(item.id)]
+    return [layer.size or 0 for layer in store.image_layers(item.id)]
 
 
 @image.command("ls")
@@ -373,12 +377,11 @@ def image_tag(store: Store, ref: str, name: str) -> None:
     store.tag_image(ref, name)
 
 
-# -- registry shortcuts ---------------------------------------------------------------------------
+# -- registry shortcuts -----------------------------------------------------------------------
 
 
 @click.command()
 @click.argument("reference", metavar="REF")
-@_names_option
 @_platform_option
 @_jobs_option
 @_transfer_options
@@ -386,7 +389,6 @@ def image_tag(store: Store, ref: str, name: str) -> None:
 def pull(
     store: Store,
     reference: str,
-    names: tuple[str, ...],
     platform: str | None,
     jobs: int | None,
     transfer: _Transfer,
@@ -395,7 +397,6 @@ def pull(
     with transfer.progress() as progress:
         result = store.pull(
             reference,
-            names=names,
             platform=platform,
             registry=transfer.registry,
             progress=progress,
@@ -404,18 +405,42 @@ def pull(
     _image_result("Pulled", result, transfer)
 
 
+def _registry_location(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> ImageLocation | None:
+    # A registry reference, "docker://" optional, checked before the store is opened.
+    if value is None:
+        return None
+    return parse_location(value if value.startswith("docker://") else f"docker://{value}")
+
+
 @click.command()
 @click.argument("ref", metavar="IMAGE")
-@click.argument("destination", metavar="[DEST]", required=False, callback=_location)
+@click.argument("destination", metavar="[DEST]", required=False, callback=_registry_location)
+@_compression_option
+@_jobs_option
 @_transfer_options
 @_with_store
-def push(store: Store, ref: str, destination: ImageLocation | None, transfer: _Transfer) -> None:
-    """Push IMAGE to DEST (default: docker://IMAGE); print the manifest digest."""
+def push(
+    store: Store,
+    ref: str,
+    destination: ImageLocation | None,
+    compression: str | None,
+    jobs: int | None,
+    transfer: _Transfer,
+) -> None:
+    """Push IMAGE to a registry: DEST, with or without docker:// (default: IMAGE's own name).
+
+    Print the manifest digest.
+    """
+    target = str(destination) if destination is not None else f"docker://{ref}"
     with transfer.progress() as progress:
         digest = store.push(
             ref,
-            None if destination is None else str(destination),
+            target,
+            compression=Compression(compression) if compression else None,
             registry=transfer.registry,
             progress=progress,
+            jobs=jobs,
         )
-    _written("Pushed", ref, destination or f"docker://{ref}", digest, transfer)
+    _written("Pushed", ref, target, digest, transfer)

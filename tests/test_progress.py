@@ -59,7 +59,7 @@ def test_every_implementation_is_a_progress() -> None:
         reporter.close()  # twice is fine
 
 
-# -- JSON ---------------------------------------------------------------------------------------
+# -- JSON -------------------------------------------------------------------------------------
 
 
 def test_json_events_carry_every_key() -> None:
@@ -178,7 +178,7 @@ def test_json_from_many_threads_gives_whole_lines_and_exact_counts() -> None:
     assert len(written) == threads * (chunks + 2)
 
 
-# -- rich ---------------------------------------------------------------------------------------
+# -- rich -------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -271,7 +271,7 @@ def test_rich_draws_nothing_without_keys(
     assert out.getvalue() == ""
 
 
-# -- plain lines ----------------------------------------------------------------------------------
+# -- plain lines ------------------------------------------------------------------------------
 
 
 def test_lines_one_per_finished_key() -> None:
