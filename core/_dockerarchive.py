@@ -165,6 +165,11 @@ class DockerArchiveSource:
         self._blobs: dict[str, str] = {}
         """Member name by digest, for the blobs of the synthesised manifest."""
 
+    @property
+    def repo_tags(self) -> tuple[str, ...]:
+        """The RepoTags of the image picked: the names ``docker load`` would give it."""
+        return self._image.repo_tags
+
     def __enter__(self) -> DockerArchiveSource:
         return self
 
