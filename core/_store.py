@@ -512,11 +512,7 @@ class Store:
         an exported image keeps its DiffIDs and its config (containers/storage and Moby keep
         tar-split data for the same reason).
         """
-        try:  # TEMPORARY until _tarsplit lands
-            from ._tarsplit import TarSplitRecorder
-        except ImportError:
-            yield tar
-            return
+        from ._tarsplit import TarSplitRecorder
 
         path = self._tar_split_path(row.storage_id)
         with map_os_errors(f"record tar-split of layer {row.id!r}"):

@@ -48,7 +48,16 @@ from ._compression import (
     open_compressor,
     open_decompressed,
 )
-from ._driver import Feature, ParentsNeeded
+from ._driver import Feature
+
+try:  # TEMPORARY until the detached apply lands
+    from ._driver import ParentsNeeded
+except ImportError:
+
+    class ParentsNeeded(Exception):  # type: ignore[no-redef]
+        pass
+
+
 from ._exceptions import (
     CorruptLayer,
     FailedPrecondition,
@@ -315,12 +324,8 @@ class _Importer:
         base = chain[first - 1] if first else None
         with contextlib.ExitStack() as stack:
             parent = None if base is None else self.store._committed_row(base)
-            for staged in todo:
-                row, parents = stack.enter_context(self.store._stage_layer(parent))
-                staged.row, staged.parents = row, parents
-                parent = row
             if todo:
-                self._apply(todo, stack)
+                self._apply(todo, parent, stack)
             return self.store._commit_import(
                 [(s.row, s.diff_id, s.size, s.desc.digest) for s in todo if s.row],
                 base,
@@ -371,7 +376,17 @@ class _Importer:
 
     # -- applying ----------------------------------------------------------------------------
 
-    def _apply(self, todo: list[_Staged], stack: contextlib.ExitStack) -> None:
+    def _stage(self, staged: _Staged, parent: LayerRow | None, stack: contextlib.ExitStack) -> None:
+        staged.row, staged.parents = stack.enter_context(self.store._stage_layer(parent))
+
+    def _apply(
+        self, todo: list[_Staged], base: LayerRow | None, stack: contextlib.ExitStack
+    ) -> None:
+        """Stage and apply every layer of ``todo`` on ``base``; staged layers live in ``stack``.
+
+        A driver that copies or snapshots the parent when a layer is created (vfs, btrfs)
+        gets each layer created only once its parent is applied.
+        """
         for staged in todo:
             self.progress.start(self._key(staged), self._label(staged), staged.desc.size)
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(self.jobs))
@@ -380,16 +395,23 @@ class _Importer:
         if self.prefetch:
             for staged in todo:
                 spools[staged.index] = pool.submit(self._fetch, staged)
-        detached = Feature.APPLY_DETACHED in self.store.capabilities.features
+        detached = getattr(Feature, "APPLY_DETACHED", None) in self.store.capabilities.features
         try:
             if detached:
+                parent = base
+                for staged in todo:
+                    self._stage(staged, parent, stack)
+                    parent = staged.row
                 futures = [pool.submit(self._apply_one, s, spools, True) for s in todo]
                 for staged, future in zip(todo, futures, strict=True):
                     future.result()
                     self._settle(staged, spools)
                     self.progress.finish(self._key(staged), "applied")
             else:
+                parent = base
                 for staged in todo:
+                    self._stage(staged, parent, stack)
+                    parent = staged.row
                     self._apply_one(staged, spools, False)
                     self.progress.finish(self._key(staged), "applied")
         except BaseException:
@@ -412,22 +434,32 @@ class _Importer:
         assert staged.row is not None
         what = f"blob {staged.desc.digest}"
         with self._blob(staged, spooled) as (stream, reader):
-            plain = DigestReader(
-                open_decompressed(stream, max_bytes=self.store.limits.max_bytes), what=what
-            )
-            tar = _Queued(plain, f"decompress {staged.desc.digest[:19]}")
             try:
-                if detached:
-                    try:
-                        staged.pending = self.store._apply_detached(staged.row, tar)
-                    except ParentsNeeded:
-                        staged.pending = ParentsNeeded
-                else:
-                    self.store._apply_staged(staged.row, staged.parents, tar)
-                while tar.read(_CHUNK):
+                plain = DigestReader(
+                    open_decompressed(stream, max_bytes=self.store.limits.max_bytes), what=what
+                )
+                tar = _Queued(plain, f"decompress {staged.desc.digest[:19]}")
+                try:
+                    if detached:
+                        try:
+                            staged.pending = self.store._apply_detached(staged.row, tar)
+                        except ParentsNeeded:
+                            staged.pending = ParentsNeeded
+                    else:
+                        self.store._apply_staged(staged.row, staged.parents, tar)
+                    while tar.read(_CHUNK):
+                        pass
+                finally:
+                    tar.close()
+            except LaminaeError as exc:
+                if isinstance(exc, CorruptLayer) and staged.desc.digest in str(exc):
+                    raise
+                # A blob that is not what its digest says is the cause to report, whatever
+                # the decompressor or the tar reader made of its bytes.
+                while stream.read(_CHUNK):
                     pass
-            finally:
-                tar.close()
+                reader.verify()
+                raise type(exc)(f"{what}: {exc}") from exc
             reader.verify()
         if plain.digest != staged.diff_id:
             raise CorruptLayer(

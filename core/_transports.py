@@ -17,10 +17,10 @@ from ._layout import OCIArchiveSink, OCIArchiveSource, OCILayoutSink, OCILayoutS
 from ._progress import Progress
 from ._records import Image, check_key
 from ._reference import ImageLocation, local_name, parse_location, parse_reference
-from ._registry import RegistryOptions, RegistrySink, RegistrySource
 from ._transfer import export_image, import_image
 
 if TYPE_CHECKING:
+    from ._registry import RegistryOptions
     from ._store import Store
 
 __all__ = ["export_to", "import_from", "open_sink", "open_source"]
@@ -42,6 +42,9 @@ def open_source(location: ImageLocation, registry: RegistryOptions | None) -> Im
         return OCIArchiveSource(location.path, location.reference)  # type: ignore[arg-type]
     if location.transport == "docker-archive":
         return DockerArchiveSource(location.path, location.reference)  # type: ignore[arg-type]
+    # httpx is imported only when a registry is used: layouts and archives never need it.
+    from ._registry import RegistryOptions, RegistrySource
+
     assert location.reference is not None
     return RegistrySource(parse_reference(location.reference), registry or RegistryOptions())
 
@@ -54,6 +57,8 @@ def open_sink(location: ImageLocation, registry: RegistryOptions | None) -> Imag
         return OCIArchiveSink(location.path, location.reference)  # type: ignore[arg-type]
     if location.transport == "docker-archive":
         return DockerArchiveSink(location.path, location.reference)  # type: ignore[arg-type]
+    from ._registry import RegistryOptions, RegistrySink
+
     assert location.reference is not None
     return RegistrySink(parse_reference(location.reference), registry or RegistryOptions())
 
@@ -63,9 +68,8 @@ def _default_names(location: ImageLocation, source: ImageSource) -> list[str]:
     if location.transport == "docker":
         assert location.reference is not None
         return [str(parse_reference(location.reference))]
-    if location.transport == "docker-archive":
-        tags = getattr(source, "repo_tags", ())
-        return [local_name(t) for t in tags]
+    if isinstance(source, DockerArchiveSource):
+        return [local_name(t) for t in source.repo_tags]
     if location.reference:
         return [local_name(location.reference)]
     return []

@@ -1,0 +1,310 @@
+"""Images into and out of a store, through OCI layouts and archives, with every built-in driver.
+
+The interop with skopeo, umoci and a real registry is in test_image_interop.py; this module
+checks the pipeline itself: verification before anything is visible, sharing by ChainID,
+collection on removal, exact export (tar-split), platforms and parallel apply.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imagebuild import write_layout
+from tarbuild import make_tar
+
+import laminae
+from laminae._compression import open_decompressed
+
+pytestmark = pytest.mark.root
+
+BASE = make_tar(
+    {"etc/os-release": b"ID=laminae\n", "bin/sh": b"#!shell\n", "etc/gone": b"x"},
+    dirs=["etc", "bin"],
+)
+MIDDLE = make_tar({"etc/motd": b"hello\n"}, dirs=["etc"], whiteouts=["etc/gone"])
+TOP = make_tar({"srv/data": b"d" * 100_000}, dirs=["srv"])
+OTHER_TOP = make_tar({"opt/tool": b"tool\n"}, dirs=["opt"])
+
+
+@pytest.fixture(params=["vfs", "overlay", "btrfs"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.Store]:
+    if request.param == "btrfs":
+        root = request.getfixturevalue("btrfs") / "store"
+    else:
+        root = tmp_path / "root"
+    with laminae.open_store(root, runroot=tmp_path / "run", driver=request.param) as s:
+        yield s
+        for layer in s.layers():
+            if layer.mount_count:
+                s.unmount(layer.id, force=True)
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under ``root`` with its type, mode, owner and content."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISREG(st.st_mode):
+                body: object = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            else:
+                body = None
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body)
+    return out
+
+
+def image_tree(store: laminae.Store, ref: str) -> dict[str, tuple[object, ...]]:
+    top = store.image(ref).top_layer
+    assert top is not None
+    view = store.create_layer(parent=top, view=True)
+    try:
+        return tree(store.mount(view.id, readonly=True))
+    finally:
+        store.unmount(view.id)
+        store.remove_layer(view.id)
+
+
+def storage_entries(store: laminae.Store) -> set[str]:
+    """What the driver holds on disk, to show a failed import left nothing."""
+    return {layer.storage_id for layer in store.layers()}
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_import_from_a_layout_gives_the_image_and_its_tree(
+    store: laminae.Store, tmp_path: Path, compression: str
+) -> None:
+    built = write_layout(tmp_path / "layout", [BASE, MIDDLE, TOP], compression=compression)
+    image = store.import_image(f"oci:{tmp_path / 'layout'}:v1")
+    assert image.id == built.config_digest
+    assert image.names == ("v1:latest",)
+    assert image.manifest_digest == built.manifest_digest
+    layers = store.image_layers(image.id)
+    assert tuple(layer.diff_id for layer in layers) == built.diff_ids
+    assert layers[0].id == built.diff_ids[0]
+    assert layers[-1].id == laminae.chain_id(list(built.diff_ids))
+    assert tuple(layer.digest for layer in layers) == built.layer_digests
+    files = image_tree(store, image.id)
+    assert files["etc/os-release"][3] == b"ID=laminae\n"
+    assert files["etc/motd"][3] == b"hello\n"
+    assert files["srv/data"][3] == b"d" * 100_000
+    assert "etc/gone" not in files
+
+
+def test_a_second_import_applies_nothing(store: laminae.Store, tmp_path: Path) -> None:
+    write_layout(tmp_path / "layout", [BASE, MIDDLE, TOP])
+    first = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["one"])
+    before = {layer.id: layer.created for layer in store.layers()}
+    seen: list[tuple[str, str]] = []
+
+    class Recorder:
+        def start(self, key: str, description: str, total: int | None) -> None:
+            pass
+
+        def advance(self, key: str, amount: int) -> None:
+            pass
+
+        def finish(self, key: str, status: str) -> None:
+            seen.append((key, status))
+
+        def close(self) -> None:
+            pass
+
+    again = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["two"], progress=Recorder())
+    assert again.id == first.id
+    assert set(again.names) == {"one:latest", "two:latest"}
+    assert {layer.id: layer.created for layer in store.layers()} == before
+    assert [status for _, status in seen] == ["exists"] * 3
+
+
+def test_images_share_layers_and_removal_collects_only_their_own(
+    store: laminae.Store, tmp_path: Path
+) -> None:
+    write_layout(tmp_path / "a", [BASE, MIDDLE, TOP])
+    write_layout(tmp_path / "b", [BASE, MIDDLE, OTHER_TOP])
+    a = store.import_image(f"oci:{tmp_path / 'a'}:v1", names=["a"])
+    b = store.import_image(f"oci:{tmp_path / 'b'}:v1", names=["b"])
+    assert len(store.layers()) == 4  # base and middle once, two tops
+    shared = {layer.id for layer in store.image_layers(a.id)[:2]}
+    assert store.remove_image("a") == [store_top(a)]
+    assert {layer.id for layer in store.layers()} == shared | {store_top(b)}
+    container = store.create_container("b")
+    with pytest.raises(laminae.FailedPrecondition, match="container"):
+        store.remove_image("b")
+    store.remove_container(container.id)
+    assert len(store.remove_image("b")) == 3
+    assert store.layers() == [] and store.images() == []
+
+
+def store_top(image: laminae.Image) -> str:
+    assert image.top_layer is not None
+    return image.top_layer
+
+
+def test_a_name_with_others_is_untagged_not_removed(store: laminae.Store, tmp_path: Path) -> None:
+    write_layout(tmp_path / "a", [BASE])
+    image = store.import_image(f"oci:{tmp_path / 'a'}:v1", names=["x:1"])
+    store.tag_image("x:1", "x:2")
+    assert store.image("x:2").id == image.id
+    assert store.remove_image("x:1") == []
+    assert store.image(image.id).names == ("x:2",)
+    assert store.remove_image("x:2") == [image.top_layer]
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def test_a_corrupt_blob_is_named_and_leaves_nothing(store: laminae.Store, tmp_path: Path) -> None:
+    built = write_layout(tmp_path / "layout", [BASE, MIDDLE, TOP])
+    corrupt(blob_path(tmp_path / "layout", built.layer_digests[2]))
+    with pytest.raises(laminae.CorruptLayer, match=built.layer_digests[2]):
+        store.import_image(f"oci:{tmp_path / 'layout'}:v1")
+    assert store.layers() == [] and store.images() == []
+    assert store.check().ok
+    assert not list(store.root.glob("tar-split/*"))
+
+
+def test_a_diff_id_the_config_does_not_give_is_refused(
+    store: laminae.Store, tmp_path: Path
+) -> None:
+    layout = tmp_path / "layout"
+    built = write_layout(layout, [BASE, MIDDLE])
+    # Swap the two DiffIDs in the config and rewrite manifest and index to match, so that
+    # every digest checks out and only the DiffID of the first layer is wrong.
+    config = json.loads(built.config)
+    config["rootfs"]["diff_ids"].reverse()
+    raw_config = json.dumps(config).encode()
+    manifest = json.loads(built.manifest)
+    manifest["config"]["digest"] = put_blob(layout, raw_config)
+    manifest["config"]["size"] = len(raw_config)
+    raw_manifest = json.dumps(manifest).encode()
+    index = json.loads((layout / "index.json").read_bytes())
+    index["manifests"][0]["digest"] = put_blob(layout, raw_manifest)
+    index["manifests"][0]["size"] = len(raw_manifest)
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises(laminae.CorruptLayer, match=built.layer_digests[0]):
+        store.import_image(f"oci:{layout}:v1")
+    assert store.layers() == [] and store.images() == []
+
+
+def put_blob(layout: Path, data: bytes) -> str:
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(layout, digest).write_bytes(data)
+    return digest
+
+
+def test_a_truncated_blob_is_refused(store: laminae.Store, tmp_path: Path) -> None:
+    built = write_layout(tmp_path / "layout", [BASE])
+    path = blob_path(tmp_path / "layout", built.layer_digests[0])
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(laminae.LaminaeError, match=built.layer_digests[0]):
+        store.import_image(f"oci:{tmp_path / 'layout'}:v1")
+    assert store.layers() == []
+
+
+def layer_tars(layout: Path, ref: str) -> list[bytes]:
+    """The uncompressed layer tars of image ``ref`` in ``layout``, base first."""
+    index = json.loads((layout / "index.json").read_bytes())
+    (entry,) = [
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref
+    ]
+    manifest = json.loads(blob_path(layout, entry["digest"]).read_bytes())
+    out = []
+    for desc in manifest["layers"]:
+        with open(blob_path(layout, desc["digest"]), "rb") as blob:
+            out.append(open_decompressed(blob, max_bytes=1 << 30).read())
+    return out
+
+
+@pytest.mark.parametrize("compression", [laminae.Compression.GZIP, laminae.Compression.ZSTD])
+def test_export_gives_back_the_exact_layers_and_config(
+    store: laminae.Store, tmp_path: Path, compression: laminae.Compression
+) -> None:
+    built = write_layout(tmp_path / "in", [BASE, MIDDLE, TOP], compression="none")
+    store.import_image(f"oci:{tmp_path / 'in'}:v1", names=["img"])
+    digest = store.export_image("img", f"oci:{tmp_path / 'out'}:exported", compression=compression)
+    assert layer_tars(tmp_path / "out", "exported") == [BASE, MIDDLE, TOP]
+    index = json.loads((tmp_path / "out" / "index.json").read_bytes())
+    assert index["manifests"][0]["digest"] == digest
+    manifest = json.loads(blob_path(tmp_path / "out", digest).read_bytes())
+    assert manifest["config"]["digest"] == built.config_digest
+    # Another store importing the export sees the same image.
+    with laminae.open_store(tmp_path / "second", runroot=tmp_path / "run2", driver="vfs") as other:
+        again = other.import_image(f"oci:{tmp_path / 'out'}:exported")
+        assert again.id == built.config_digest
+
+
+def test_docker_archive_round_trip(store: laminae.Store, tmp_path: Path) -> None:
+    built = write_layout(tmp_path / "in", [BASE, MIDDLE])
+    store.import_image(f"oci:{tmp_path / 'in'}:v1", names=["app:1"])
+    archive = tmp_path / "app.tar"
+    store.export_image("app:1", f"docker-archive:{archive}:app:1")
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert manifest[0]["RepoTags"] == ["app:1"]
+    with laminae.open_store(tmp_path / "second", runroot=tmp_path / "run2", driver="vfs") as other:
+        image = other.import_image(f"docker-archive:{archive}")
+        assert image.id == built.config_digest
+        assert "app:1" in image.names
+
+
+def test_platform_picks_from_a_multi_platform_index(store: laminae.Store, tmp_path: Path) -> None:
+    built = write_layout(tmp_path / "multi", [BASE, MIDDLE], multi_platform=True)
+    source = f"oci:{tmp_path / 'multi'}:v1"
+    arm = store.import_image(source, platform="linux/arm64/v8", names=["arm"])
+    amd = store.import_image(source, platform="linux/amd64", names=["amd"])
+    assert arm.manifest_digest == built.platforms["linux/arm64/v8"]
+    assert amd.manifest_digest == built.platforms["linux/amd64"]
+    with pytest.raises(laminae.NotFound, match="linux/s390x"):
+        store.import_image(source, platform="linux/s390x")
+
+
+def test_parallel_and_serial_imports_agree(store: laminae.Store, tmp_path: Path) -> None:
+    tars = [make_tar({f"d{i}/f{j}": bytes([i]) * (j + 1) for j in range(50)}) for i in range(5)]
+    tars.append(make_tar({"d0/f1": b"replaced"}, whiteouts=["d1"]))
+    write_layout(tmp_path / "layout", tars)
+    parallel = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["p"], jobs=4)
+    files = image_tree(store, "p")
+    store.remove_image("p")
+    serial = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["s"], jobs=1)
+    assert serial.id == parallel.id
+    assert image_tree(store, "s") == files
+    assert files["d0/f1"][3] == b"replaced" and not any(k.startswith("d1") for k in files)
+
+
+def test_bad_locations_are_named(store: laminae.Store, tmp_path: Path) -> None:
+    with pytest.raises(laminae.InvalidArgument, match="nope"):
+        store.import_image("nope:somewhere")
+    with pytest.raises(laminae.NotFound, match="missing"):
+        store.import_image(f"oci:{tmp_path / 'missing'}")
+    write_layout(tmp_path / "layout", [BASE])
+    with pytest.raises(laminae.NotFound, match="v9"):
+        store.import_image(f"oci:{tmp_path / 'layout'}:v9")
+
+
+def test_export_of_an_image_without_config_is_refused(store: laminae.Store) -> None:
+    base = store.apply_layer(io.BytesIO(BASE))
+    store.create_image(base.id, names=["bare"])
+    with pytest.raises(laminae.FailedPrecondition, match="config"):
+        store.export_image("bare", "oci:/nonexistent-dir-for-laminae:x")
