@@ -191,7 +191,7 @@ def write_layout(
     if ref is not None:
         entry["annotations"] = {REF_NAME: ref}
     index_path = directory / "index.json"
-    document = (
+    document: dict[str, Any] = (
         json.loads(index_path.read_bytes())
         if index_path.exists()
         else {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": []}

@@ -133,6 +133,7 @@ def test_multi_platform_index_is_resolved_to_the_nested_index(tmp_path: Path) ->
 
 def test_entries_of_one_name_per_platform_read_as_an_index(tmp_path: Path) -> None:
     built = write_layout(tmp_path / "A", LAYERS, multi_platform=True)
+    assert built.index_digest is not None
     index_path = tmp_path / "A" / "index.json"
     nested = json.loads((tmp_path / "A" / "blobs" / "sha256" / built.index_digest[7:]).read_bytes())
     for entry in nested["manifests"]:
