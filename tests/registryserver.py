@@ -1,0 +1,338 @@
+"""Real registries for the tests: Debian's docker-registry (CNCF distribution 2.8) on 127.0.0.1.
+
+Three fixtures, each a fresh registry with its own config and storage under ``tmp_path``,
+stopped by PID after the test:
+
+- ``registry``: anonymous, plain HTTP;
+- ``auth_registry``: HTTP basic auth from an htpasswd file (bcrypt, made by ``htpasswd -B``);
+- ``token_registry``: bearer tokens from a small token service run here, on 127.0.0.1, that
+  checks Basic credentials and signs JWTs with a key whose self-signed certificate is the
+  registry's ``rootcertbundle``.
+
+Use them from a test module with::
+
+    from registryserver import registry, auth_registry, token_registry  # noqa: F401
+
+The fixtures carry their names, so they may be imported under other names too, which keeps
+ruff's F811 quiet about a test parameter that shadows the imported name::
+
+    from registryserver import registry as registry_fixture  # noqa: F401
+
+A missing docker-registry (or htpasswd) binary skips the test, except under ``CI=true``,
+where the tools are installed by scripts/test-all and their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+__all__ = [
+    "RegistryServer",
+    "TokenService",
+    "auth_registry",
+    "free_port",
+    "registry",
+    "require_tool",
+    "token_registry",
+]
+
+USERNAME = "laminae"
+PASSWORD = "s3cret-pass"
+SERVICE = "laminae-test-registry"
+ISSUER = "laminae-test-issuer"
+_STARTUP_SECONDS = 10.0
+
+
+def require_tool(name: str) -> str:
+    """The path of tool ``name``; skip the test without it, or fail under ``CI=true``."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (scripts/test-all installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TokenService:
+    """A Docker token service: Basic credentials in, a signed JWT for the asked scope out.
+
+    Valid credentials get every action they ask for; no credentials get a token with no
+    access (as Docker Hub gives anonymous users for private repositories); wrong ones get 401.
+
+    :ivar requests: every token request, as (username or None, [scope, ...]).
+    :ivar field: the response's name for the token, ``"token"`` or ``"access_token"``.
+    """
+
+    def __init__(self, directory: Path, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+        self.requests: list[tuple[str | None, list[str]]] = []
+        self.field = "token"
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "laminae test token signer")])
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.rootcertbundle = directory / "token-signer.pem"
+        self.rootcertbundle.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.port = int(self._server.server_address[1])
+        self.realm = f"http://127.0.0.1:{self.port}/token"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def sign(self, scopes: list[str], subject: str) -> str:
+        """A token for ``scopes`` (``repository:NAME:ACTIONS``), as distribution 2.8 checks it:
+        issuer, audience = the service, unexpired, and an ``x5c`` chain to its root bundle."""
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": subject,
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
+        x5c = base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()
+        return jwt.encode(claims, self._key, algorithm="ES256", headers={"x5c": [x5c]})
+
+    def _grant(self, authorization: str | None, query: dict[str, list[str]]) -> tuple[int, Any]:
+        user: str | None = None
+        if authorization is not None:
+            scheme, _, encoded = authorization.partition(" ")
+            try:
+                given = base64.b64decode(encoded).decode()
+            except ValueError:
+                given = ""
+            if scheme.lower() != "basic" or given != f"{self.username}:{self.password}":
+                self.requests.append((None, query.get("scope", [])))
+                return 401, {"details": "incorrect username or password"}
+            user = self.username
+        scopes = query.get("scope", [])
+        self.requests.append((user, scopes))
+        token = self.sign(scopes if user else [], user or "")
+        return 200, {self.field: token, "expires_in": 300, "issued_at": "2024-01-01T00:00:00Z"}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path != "/token":
+                    status, body = 404, {"details": "not found"}
+                else:
+                    query = parse_qs(parts.query)
+                    status, body = service._grant(self.headers.get("Authorization"), query)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep the test output clean
+
+        return Handler
+
+
+class RegistryServer:
+    """A running docker-registry.
+
+    :ivar host: ``"127.0.0.1:PORT"``, as a reference names it.
+    :ivar storage: its storage root (``docker/registry/v2/...``), to corrupt a blob.
+    :ivar username: the user allowed in (auth registries), else ``None``.
+    :ivar password: that user's password, else ``None``.
+    :ivar tokens: the token service (token registry), else ``None``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        auth: dict[str, Any] | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tokens: TokenService | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.storage = directory / "storage"
+        self.storage.mkdir()
+        self.username = username
+        self.password = password
+        self.tokens = tokens
+        self.log = directory / "registry.log"
+        # docker-registry takes YAML; JSON is YAML, so no YAML writer is needed.
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "info"},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+        }
+        if auth is not None:
+            config["auth"] = auth
+        self.config = directory / "config.yml"
+        self.config.write_text(json.dumps(config, indent=2))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = require_tool("docker-registry")
+        with self.log.open("wb") as log:
+            self._process = subprocess.Popen(
+                [binary, "serve", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + _STARTUP_SECONDS
+        while True:
+            try:
+                httpx.get(f"http://{self.host}/v2/", timeout=1.0)
+                return
+            except httpx.TransportError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"docker-registry did not come up on {self.host}:\n{self.log_text()}")
+            time.sleep(0.05)  # bounded polling for the server to come up
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the registry keeps a blob's bytes (filesystem driver layout)."""
+        algorithm, _, hexdigest = digest.partition(":")
+        return (
+            self.storage
+            / "docker/registry/v2/blobs"
+            / algorithm
+            / hexdigest[:2]
+            / hexdigest
+            / "data"
+        )
+
+
+def _serve(server: RegistryServer) -> Iterator[RegistryServer]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="registry")
+def registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """An anonymous, plain-HTTP docker-registry on 127.0.0.1."""
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    yield from _serve(RegistryServer(directory))
+
+
+@pytest.fixture(name="auth_registry")
+def auth_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """A docker-registry that wants HTTP basic auth (htpasswd, bcrypt)."""
+    htpasswd = require_tool("htpasswd")
+    require_tool("docker-registry")
+    directory = tmp_path / "auth-registry"
+    directory.mkdir()
+    users = directory / "htpasswd"
+    entry = subprocess.run(
+        [htpasswd, "-Bbn", USERNAME, PASSWORD], check=True, capture_output=True
+    ).stdout
+    users.write_bytes(entry.strip() + b"\n")
+    auth = {"htpasswd": {"realm": "laminae-test", "path": str(users)}}
+    server = RegistryServer(directory, auth, username=USERNAME, password=PASSWORD)
+    yield from _serve(server)
+
+
+@pytest.fixture(name="token_registry")
+def token_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """A docker-registry that wants bearer tokens, from a token service on 127.0.0.1."""
+    require_tool("docker-registry")
+    directory = tmp_path / "token-registry"
+    directory.mkdir()
+    tokens = TokenService(directory, USERNAME, PASSWORD)
+    auth = {
+        "token": {
+            "realm": tokens.realm,
+            "service": SERVICE,
+            "issuer": ISSUER,
+            "rootcertbundle": str(tokens.rootcertbundle),
+        }
+    }
+    server = RegistryServer(directory, auth, username=USERNAME, password=PASSWORD, tokens=tokens)
+    tokens.start()
+    try:
+        yield from _serve(server)
+    finally:
+        tokens.stop()
