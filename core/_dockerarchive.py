@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, final
@@ -161,6 +162,7 @@ class DockerArchiveSource:
         except BaseException:
             self._members.close()
             raise
+        self._lock = threading.Lock()  # blobs are opened from several threads
         self._manifest: Manifest | None = None
         self._blobs: dict[str, str] = {}
         """Member name by digest, for the blobs of the synthesised manifest."""
@@ -211,6 +213,10 @@ class DockerArchiveSource:
         return Descriptor(media_type, digest, size)
 
     def _synthesise(self) -> Manifest:
+        with self._lock:
+            return self._synthesise_once()
+
+    def _synthesise_once(self) -> Manifest:
         if self._manifest is None:
             image = self._image
             config = self._blob(image.config, MEDIA_DOCKER_CONFIG)

@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol, cast, final
+from typing import Any, BinaryIO, Final, Protocol, Self, cast, final
 
 import attrs
 
@@ -162,8 +162,6 @@ class _Window(io.BufferedIOBase, BinaryIO):
             pieces.append(data)
             self._pos += len(data)
             want -= len(data)
-            if size is not None and size >= 0:
-                break  # a short read is fine; the caller asks again
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read1(self, size: int = -1) -> bytes:
@@ -491,7 +489,7 @@ class _LayoutSource:
         self._reference = reference
         self._description = description
 
-    def __enter__(self) -> _LayoutSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -190,6 +190,8 @@ def test_legacy_archive_with_random_layer_ids_and_a_linked_layer(tmp_path: Path)
         },
         links={f"{again}/layer.tar": f"../{first}/layer.tar"},
     )
+    with DockerArchiveSource(archive, "busybox") as source:
+        assert source.repo_tags == ("busybox:latest",)
     for reference in ("busybox", "docker.io/library/busybox:latest", "example/again:1", "@1"):
         with DockerArchiveSource(archive, reference) as source:
             manifest_ = resolve_manifest(source)

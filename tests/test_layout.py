@@ -383,6 +383,28 @@ def test_archive_members_are_found_where_tarfile_finds_them(tmp_path: Path) -> N
             members.close()
 
 
+def test_member_stream_reads_as_much_as_asked_and_seeks(tmp_path: Path) -> None:
+    data = os.urandom((5 << 20) + 3)
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("big")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    members = ArchiveMembers(path, what="test")
+    try:
+        with members.open("big") as stream:
+            assert stream.read(3 << 20) == data[: 3 << 20]  # more than one pread
+            assert stream.seek(-10, io.SEEK_END) == len(data) - 10
+            assert stream.read() == data[-10:]
+            assert stream.read(1) == b""
+            stream.seek(7)
+            buffer = bytearray(100)
+            assert stream.readinto(buffer) == 100
+            assert bytes(buffer) == data[7:107]
+    finally:
+        members.close()
+
+
 def test_concurrent_reads_of_two_blobs_of_one_archive(tmp_path: Path) -> None:
     blobs = [os.urandom(3 << 20), os.urandom((2 << 20) + 7)]
     path = tmp_path / "two.tar"
