@@ -22,6 +22,11 @@ and with none of them the defaults apply. Keys are named like containers-storage
     [storage.limits]
     max_bytes = "64G"
 
+    [registries]
+    insecure = ["localhost:5000"]
+    auth_file = "/etc/laminae/auth.json"
+    certs_dir = "/etc/containers/certs.d"
+
 ``LAMINAE_DRIVER``, ``LAMINAE_ROOT`` and ``LAMINAE_RUNROOT`` override the file; arguments to
 :func:`laminae.open_store` (and the command line's flags) override both.
 """
@@ -35,7 +40,7 @@ import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import cattrs
@@ -50,6 +55,9 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from ._archive import Limits
 from ._exceptions import InvalidArgument
+
+if TYPE_CHECKING:
+    from ._registry import RegistryOptions
 
 __all__ = ["StoreConfig", "load_config", "parse_size"]
 
@@ -78,6 +86,9 @@ class StoreConfig:
         registered priorities.
     :param driver_options: per driver name, the options given to that driver.
     :param limits: bounds for layers applied to the store.
+    :param registries: how to reach registries, from the file's ``[registries]`` table;
+        ``None`` when it has none (then ``RegistryOptions()`` applies). Kept ``None`` rather
+        than a default value so that reading the config does not import the HTTP client.
     :param source: the file this came from, ``None`` for the defaults.
     """
 
@@ -89,6 +100,7 @@ class StoreConfig:
         factory=dict, converter=_frozen_options, hash=False
     )
     limits: Limits = attrs.Factory(Limits)
+    registries: RegistryOptions | None = None
     source: Path | None = None
 
 
@@ -144,8 +156,16 @@ class _StorageSection:
 
 
 @attrs.frozen
+class _RegistriesSection:
+    insecure: tuple[str, ...] = ()
+    auth_file: str | None = None
+    certs_dir: str | None = None
+
+
+@attrs.frozen
 class _ConfigFile:
     storage: _StorageSection = _StorageSection()
+    registries: _RegistriesSection | None = None
 
 
 def _type_name(value: object) -> str:
@@ -193,6 +213,21 @@ def _structure_options(value: object, _: object) -> dict[str, dict[str, str]]:
     return options
 
 
+# A registry host as references name it: "name" or "name:port" (IPv6 literals bracketed).
+_REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
+
+
+def _structure_hosts(value: object, _: object) -> tuple[str, ...]:
+    hosts = _structure_names(value, _)
+    for index, host in enumerate(hosts):
+        if not _REGISTRY_HOST.fullmatch(host):
+            raise _BadValue(
+                f'expected a host such as "localhost:5000" (no scheme, no path), got {host!r}',
+                (str(index),),
+            )
+    return hosts
+
+
 def _structure_count(value: object, _: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _BadValue(f"expected an integer, got {_type_name(value)}")
@@ -230,6 +265,12 @@ def _make_converter() -> cattrs.Converter:
     }
     converter.register_structure_hook(
         Limits, make_dict_structure_fn(Limits, converter, **limit_hooks)
+    )
+    converter.register_structure_hook(
+        _RegistriesSection,
+        make_dict_structure_fn(
+            _RegistriesSection, converter, insecure=override(struct_hook=_structure_hosts)
+        ),
     )
     return converter
 
@@ -335,6 +376,18 @@ def _file_path(value: str | None, source: Path, key: str) -> Path | None:
     return Path(value)
 
 
+def _registry_options(section: _RegistriesSection, source: Path) -> RegistryOptions:
+    # Imported here: the registry client pulls in httpx, which a store that never talks to a
+    # registry should not pay for.
+    from ._registry import RegistryOptions
+
+    return RegistryOptions(
+        insecure_hosts=frozenset(section.insecure),
+        auth_file=_file_path(section.auth_file, source, "registries.auth_file"),
+        certs_dir=_file_path(section.certs_dir, source, "registries.certs_dir"),
+    )
+
+
 def _env_path(environ: Mapping[str, str], variable: str) -> Path | None:
     value = environ.get(variable, "")
     # Relative, like a command-line flag: against the working directory.
@@ -363,7 +416,8 @@ def load_config(
     if uid is None:
         uid = os.geteuid()
     source = _find(path, environ, uid)
-    section = _parse(source).storage if source is not None else _StorageSection()
+    document = _parse(source) if source is not None else _ConfigFile()
+    section = document.storage
     graphroot, runroot = _default_roots(environ, uid)
     if source is not None:
         graphroot = _file_path(section.graphroot, source, "storage.graphroot") or graphroot
@@ -377,5 +431,10 @@ def load_config(
         driver_priority=section.driver_priority or (),
         driver_options=section.options,
         limits=section.limits,
+        registries=(
+            _registry_options(document.registries, source)
+            if document.registries is not None and source is not None
+            else None
+        ),
         source=source,
     )

@@ -13,6 +13,7 @@ from laminae import _config
 from laminae._archive import Limits
 from laminae._config import StoreConfig, load_config, parse_size
 from laminae._exceptions import InvalidArgument
+from laminae._registry import RegistryOptions
 
 EXAMPLE = """\
 [storage]
@@ -224,6 +225,7 @@ def test_empty_driver_means_choose(tmp_path: Path) -> None:
         ('[store]\ndriver = "vfs"\n', "store"),
         ("[storage.limits]\nmax_size = 1\n", "storage.limits.max_size"),
         ('[storage]\nrootless_storage_path = "/x"\n', "storage.rootless_storage_path"),
+        ("[registries]\nmirrors = []\n", "registries.mirrors"),
     ],
 )
 def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -253,6 +255,14 @@ def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, key: str) -> 
         ("[storage.limits]\nmax_path_depth = -1\n", "storage.limits.max_path_depth", "positive"),
         ('[storage]\ngraphroot = "rel/dir"\n', "storage.graphroot", "absolute path"),
         ('[storage]\nrunroot = "run"\n', "storage.runroot", "absolute path"),
+        ('[registries]\ninsecure = "localhost:5000"\n', "registries.insecure", "array"),
+        ("[registries]\ninsecure = [5000]\n", "registries.insecure", "array of strings"),
+        ('[registries]\ninsecure = ["http://x:1"]\n', "registries.insecure.0", "no scheme"),
+        ('[registries]\ninsecure = ["a", "x/y"]\n', "registries.insecure.1", "'x/y'"),
+        ('[registries]\nauth_file = "auth.json"\n', "registries.auth_file", "absolute path"),
+        ("[registries]\ncerts_dir = 1\n", "registries.certs_dir", "expected a string"),
+        ('[registries]\ncerts_dir = "certs.d"\n', "registries.certs_dir", "absolute path"),
+        ("registries = 3\n", "registries", "expected a table"),
     ],
 )
 def test_bad_value_names_file_and_key(tmp_path: Path, text: str, key: str, why: str) -> None:
@@ -345,3 +355,37 @@ def test_parse_size(given: str | int, size: int) -> None:
 def test_parse_size_rejects(given: str | int) -> None:
     with pytest.raises(InvalidArgument):
         parse_size(given)
+
+
+# -- registries -------------------------------------------------------------------------------
+
+
+def test_registries_table_gives_registry_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "storage.toml",
+        """\
+[registries]
+insecure = ["localhost:5000", "registry.internal", "[::1]:5000"]
+auth_file = "/etc/laminae/auth.json"
+certs_dir = "/etc/containers/certs.d"
+""",
+    )
+    options = load_config(path, environ={}, uid=0).registries
+    assert options == RegistryOptions(
+        insecure_hosts=frozenset({"localhost:5000", "registry.internal", "[::1]:5000"}),
+        auth_file=Path("/etc/laminae/auth.json"),
+        certs_dir=Path("/etc/containers/certs.d"),
+    )
+    assert options is not None
+    assert options.is_insecure("registry.internal:443")
+    assert not options.is_insecure("localhost:5001")
+
+
+def test_empty_registries_table_gives_the_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path / "storage.toml", "[registries]\n")
+    assert load_config(path, environ={}, uid=0).registries == RegistryOptions()
+
+
+def test_without_registries_table_there_are_no_registry_options(tmp_path: Path) -> None:
+    path = write(tmp_path / "storage.toml", EXAMPLE)
+    assert load_config(path, environ={}, uid=0).registries is None
