@@ -7,7 +7,9 @@ stopped by PID after the test:
 - ``auth_registry``: HTTP basic auth from an htpasswd file (bcrypt, made by ``htpasswd -B``);
 - ``token_registry``: bearer tokens from a small token service run here, on 127.0.0.1, that
   checks Basic credentials and signs JWTs with a key whose self-signed certificate is the
-  registry's ``rootcertbundle``.
+  registry's ``rootcertbundle``;
+- ``tls_registry``: anonymous, over TLS with a certificate for 127.0.0.1 from a test CA
+  (``.ca``, a PEM file) that nothing trusts unless told.
 
 Use them from a test module with::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -55,6 +58,7 @@ __all__ = [
     "free_port",
     "registry",
     "require_tool",
+    "tls_registry",
     "token_registry",
 ]
 
@@ -83,6 +87,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A test CA, and a server certificate for 127.0.0.1 it signed: (ca, cert, key) PEM files."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _self_signed(ca_key, "laminae test CA").sign(ca_key, hashes.SHA256())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
 class TokenService:
     """A Docker token service: Basic credentials in, a signed JWT for the asked scope out.
 
@@ -91,6 +146,7 @@ class TokenService:
 
     :ivar requests: every token request, as (username or None, [scope, ...]).
     :ivar field: the response's name for the token, ``"token"`` or ``"access_token"``.
+    :ivar expires_in: the lifetime the response gives the token, in seconds.
     """
 
     def __init__(self, directory: Path, username: str, password: str) -> None:
@@ -98,19 +154,10 @@ class TokenService:
         self.password = password
         self.requests: list[tuple[str | None, list[str]]] = []
         self.field = "token"
+        self.expires_in = 300
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "laminae test token signer")])
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
+        self._cert = _self_signed(self._key, "laminae test token signer").sign(
+            self._key, hashes.SHA256()
         )
         self.rootcertbundle = directory / "token-signer.pem"
         self.rootcertbundle.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
@@ -164,7 +211,11 @@ class TokenService:
         scopes = query.get("scope", [])
         self.requests.append((user, scopes))
         token = self.sign(scopes if user else [], user or "")
-        return 200, {self.field: token, "expires_in": 300, "issued_at": "2024-01-01T00:00:00Z"}
+        return 200, {
+            self.field: token,
+            "expires_in": self.expires_in,
+            "issued_at": "2024-01-01T00:00:00Z",
+        }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         service = self
@@ -198,6 +249,7 @@ class RegistryServer:
     :ivar username: the user allowed in (auth registries), else ``None``.
     :ivar password: that user's password, else ``None``.
     :ivar tokens: the token service (token registry), else ``None``.
+    :ivar ca: the CA that signed the server's certificate (TLS registry), else ``None``.
     """
 
     def __init__(
@@ -208,6 +260,7 @@ class RegistryServer:
         username: str | None = None,
         password: str | None = None,
         tokens: TokenService | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -216,6 +269,7 @@ class RegistryServer:
         self.username = username
         self.password = password
         self.tokens = tokens
+        self.ca = tls[0] if tls is not None else None
         self.log = directory / "registry.log"
         # docker-registry takes YAML; JSON is YAML, so no YAML writer is needed.
         config: dict[str, Any] = {
@@ -230,6 +284,9 @@ class RegistryServer:
         }
         if auth is not None:
             config["auth"] = auth
+        if tls is not None:
+            config["http"]["tls"] = {"certificate": str(tls[1]), "key": str(tls[2])}
+        self._scheme = "https" if tls is not None else "http"
         self.config = directory / "config.yml"
         self.config.write_text(json.dumps(config, indent=2))
         self._process: subprocess.Popen[bytes] | None = None
@@ -246,7 +303,7 @@ class RegistryServer:
         deadline = time.monotonic() + _STARTUP_SECONDS
         while True:
             try:
-                httpx.get(f"http://{self.host}/v2/", timeout=1.0)
+                httpx.get(f"{self._scheme}://{self.host}/v2/", timeout=1.0, verify=False)
                 return
             except httpx.TransportError:
                 pass
@@ -296,6 +353,14 @@ def registry(tmp_path: Path) -> Iterator[RegistryServer]:
     directory = tmp_path / "registry"
     directory.mkdir()
     yield from _serve(RegistryServer(directory))
+
+
+@pytest.fixture(name="tls_registry")
+def tls_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """An anonymous docker-registry over TLS, its certificate signed by ``.ca``."""
+    directory = tmp_path / "tls-registry"
+    directory.mkdir()
+    yield from _serve(RegistryServer(directory, tls=make_tls_files(directory)))
 
 
 @pytest.fixture(name="auth_registry")

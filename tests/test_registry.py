@@ -18,6 +18,7 @@ import pytest
 from registryserver import RegistryServer, free_port, require_tool
 from registryserver import auth_registry as auth_registry_fixture  # noqa: F401
 from registryserver import registry as registry_fixture  # noqa: F401
+from registryserver import tls_registry as tls_registry_fixture  # noqa: F401
 from registryserver import token_registry as token_registry_fixture  # noqa: F401
 from tarbuild import make_tar
 
@@ -259,6 +260,32 @@ def test_tls_is_used_unless_the_host_is_insecure(registry: RegistryServer) -> No
     assert info.value.__cause__ is not None
 
 
+def test_tls_with_the_registry_ca_from_certs_dir(
+    tls_registry: RegistryServer, image: Image, tmp_path: Path
+) -> None:
+    assert tls_registry.ca is not None
+    with (
+        RegistryClient(tls_registry.host, RegistryOptions(timeout=10)) as client,
+        pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"),
+    ):
+        client.manifest("laminae/hello", "v1")
+    certs = tmp_path / "certs.d"
+    (certs / tls_registry.host).mkdir(parents=True)
+    (certs / tls_registry.host / "ca.crt").write_bytes(tls_registry.ca.read_bytes())
+    with RegistryClient(tls_registry.host, RegistryOptions(certs_dir=certs)) as client:
+        assert client.base_url.startswith("https://")
+        push(client, "laminae/hello", "v1", image)
+        assert client.manifest("laminae/hello", "v1")[0] == image.manifest.raw
+
+
+def test_an_unloadable_certificate_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "certs.d" / "registry.example"
+    folder.mkdir(parents=True)
+    (folder / "ca.crt").write_text("not a certificate")
+    with pytest.raises(InvalidArgument, match=str(folder)):
+        RegistryClient("registry.example", RegistryOptions(certs_dir=tmp_path / "certs.d"))
+
+
 def test_an_insecure_bare_host_covers_every_port(registry: RegistryServer) -> None:
     options = RegistryOptions(insecure_hosts=frozenset({"127.0.0.1"}))
     assert options.is_insecure(registry.host)
@@ -425,6 +452,16 @@ def test_bearer_token_is_fetched_once_and_reused(
         assert tokens.requests[1:] == [("laminae", ["repository:laminae/other:pull"])]
 
 
+def test_an_expired_token_is_fetched_again(token_registry: RegistryServer) -> None:
+    tokens = token_registry.tokens
+    assert tokens is not None
+    tokens.expires_in = 1  # shorter than the client's safety margin: stale at once
+    with RegistryClient(token_registry.host, _token_options(token_registry)) as client:
+        for _ in range(3):
+            assert not client.has_blob("laminae/hello", "sha256:" + "ab" * 32)
+    assert len(tokens.requests) == 3
+
+
 def test_bearer_token_in_access_token_field(token_registry: RegistryServer, image: Image) -> None:
     assert token_registry.tokens is not None
     token_registry.tokens.field = "access_token"
@@ -545,6 +582,40 @@ def test_redirects_are_followed_without_the_credentials(
     with RegistryClient(host, options) as client:
         assert read_blob(client, "laminae/hello", "sha256:" + "cd" * 32) == body
     assert seen == [None]
+
+
+class _Failing(BaseHTTPRequestHandler):
+    """A registry in trouble: every request gets 503 and a distribution-API error body."""
+
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {"errors": [{"code": "UNAVAILABLE", "message": "storage backend down"}]}
+        ).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_server_error_is_unavailable_with_the_registry_reason() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with (
+            RegistryClient(host, RegistryOptions(insecure_hosts=frozenset({host}))) as client,
+            pytest.raises(Unavailable, match=r"503.*UNAVAILABLE: storage backend down"),
+        ):
+            client.manifest("laminae/hello", "v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 # -- skopeo ---------------------------------------------------------------------------------
