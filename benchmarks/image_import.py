@@ -5,9 +5,10 @@ filesystem (the previous run's store is deleted) with the page cache dropped, an
 same image layout, which sits on that filesystem too:
 
 - **laminae**: ``laminae_once.py import`` in a fresh process: ``open_store`` on an empty root
-  with the driver under test, then the minimal import (every layer through
-  ``store.apply_layer`` with its digest and DiffID, then ``store.create_image``). Timed as a
-  whole process, start-up and imports included, as the peers' processes are; laminae makes
+  with the driver under test, then ``store.import_image("oci:LAYOUT:TAG")``, the product's
+  own import (manifest, config and every blob verified, layers fetched, decompressed and
+  applied in parallel, every DiffID checked, the image committed with its layers). Timed as
+  a whole process, start-up and imports included, as the peers' processes are; laminae makes
   every layer durable (``syncfs``) before it commits it.
 - **skopeo**: ``skopeo copy oci:LAYOUT:TAG containers-storage:[DRIVER@ROOT+RUNROOT]NAME``,
   which stages the blobs, then applies every layer into the driver's storage (containers-
@@ -24,6 +25,9 @@ it commits); that wait is kept in the JSON, not counted: the cleaner starts on b
 timer. It is waited for because, on this kernel, reading containerd's fresh snapshot while the
 cleaner worked returned ENOENT for names ``readdir`` had just listed; once it was done, the
 tree was exact.
+
+The same tools pull from a registry (``image_pull.py``): :func:`laminae_tool`,
+:func:`skopeo_tool` and :func:`ctr_tool` take the command line that differs.
 
 After each run, outside the clock, the imported image is mounted the tool's own way (laminae:
 ``store.mount`` of the top layer; skopeo: ``podman image mount``; ctr: a view of the top
@@ -54,11 +58,17 @@ from scratch_fs import drop_caches, remove_tree, unmount_under
 __all__ = [
     "ImportTool",
     "ctr_import",
+    "ctr_tool",
     "image_json",
     "import_tables",
+    "import_tools",
     "laminae_import",
+    "laminae_tool",
     "run_import_case",
+    "run_tools",
     "skopeo_import",
+    "skopeo_tool",
+    "write_case_image",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -120,28 +130,37 @@ def _laminae_tree(root: Path, runroot: Path, driver: str, top: str) -> TreeSumma
             store.unmount(top)
 
 
-def laminae_import(driver: str, *, unavailable: str | None = None) -> ImportTool:
-    """laminae's import with ``driver``; ``unavailable`` (why the driver cannot run) makes
-    every run a failure with that reason, without starting anything."""
-    name = f"laminae {driver}"
+def laminae_tool(
+    name: str,
+    driver: str,
+    command: Callable[[OciImage], list[str]],
+    *,
+    unavailable: str | None = None,
+) -> ImportTool:
+    """laminae in a fresh process: ``laminae_once.py SUBCOMMAND ROOT RUNROOT DRIVER ARGS...``
+    where ``command(image)`` gives ``[SUBCOMMAND, *ARGS]``; ``unavailable`` (why the driver
+    cannot run) makes every run a failure with that reason, without starting anything."""
 
     def run(mnt: Path, image: OciImage, round_: int) -> Run:
         if unavailable is not None:
             return Run(name, round_, None, error=unavailable)
         root, runroot = mnt / "laminae-store", mnt / "laminae-run"
-        argv = [sys.executable, str(LAMINAE_ONCE), "import", str(root), str(runroot), driver]
+        subcommand, *args = command(image)
+        argv = [sys.executable, str(LAMINAE_ONCE), subcommand, str(root), str(runroot), driver]
         try:
             drop_caches()
-            measured = run_measured([*argv, str(image.layout), image.tag])
+            measured = run_measured([*argv, *args])
             if measured.returncode != 0:
-                failure = measured.failure("laminae_once.py import")
+                failure = measured.failure(f"laminae_once.py {subcommand}")
                 return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=failure)
             settle, cleaner, settle_error = _settle(mnt)
             report = json.loads(measured.stdout)
             error = settle_error or _check(
                 image.tree, lambda: _laminae_tree(root, runroot, driver, report["top_layer"])
             )
-            detail = {k: report[k] for k in ("seconds", "open_seconds", "image", "top_layer")}
+            detail = {
+                k: report[k] for k in ("seconds", "open_seconds", "image", "names", "top_layer")
+            }
             return Run(
                 name,
                 round_,
@@ -160,9 +179,21 @@ def laminae_import(driver: str, *, unavailable: str | None = None) -> ImportTool
     return ImportTool(name, "laminae", run)
 
 
-def skopeo_import(driver: str) -> ImportTool:
-    """``skopeo copy`` into containers-storage with ``driver``."""
-    name = f"skopeo -> c/storage {driver}"
+def laminae_import(driver: str, *, unavailable: str | None = None) -> ImportTool:
+    """laminae's ``store.import_image("oci:LAYOUT:TAG")`` with ``driver``."""
+    return laminae_tool(
+        f"laminae {driver}",
+        driver,
+        lambda image: ["import", str(image.layout), image.tag],
+        unavailable=unavailable,
+    )
+
+
+def skopeo_tool(
+    name: str, driver: str, source: Callable[[OciImage], str], flags: Sequence[str] = ()
+) -> ImportTool:
+    """``skopeo copy FLAGS SOURCE containers-storage:[DRIVER@ROOT+RUNROOT]NAME`` where
+    ``source(image)`` gives SOURCE."""
 
     def run(mnt: Path, image: OciImage, round_: int) -> Run:
         base = mnt / "containers-storage"
@@ -171,7 +202,7 @@ def skopeo_import(driver: str) -> ImportTool:
         try:
             scratch.mkdir(parents=True)
             drop_caches()
-            measured = skopeo_copy(image.reference, driver, root, runroot, target, scratch)
+            measured = skopeo_copy(source(image), driver, root, runroot, target, scratch, flags)
             settle, cleaner, error = _settle(mnt)
             if measured.returncode != 0 or error:
                 error = measured.failure("skopeo copy") if measured.returncode else error
@@ -198,26 +229,32 @@ def skopeo_import(driver: str) -> ImportTool:
     return ImportTool(name, "peer", run)
 
 
-def ctr_import(snapshotter: str, archive: Path, *, unpack: bool = True) -> ImportTool:
-    """``ctr images import --snapshotter SNAPSHOTTER ARCHIVE`` (which unpacks).
+def skopeo_import(driver: str) -> ImportTool:
+    """``skopeo copy oci:LAYOUT:TAG`` into containers-storage with ``driver``."""
+    return skopeo_tool(f"skopeo -> c/storage {driver}", driver, lambda image: image.reference)
 
-    :param archive: the image as an OCI archive (:func:`oci_image.write_oci_archive`).
-    :param unpack: ``False`` adds ``--no-unpack``: the blobs go into the content store and
-        nothing into the snapshotter; a reference for how containerd's time splits.
+
+def ctr_tool(
+    name: str,
+    snapshotter: str,
+    args: Callable[[OciImage], list[str]],
+    listed_as: Callable[[OciImage], str],
+    *,
+    unpack: bool = True,
+) -> ImportTool:
+    """``ctr ARGS...`` against a fresh private containerd, where ``args(image)`` gives ARGS
+    and ``listed_as(image)`` the name the image gets in ``ctr images ls``.
+
+    :param unpack: whether the command unpacks into ``snapshotter``: then the top snapshot is
+        checked file by file; else that the image is listed and no snapshot exists (a
+        reference row: how containerd's time splits between content and unpacking).
     """
-    name = f"ctr import -> containerd {snapshotter}"
-    if not unpack:
-        name = "ctr import --no-unpack (content store only)"
 
     def run(mnt: Path, image: OciImage, round_: int) -> Run:
         view = mnt / "containerd-view"
         with Containerd(mnt / "containerd") as daemon:
             drop_caches()
-            base_name = f"localhost/{image.tag}"
-            measured = daemon.ctr_measured(
-                "images", "import", "--snapshotter", snapshotter, "--base-name", base_name,
-                *([] if unpack else ["--no-unpack"]), str(archive),
-            )  # fmt: skip
+            measured = daemon.ctr_measured(*args(image))
             settle, cleaner, error = _settle(mnt)
             detail: dict[str, Any] = {
                 "cleaner_seconds": cleaner,
@@ -225,13 +262,13 @@ def ctr_import(snapshotter: str, archive: Path, *, unpack: bool = True) -> Impor
                 "ctr_output": measured.stdout.strip()[-300:],
             }
             if measured.returncode != 0 or error:
-                error = measured.failure("ctr images import") if measured.returncode else error
+                error = measured.failure(f"ctr {args(image)[0]}") if measured.returncode else error
                 return Run(name, round_, None, maxrss_kib=measured.maxrss_kib, error=error)
 
             if not unpack:
                 listed = daemon.ctr("images", "ls", "--quiet").split()
                 snapshots = daemon.ctr("snapshots", "--snapshotter", snapshotter, "ls")
-                if f"{base_name}:{image.tag}" not in listed or len(snapshots.splitlines()) > 1:
+                if listed_as(image) not in listed or len(snapshots.splitlines()) > 1:
                     error = f"expected the image and no snapshots: {listed}, {snapshots[:200]}"
                 return Run(
                     name,
@@ -267,6 +304,29 @@ def ctr_import(snapshotter: str, archive: Path, *, unpack: bool = True) -> Impor
     return ImportTool(name, "peer" if unpack else "reference", run)
 
 
+def ctr_import(snapshotter: str, archive: Path, *, unpack: bool = True) -> ImportTool:
+    """``ctr images import --snapshotter SNAPSHOTTER ARCHIVE`` (which unpacks).
+
+    :param archive: the image as an OCI archive (:func:`oci_image.write_oci_archive`).
+    :param unpack: ``False`` adds ``--no-unpack``: the blobs go into the content store and
+        nothing into the snapshotter; a reference for how containerd's time splits.
+    """
+    name = f"ctr import -> containerd {snapshotter}"
+    if not unpack:
+        name = "ctr import --no-unpack (content store only)"
+
+    def args(image: OciImage) -> list[str]:
+        return [
+            "images", "import", "--snapshotter", snapshotter,
+            "--base-name", f"localhost/{image.tag}",
+            *([] if unpack else ["--no-unpack"]), str(archive),
+        ]  # fmt: skip
+
+    return ctr_tool(
+        name, snapshotter, args, lambda image: f"localhost/{image.tag}:{image.tag}", unpack=unpack
+    )
+
+
 def _chain_id(diff_ids: Sequence[str]) -> str:
     import hashlib
 
@@ -274,6 +334,45 @@ def _chain_id(diff_ids: Sequence[str]) -> str:
     for diff_id in diff_ids[1:]:
         current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
     return current
+
+
+def write_case_image(
+    console: Console, directory: Path, scale: float, *, tag: str = "bench"
+) -> tuple[OciImage, Path]:
+    """Write the benchmark image (``write_benchmark_image``) at ``directory/TAG`` and its OCI
+    archive next to it, and say what they hold; the image and the archive."""
+    start = time.perf_counter()
+    image = write_benchmark_image(directory / tag, scale=scale, tag=tag)
+    archive = write_oci_archive(image, directory / f"{tag}.oci.tar")
+    console.print(f"  {image.describe()}; written in {time.perf_counter() - start:.1f} s")
+    for layer in image.layers:
+        console.print(
+            f"    {layer.tar_size / MIB:8.1f} MiB tar, {layer.size / MIB:7.1f} MiB gzip, "
+            f"{layer.entries:7,} entries: {layer.description}"
+        )
+    return image, archive
+
+
+def import_tools(
+    driver: str, unavailable: str | None, snapshotter: str, storage_driver: str, archive: Path
+) -> list[ImportTool]:
+    """laminae, skopeo and ctr importing the image (and ctr's ``--no-unpack`` reference)."""
+    return [
+        laminae_import(driver, unavailable=unavailable),
+        skopeo_import(storage_driver),
+        ctr_import(snapshotter, archive),
+        ctr_import(snapshotter, archive, unpack=False),
+    ]
+
+
+def run_tools(
+    console: Console, mnt: Path, image: OciImage, tools: Sequence[ImportTool], repeat: int
+) -> list[Run]:
+    """Every tool ``repeat`` times on ``image``, the order rotating from round to round."""
+    by_name = {t.name: t for t in tools}
+    return run_rounds(
+        console, list(by_name), repeat, lambda name, i: by_name[name].run(mnt, image, i)
+    )
 
 
 def run_import_case(
@@ -288,26 +387,9 @@ def run_import_case(
 ) -> tuple[OciImage, list[ImportTool], list[Run]]:
     """Write the image, then run every tool ``repeat`` times; the image, the tools, the runs."""
     console.print("[bold]import[/]: writing the image")
-    start = time.perf_counter()
-    image = write_benchmark_image(mnt / "images" / "bench", scale=scale)
-    archive = write_oci_archive(image, mnt / "images" / "bench.oci.tar")
-    console.print(f"  {image.describe()}; written in {time.perf_counter() - start:.1f} s")
-    for layer in image.layers:
-        console.print(
-            f"    {layer.tar_size / MIB:8.1f} MiB tar, {layer.size / MIB:7.1f} MiB gzip, "
-            f"{layer.entries:7,} entries: {layer.description}"
-        )
-    tools = [
-        laminae_import(driver, unavailable=unavailable),
-        skopeo_import(storage_driver),
-        ctr_import(snapshotter, archive),
-        ctr_import(snapshotter, archive, unpack=False),
-    ]
-    by_name = {t.name: t for t in tools}
-    runs = run_rounds(
-        console, list(by_name), repeat, lambda name, i: by_name[name].run(mnt, image, i)
-    )
-    return image, tools, runs
+    image, archive = write_case_image(console, mnt / "images", scale)
+    tools = import_tools(driver, unavailable, snapshotter, storage_driver, archive)
+    return image, tools, run_tools(console, mnt, image, tools, repeat)
 
 
 def image_json(image: OciImage) -> dict[str, Any]:
@@ -380,7 +462,7 @@ def import_tables(
                 ]
             )
             times.add_row(
-                "  of which the import calls",
+                "  of which the store call (in process)",
                 fmt(inner.median if inner else None, ".2f"),
                 fmt(inner.low if inner else None, ".2f"),
                 fmt(inner.high if inner else None, ".2f"),

@@ -8,17 +8,16 @@ and lets the parent read this process's own peak RSS with ``wait4``. Every subco
 
 Subcommands::
 
-    import  ROOT RUNROOT DRIVER LAYOUT TAG      import an OCI image layout (see import_layout)
+    import  ROOT RUNROOT DRIVER LAYOUT TAG [JOBS]  store.import_image("oci:LAYOUT:TAG")
+    pull    ROOT RUNROOT DRIVER REFERENCE [JOBS]   store.pull(REFERENCE), its registry insecure
     mount   ROOT RUNROOT DRIVER KEY WARM        store.mount(KEY) cold, then WARM more cycles
     changes ROOT RUNROOT DRIVER KEY MODE OUT    changes + export of KEY: MODE native or naive
     create  ROOT RUNROOT DRIVER PARENT KEY      store.create_layer(KEY, parent=PARENT)
     kernel  TECHNIQUE HOME DEPTH TARGET WARM    an overlay mount of a stack, cold, then WARM more
 
-laminae has no image import API yet (issue 5); ``import`` is the minimal import one writes with
-the public API: read ``index.json``, find the manifest by its tag, read manifest and config
-(checking both digests), ``store.apply_layer(blob, parent, digest=..., diff_id=...)`` for each
-layer blob in order (which verifies the blob's digest and DiffID and syncs before it commits),
-and last ``store.create_image(top, names=[tag], config=..., manifest_digest=...)``.
+``import`` and ``pull`` are the product's own calls (``Store.import_image`` and
+``Store.pull``: resolve, verify, fetch, apply layers in parallel, commit), with ``jobs`` at
+its default unless JOBS is given.
 """
 
 from __future__ import annotations
@@ -35,66 +34,53 @@ from typing import Any
 import laminae
 from laminae import _linux  # the kernel techniques compare laminae's mount call with others
 
-REF_NAME = "org.opencontainers.image.ref.name"
 PAGE = 4096
 
 
-# -- import ----------------------------------------------------------------------------------
+# -- import and pull ------------------------------------------------------------------------
 
 
-def _blob(layout: Path, digest: str) -> Path:
-    algorithm, _, encoded = digest.partition(":")
-    return layout / "blobs" / algorithm / encoded
+def _jobs(rest: tuple[str, ...]) -> int | None:
+    return int(rest[0]) if rest and rest[0] else None
 
 
-def _verified(layout: Path, descriptor: dict[str, Any]) -> bytes:
-    """A small blob (manifest, config) read whole and checked against its descriptor."""
-    data = _blob(layout, descriptor["digest"]).read_bytes()
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
-    if actual != descriptor["digest"] or len(data) != descriptor["size"]:
-        raise laminae.CorruptLayer(f"blob {descriptor['digest']}: is {actual}, {len(data)} B")
-    return data
+def _image_report(image: laminae.Image, seconds: float, opened: float) -> dict[str, Any]:
+    return {
+        "seconds": seconds,
+        "open_seconds": opened,
+        "image": image.id,
+        "names": list(image.names),
+        "top_layer": image.top_layer,
+    }
 
 
-def import_layout(store: laminae.Store, layout: Path, tag: str) -> laminae.Image:
-    """Import image ``tag`` of the OCI image layout at ``layout`` into ``store``."""
-    index = json.loads((layout / "index.json").read_bytes())
-    found = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag]
-    if len(found) != 1:
-        raise laminae.NotFound(f"image {tag!r}: {len(found)} manifests in {layout} have that tag")
-    manifest = json.loads(_verified(layout, found[0]))
-    config_bytes = _verified(layout, manifest["config"])
-    diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
-    if len(diff_ids) != len(manifest["layers"]):
-        raise laminae.InvalidArgument(
-            f"image {tag!r}: {len(manifest['layers'])} layers but {len(diff_ids)} DiffIDs"
-        )
-    parent: str | None = None
-    for descriptor, diff_id in zip(manifest["layers"], diff_ids, strict=True):
-        layer = store.apply_layer(
-            _blob(layout, descriptor["digest"]),
-            parent,
-            digest=descriptor["digest"],
-            diff_id=diff_id,
-        )
-        parent = layer.id
-    return store.create_image(
-        parent, names=[tag], config=config_bytes, manifest_digest=found[0]["digest"]
-    )
-
-
-def run_import(root: str, runroot: str, driver: str, layout: str, tag: str) -> dict[str, Any]:
+def run_import(
+    root: str, runroot: str, driver: str, layout: str, tag: str, *rest: str
+) -> dict[str, Any]:
+    """``store.import_image("oci:LAYOUT:TAG")``, the product's own import."""
     start = time.perf_counter()
     with laminae.open_store(root, runroot=runroot, driver=driver) as store:
         opened = time.perf_counter()
-        image = import_layout(store, Path(layout), tag)
+        image = store.import_image(f"oci:{layout}:{tag}", jobs=_jobs(rest))
         seconds = time.perf_counter() - opened
-    return {
-        "seconds": seconds,
-        "open_seconds": opened - start,
-        "image": image.id,
-        "top_layer": image.top_layer,
-    }
+    return _image_report(image, seconds, opened - start)
+
+
+def run_pull(root: str, runroot: str, driver: str, reference: str, *rest: str) -> dict[str, Any]:
+    """``store.pull(REFERENCE)`` over plain HTTP: the reference's registry is made insecure
+    (the benchmark's registry on 127.0.0.1 has no TLS)."""
+    try:
+        from laminae import RegistryOptions  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # not exported at the top level yet
+        from laminae._registry import RegistryOptions
+    host = reference.removeprefix("docker://").partition("/")[0]
+    options = RegistryOptions(insecure_hosts=frozenset({host}))
+    start = time.perf_counter()
+    with laminae.open_store(root, runroot=runroot, driver=driver) as store:
+        opened = time.perf_counter()
+        image = store.pull(reference, registry=options, jobs=_jobs(rest))
+        seconds = time.perf_counter() - opened
+    return _image_report(image, seconds, opened - start)
 
 
 # -- mount -----------------------------------------------------------------------------------
@@ -302,6 +288,7 @@ def run_kernel(technique: str, home: str, depth: str, target: str, warm: str) ->
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "import": run_import,
+    "pull": run_pull,
     "mount": run_mount,
     "changes": run_changes,
     "create": run_create,

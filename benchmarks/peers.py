@@ -165,19 +165,38 @@ def skopeo_env(scratch: Path) -> tuple[dict[str, str], Path]:
     policy.write_text(json.dumps(_POLICY))
     tmp = scratch / "tmp"
     tmp.mkdir(exist_ok=True)
-    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(empty), TMPDIR=str(tmp))
+    # For docker:// sources: no registries.conf (mirrors, aliases) and no credentials of the
+    # host's apply; the benchmark's registry is anonymous.
+    registries = scratch / "registries.conf"
+    registries.write_text("")
+    auth = scratch / "auth.json"
+    auth.write_text('{"auths": {}}')
+    env = dict(
+        os.environ,
+        CONTAINERS_STORAGE_CONF=str(empty),
+        CONTAINERS_REGISTRIES_CONF=str(registries),
+        REGISTRY_AUTH_FILE=str(auth),
+        TMPDIR=str(tmp),
+    )
     return env, policy
 
 
 def skopeo_copy(
-    source: str, driver: str, root: Path, runroot: Path, name: str, scratch: Path
+    source: str,
+    driver: str,
+    root: Path,
+    runroot: Path,
+    name: str,
+    scratch: Path,
+    flags: Sequence[str] = (),
 ) -> Measured:
-    """``skopeo copy SOURCE containers-storage:[DRIVER@ROOT+RUNROOT]NAME``, timed, with an
-    empty blob-info cache (see :func:`private_host_paths`)."""
+    """``skopeo copy [FLAGS] SOURCE containers-storage:[DRIVER@ROOT+RUNROOT]NAME``, timed,
+    with an empty blob-info cache (see :func:`private_host_paths`); ``flags`` are copy's
+    (``--src-tls-verify=false`` for a plain-HTTP registry)."""
     env, policy = skopeo_env(scratch)
     forget_peer_caches()
     destination = f"containers-storage:[{driver}@{root}+{runroot}]{name}"
-    argv = ["skopeo", "--policy", str(policy), "copy", "--quiet", source, destination]
+    argv = ["skopeo", "--policy", str(policy), "copy", "--quiet", *flags, source, destination]
     return run_measured(argv, env=env)
 
 
