@@ -189,15 +189,15 @@ def test_imported_tree_has_what_the_layers_say(store: laminae.Store) -> None:
         assert stat.S_IMODE((root / "tmp").lstat().st_mode) == 0o1777
         assert stat.S_IMODE((root / "root").lstat().st_mode) == 0o700
         assert stat.S_IMODE((root / "usr/bin/hello").lstat().st_mode) == 0o755
-        # Layer 2: a file added, /etc/motd whited out (and the whiteout itself not shown).
+        # Layer 2: a file added, /etc/issue whited out (and the whiteout itself not shown).
         assert (root / "usr/share/hello/greetings.txt").read_text().split() == [
             "hello",
             "hallo",
             "bonjour",
             "hola",
         ]
-        assert not (root / "etc" / "motd").exists()
-        assert not (root / "etc" / ".wh.motd").exists()
+        assert not (root / "etc" / "issue").exists()
+        assert not (root / "etc" / ".wh.issue").exists()
         # Layer 3: a hard link (one inode, two links) and a relative symlink.
         greet = (root / "usr/local/bin/greet").lstat()
         hi = (root / "usr/local/bin/hi").lstat()

@@ -6,9 +6,9 @@ names one image, ``hello``: an image index with a ``linux/amd64`` and a ``linux/
 manifest over the same three gzip layers, so it imports on either machine::
 
     base       a tiny distribution root: merged /usr (/bin a symlink to usr/bin), a /bin/hello
-               shell script, /etc/os-release, /etc/passwd and /etc/group with root, /etc/motd,
+               shell script, /etc/os-release, /etc/passwd and /etc/group with root, /etc/issue,
                a sticky /tmp, an empty /var/lib/hello
-    greetings  adds /usr/share/hello/greetings.txt and deletes /etc/motd (a whiteout)
+    greetings  adds /usr/share/hello/greetings.txt and deletes /etc/issue (a whiteout)
     links      adds /usr/local/bin/greet, /usr/local/bin/hi as a hard link to it, and
                /etc/greetings as a symlink to ../usr/share/hello/greetings.txt
 
@@ -90,7 +90,7 @@ LAYERS: tuple[tuple[str, list[Entry]], ...] = (
             *_dirs("etc"),
             ("etc/group", "file", 0o644, b"root:x:0:\n"),
             ("etc/hello.conf", "file", 0o644, b"GREETING=hello\n"),
-            ("etc/motd", "file", 0o644, b"Welcome to hello.\n"),
+            ("etc/issue", "file", 0o644, b"hello \\n \\l\n"),
             ("etc/os-release", "file", 0o644, b'NAME="hello"\nID=hello\nVERSION_ID=1\n'),
             ("etc/passwd", "file", 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
             ("root", "dir", 0o700, b""),
@@ -103,10 +103,10 @@ LAYERS: tuple[tuple[str, list[Entry]], ...] = (
         ],
     ),
     (
-        "greetings: add /usr/share/hello/greetings.txt, delete /etc/motd",
+        "greetings: add /usr/share/hello/greetings.txt, delete /etc/issue",
         [
             *_dirs("etc"),
-            ("etc/.wh.motd", "file", 0o644, b""),
+            ("etc/.wh.issue", "file", 0o644, b""),
             *_dirs("usr", "usr/share", "usr/share/hello"),
             ("usr/share/hello/greetings.txt", "file", 0o644, b"hello\nhallo\nbonjour\nhola\n"),
         ],
