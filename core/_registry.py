@@ -45,6 +45,7 @@ import json
 import os
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -421,6 +422,7 @@ class RegistryClient:
         )
         self._challenge: _Challenge | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
+        self._token_lock = threading.Lock()
         self._credentials: dict[str, tuple[str, str] | None] = {}
         self.token_requests = 0
         """How many tokens this client has fetched (for tests and diagnostics)."""
@@ -661,7 +663,7 @@ class RegistryClient:
         in ``ok`` raises the matching error.
         """
         url = self._url(path)
-        auth = self._authorization(access, fresh=False)
+        auth = self._authorization(access)
         for attempt in (1, 2):
             request_headers = dict(headers or {})
             if auth.header is not None:
@@ -681,7 +683,7 @@ class RegistryClient:
             if challenge is None or auth.fresh:
                 break
             self._challenge = challenge
-            retry = self._authorization(access, fresh=True)
+            retry = self._authorization(access, refused=auth.header)
             if retry.header is None:
                 response.close()
                 raise PermissionDenied(
@@ -724,8 +726,12 @@ class RegistryClient:
             )
         return self._credentials[repository]
 
-    def _authorization(self, access: _Access, *, fresh: bool) -> _Auth:
-        """The Authorization header for ``access`` under the last challenge, if any."""
+    def _authorization(self, access: _Access, *, refused: str | None = None) -> _Auth:
+        """The Authorization header for ``access`` under the last challenge, if any.
+
+        :param refused: a header the registry has just refused: fetch a new token rather than
+            return it again.
+        """
         challenge = self._challenge
         if challenge is None:
             return _Auth(None, False)
@@ -734,18 +740,22 @@ class RegistryClient:
             return _Auth(_basic(credentials) if credentials else None, False)
         realm = challenge.params.get("realm", "")
         service = challenge.params.get("service", "")
-        if not fresh:
-            candidates = [access.scopes]
-            if access.actions == _PULL and not access.extra:
-                # A token that may push may also pull.
-                candidates.append(attrs.evolve(access, actions=_PUSH).scopes)
+        candidates = [access.scopes]
+        if access.actions == _PULL and not access.extra:
+            # A token that may push may also pull.
+            candidates.append(attrs.evolve(access, actions=_PUSH).scopes)
+        # One fetch per scope when parallel requests all meet their first 401 together: the
+        # others wait here and take the token the first one fetched.
+        with self._token_lock:
             now = time.monotonic()
             for scopes in candidates:
                 token = self._tokens.get((realm, service, scopes))
                 if token is not None and token.expires > now:
-                    return _Auth(f"Bearer {token.value}", False)
-        token = self._fetch_token(realm, service, access, credentials)
-        self._tokens[(realm, service, access.scopes)] = token
+                    header = f"Bearer {token.value}"
+                    if header != refused:
+                        return _Auth(header, False)
+            token = self._fetch_token(realm, service, access, credentials)
+            self._tokens[(realm, service, access.scopes)] = token
         return _Auth(f"Bearer {token.value}", True)
 
     def _fetch_token(

@@ -462,6 +462,30 @@ def test_an_expired_token_is_fetched_again(token_registry: RegistryServer) -> No
     assert len(tokens.requests) == 3
 
 
+def test_parallel_first_requests_share_one_token(
+    token_registry: RegistryServer, image: Image
+) -> None:
+    tokens = token_registry.tokens
+    assert tokens is not None
+    with RegistryClient(token_registry.host, _token_options(token_registry)) as client:
+        push(client, "laminae/hello", "v1", image)
+    tokens.requests.clear()
+    with RegistryClient(token_registry.host, _token_options(token_registry)) as client:
+        results: dict[int, bytes] = {}
+        blob = image.layers[0].descriptor.digest
+
+        def pull(index: int) -> None:
+            results[index] = read_blob(client, "laminae/hello", blob)
+
+        threads = [threading.Thread(target=pull, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert results == dict.fromkeys(range(4), image.layers[0].data)
+    assert len(tokens.requests) == 1
+
+
 def test_bearer_token_in_access_token_field(token_registry: RegistryServer, image: Image) -> None:
     assert token_registry.tokens is not None
     token_registry.tokens.field = "access_token"
