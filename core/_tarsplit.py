@@ -529,7 +529,9 @@ class _RecordWriter:
         self._end_run()
         self._ops += b"\x00" + _varint(self.total)
         self._flush()
-        self._zstd.close()
+        # zstandard's stubs leave close() unannotated; with closefd=False it ends the frame
+        # and leaves ``out`` open.
+        self._zstd.close()  # type: ignore[no-untyped-call]
 
     def _end_run(self) -> None:
         run = self._run

@@ -170,7 +170,7 @@ class TarEntry:
     xattrs: dict[bytes, bytes]
     sparse: tuple[tuple[int, int], ...] | None
     index: int
-    _reader: HeaderDecoder
+    _reader: TarReader
     _data_size: int
 
     def buffered(self) -> memoryview | None:
@@ -838,13 +838,13 @@ def header_size(block: bytes, reader: HeaderDecoder, name: bytes) -> int:
 
 def decode_number(field: bytes, reader: HeaderDecoder, what: str, name: bytes) -> int:
     """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
-    value = _parsedecode_number(field, reader, what, name)
+    value = _parse_number(field, reader, what, name)
     if len(_NUMBERS) < _NUMBERS_MAX:
         _NUMBERS[field] = value
     return value
 
 
-def _parsedecode_number(field: bytes, reader: HeaderDecoder, what: str, name: bytes) -> int:
+def _parse_number(field: bytes, reader: HeaderDecoder, what: str, name: bytes) -> int:
     first = field[0]
     if first & 0x80:
         if first == 0xFF:
@@ -898,7 +898,7 @@ def _sparse_entries(
 
 
 def _check_sparse(
-    segments: list[tuple[int, int]], entry: TarEntry, reader: HeaderDecoder
+    segments: list[tuple[int, int]], entry: TarEntry, reader: TarReader
 ) -> tuple[tuple[int, int], ...]:
     """Segments ascend, do not overlap, stay inside the file and add up to the stored data."""
     name = entry.name
