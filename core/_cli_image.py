@@ -28,7 +28,7 @@ import attrs
 import click
 import rich.console
 
-from ._cli import _json_option, _print_json, _print_table, _short, _with_store
+from ._cli import _json_option, _print_json, _print_table, _Settings, _short, _with_store
 from ._compression import Compression
 from ._exceptions import InvalidArgument, NotFound
 from ._image import ImageConfig, parse_config
@@ -91,19 +91,21 @@ def _credentials(text: str | None) -> tuple[str, str] | None:
 
 
 def _registry_options(
+    base: RegistryOptions | None,
     insecure: Sequence[str],
     creds: str | None,
     authfile: Path | None,
     cert_dir: Path | None,
 ) -> RegistryOptions:
-    # TODO(lead): merge over the config file's [registries] table once core/_config.py has it
-    # (StoreConfig.registries): insecure hosts added to the file's, the other flags replacing
-    # the file's values. Until then the flags are the whole story.
-    return RegistryOptions(
-        insecure_hosts=frozenset(insecure),
-        credentials=_credentials(creds),
-        auth_file=authfile,
-        certs_dir=cert_dir,
+    """The flags over ``base``, the config file's ``[registries]``: insecure hosts add up,
+    the other flags replace the file's value."""
+    base = base or RegistryOptions()
+    return attrs.evolve(
+        base,
+        insecure_hosts=base.insecure_hosts | frozenset(insecure),
+        credentials=_credentials(creds) or base.credentials,
+        auth_file=authfile or base.auth_file,
+        certs_dir=cert_dir or base.certs_dir,
     )
 
 
@@ -121,7 +123,10 @@ def _transfer_options(command: Callable[..., None]) -> Callable[..., None]:
         cert_dir: Path | None,
         **kwargs: Any,
     ) -> None:
-        registry = _registry_options(insecure, creds, authfile, cert_dir)
+        settings = click.get_current_context().find_object(_Settings)
+        assert settings is not None, "the top group sets it"
+        file = settings.config().registries
+        registry = _registry_options(file, insecure, creds, authfile, cert_dir)
         command(*args, transfer=_Transfer(quiet, as_json, registry), **kwargs)
 
     options = [

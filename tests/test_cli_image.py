@@ -535,3 +535,19 @@ def test_pull_over_tls_from_a_plain_http_registry_exits_11(
     # Without --insecure-registry a registry is spoken to over TLS only, never plain HTTP.
     result = invoke("pull", "-q", f"{registry.host}/x:1", expect=11)
     assert registry.host in one_error_line(result)
+
+
+@pytest.mark.root
+def test_registries_from_the_config_file_and_flags_add_up(
+    invoke: Invoke, hello: Layout, registry: RegistryServer, tmp_path: Path
+) -> None:
+    target = f"{registry.host}/from-config/hello:v1"
+    # The store's config (see the invoke fixture) names the registry insecure: no flag needed.
+    (tmp_path / "storage.toml").write_text(f'[registries]\ninsecure = ["{registry.host}"]\n')
+    pushed = invoke("push", "-q", "hello", target)
+    assert pushed.stdout.startswith(f"Pushed hello to docker://{target}: sha256:")
+    # A flag adds a host to the file's list; it does not replace it.
+    invoke("image", "rm", "hello")
+    invoke("pull", "-q", "--insecure-registry", "elsewhere:5000", target)
+    (tmp_path / "storage.toml").write_text("")
+    invoke("pull", "-q", target, expect=11)  # neither: TLS, which this registry does not speak
