@@ -345,17 +345,19 @@ def diff_ids(store: laminae.Store, ref: str) -> list[str | None]:
     return [layer.diff_id for layer in store.image_layers(ref)]
 
 
-def import_rich(store: laminae.Store, tmp_path: Path, marker: str) -> tuple[BuiltImage, str]:
-    """Import the rich test image from a layout; returns what was built and the layout ref."""
+def import_rich(store: laminae.Store, tmp_path: Path, marker: str) -> BuiltImage:
+    """Import the rich test image, as ``rich:1``, from a layout written under ``tmp_path``."""
     built = write_layout(tmp_path / "layout", rich_layers(marker))
     store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["rich:1"])
-    return built, f"{tmp_path / 'layout'}:v1"
+    return built
 
 
 # --- 1. laminae pushes, skopeo pulls ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", [laminae.Compression.GZIP, laminae.Compression.ZSTD])
+@pytest.mark.parametrize(
+    "compression", [laminae.Compression.GZIP, laminae.Compression.ZSTD], ids=["gzip", "zstd"]
+)
 def test_skopeo_pulls_and_verifies_what_laminae_pushed(
     store: laminae.Store,
     shared_registry: RegistryServer,
@@ -363,7 +365,7 @@ def test_skopeo_pulls_and_verifies_what_laminae_pushed(
     tmp_path: Path,
     compression: laminae.Compression,
 ) -> None:
-    built, _ = import_rich(store, tmp_path, f"{repo} {compression.name}")
+    built = import_rich(store, tmp_path, f"{repo} {compression.name}")
     target = f"{shared_registry.host}/{repo}:{compression.name.lower()}"
     pushed = store.push(
         "rich:1", target, registry=insecure(shared_registry), compression=compression
@@ -471,7 +473,7 @@ def test_push_and_pull_with_credentials_and_refusals(
     good = insecure(server, credentials=(server.username, server.password), auth_file=auth_file)
     wrong = insecure(server, credentials=(server.username, "wrong"), auth_file=auth_file)
     anonymous = insecure(server, auth_file=auth_file)
-    built, _ = import_rich(store, tmp_path, kind)
+    built = import_rich(store, tmp_path, kind)
     target = f"{server.host}/private/app:1"
 
     with pytest.raises(laminae.PermissionDenied, match="private/app"):
@@ -500,7 +502,7 @@ def test_push_and_pull_with_credentials_and_refusals(
 def test_skopeo_reads_the_docker_archive_laminae_writes(
     store: laminae.Store, tmp_path: Path
 ) -> None:
-    built, _ = import_rich(store, tmp_path, "docker-archive out")
+    built = import_rich(store, tmp_path, "docker-archive out")
     archive = tmp_path / "rich.tar"
     store.export_image("rich:1", f"docker-archive:{archive}:example/rich:1")
     # skopeo finds the image by the RepoTag laminae wrote; plain layers are their DiffIDs.
