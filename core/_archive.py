@@ -344,6 +344,17 @@ def _is_overlay_xattr(name: bytes) -> bool:
     return name.startswith(_OVERLAY_PREFIXES)
 
 
+def hidden_name(name: bytes) -> bytes:
+    """The name whiteout ``name`` (``.wh.<name>``, not the opaque marker) hides.
+
+    :raises InvalidArgument: a bare ``.wh.``, a ``.wh..wh.<other>``, or ``.`` or ``..``.
+    """
+    hidden = name[len(_WHITEOUT) :]
+    if not hidden or hidden in (b".", b"..") or hidden.startswith(_WHITEOUT):
+        raise InvalidArgument(f"invalid whiteout name '{_text(name)}'")
+    return hidden
+
+
 def _check_xattrs(xattrs: dict[bytes, bytes]) -> None:
     """Refuse overlayfs's own attributes: a forged one could hide or alias other layers."""
     for name in xattrs:
@@ -708,8 +719,7 @@ class _Applier(_Tree):
                 self.invalidate()
         return True
 
-    @staticmethod
-    def _remove_tree(dir_fd: int, name: bytes) -> None:
+    def _remove_tree(self, dir_fd: int, name: bytes) -> None:
         """``rm -r`` through fds, iteratively (a tree may be deeper than Python's stack)."""
         stack = [(dir_fd, name, os.open(name, _O_LIST_DIR, dir_fd=dir_fd))]
         try:
@@ -726,11 +736,15 @@ class _Applier(_Tree):
                     stack.append((fd, subdir, os.open(subdir, _O_LIST_DIR, dir_fd=fd)))
                     continue
                 stack.pop()
+                self._dir_removed(fd)
                 os.close(fd)
                 os.rmdir(dir_name, dir_fd=parent_fd)
         finally:
             for _, _, fd in stack:
                 os.close(fd)
+
+    def _dir_removed(self, fd: int) -> None:
+        """Directory ``fd`` of this layer is about to be removed (a hook; nothing here)."""
 
     # --- entries ------------------------------------------------------------------------
 
@@ -826,11 +840,9 @@ class _Applier(_Tree):
             if created and not self._overlay:
                 self._fresh.add(_dir_key(fd))
             elif not created:
-                # Cached records hold the group new files get here; it may change now.
-                self.forget(_dir_key(fd))
-            if replaced and self._overlay and self._hides_a_lower_dir(path):
-                # What this layer put here before (a whiteout, a file) hid the lowers.
-                _set_xattr(fd, self._opaque_xattr, b"y")
+                self._kept_dir(_dir_key(fd))
+            if replaced and self._overlay:
+                self._replaced_dir(fd, path)
             os.fchown(fd, entry.uid, entry.gid)
             os.fchmod(fd, entry.mode)
             if entry.xattrs:
@@ -839,6 +851,17 @@ class _Applier(_Tree):
             os.close(fd)
         mtime = entry.mtime_ns
         self._dir_times.append((path, mtime if entry.atime_ns is None else entry.atime_ns, mtime))
+
+    def _kept_dir(self, key: int) -> None:
+        """An existing directory takes a directory entry's attributes."""
+        # Cached records hold the group new files get here; it may change now.
+        self.forget(key)
+
+    def _replaced_dir(self, fd: int, path: bytes) -> None:
+        """OVERLAY mode: directory ``fd`` at ``path`` replaced a non-directory of this layer."""
+        if self._hides_a_lower_dir(path):
+            # What this layer put here before (a whiteout, a file) hid the lowers.
+            _set_xattr(fd, self._opaque_xattr, b"y")
 
     def _symlink(self, entry: TarEntry, dir_fd: int, name: bytes) -> None:
         target = entry.linkname
@@ -955,9 +978,7 @@ class _Applier(_Tree):
             else:
                 self._overlay_opaque_root(entry)
             return
-        hidden = name[len(_WHITEOUT) :]
-        if not hidden or hidden in (b".", b"..") or hidden.startswith(_WHITEOUT):
-            raise InvalidArgument(f"invalid whiteout name '{_text(name)}'")
+        hidden = hidden_name(name)
         if self._overlay:
             path = parent_path + b"/" + hidden if parent_path else hidden
             shown = self._lower_entry(path, upper=True)
@@ -1030,17 +1051,26 @@ class _Applier(_Tree):
     def finish(self) -> None:
         """Set directory times, now that no child will be added."""
         for path, atime, mtime in self._dir_times:
-            parent_path, _, name = path.rpartition(b"/")
-            parent = self.lookup(parent_path)
-            if parent is None:
-                continue
-            try:
-                st = os.stat(name, dir_fd=parent[0], follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                os.utime(name, ns=(atime, mtime), dir_fd=parent[0], follow_symlinks=False)
+            self.set_dir_times(path, atime, mtime)
         self.release()
+
+    def set_dir_times(self, path: bytes, atime: int, mtime: int) -> int | None:
+        """Set the times of the directory at ``path`` (resolved in the root), if one is there.
+
+        :returns: the directory's identity, or ``None`` when there is none at ``path``.
+        """
+        parent_path, _, name = path.rpartition(b"/")
+        parent = self.lookup(parent_path)
+        if parent is None:
+            return None
+        try:
+            st = os.stat(name, dir_fd=parent[0], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        os.utime(name, ns=(atime, mtime), dir_fd=parent[0], follow_symlinks=False)
+        return st.st_dev << 64 | st.st_ino
 
 
 def apply_tar(
@@ -1071,6 +1101,11 @@ def apply_tar(
     """
     reader = TarReader(tar, limits)
     applier = _Applier(root, limits, whiteouts, parent_roots, userxattr)
+    return apply_entries(applier, reader)
+
+
+def apply_entries(applier: _Applier, reader: TarReader) -> ApplyResult:
+    """Apply every entry ``reader`` gives with ``applier``, finish, and close it."""
     count = 0
     try:
         for entry in reader:

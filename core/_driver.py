@@ -32,6 +32,29 @@ Importing a layer (what the store does)::
     driver.apply(sid, parents, tar, limits)          # or: mount, apply_tar, unmount
     # the store verifies the DiffID, then commits the layer in the graph
 
+Importing the layers of one image side by side (:attr:`Feature.APPLY_DETACHED`, for drivers
+whose layers are independent on disk). Each layer is written without looking at any other,
+in parallel; then, base first, each is settled once all its parents are settled::
+
+    driver.create(sid, parents, writable=True)       # every layer of the image, base first
+    try:
+        pending = driver.apply_detached(sid, tar, limits)    # any order, in parallel
+    except ParentsNeeded:
+        pending = None                               # this tar needs its parents' content
+    ...                                              # later, base first:
+    if pending is None:
+        driver.remove(sid); driver.create(sid, parents, writable=True)
+        driver.apply(sid, parents, tar_again, limits)
+    else:
+        driver.settle(sid, parents, pending)         # may raise ParentsNeeded too: same
+    # verify the DiffID (of the tar read by apply_detached), commit
+
+After ``settle`` the layer is byte for byte what ``apply(sid, parents, tar, limits)`` would
+have made, and an error ``apply`` would raise for that tar, ``apply_detached`` or ``settle``
+raises (or :class:`ParentsNeeded`, and ``apply`` then raises it). A layer that was applied
+detached and not settled is not content yet: it must not be mounted, diffed or used as a
+parent; the store removes it when the import fails.
+
 Running a container::
 
     driver.create(sid, parents_of_image_top, writable=True)
@@ -55,15 +78,18 @@ from typing import BinaryIO, ClassVar, Protocol, runtime_checkable
 import attrs
 
 from ._changes import Change
+from ._exceptions import LaminaeError
 
 __all__ = [
     "Applier",
     "Capabilities",
     "ChangeReporter",
     "Committer",
+    "DetachedApplier",
     "Driver",
     "Feature",
     "MountSpec",
+    "ParentsNeeded",
     "QuotaSetter",
     "Usage",
     "tree_usage",
@@ -81,6 +107,21 @@ class Feature(enum.Enum):
     """``set_quota`` limits the bytes a writable layer may hold."""
     COMMIT = "commit"
     """``commit`` is told when a layer becomes committed, to freeze it (btrfs: read-only)."""
+    APPLY_DETACHED = "apply_detached"
+    """``apply_detached`` writes a layer before its parents are complete; ``settle`` then
+    makes it what ``apply`` would have made. Declared with ``independent_layers``."""
+
+
+class ParentsNeeded(LaminaeError):
+    """:meth:`DetachedApplier.apply_detached` (or ``settle``) cannot apply this tar without
+    its parents' content: a root-level opaque marker, a hard link to a file the tar does not
+    hold, a whiteout or an opaque marker in a directory the tar does not make first...
+
+    Not an error of the tar: the store removes what was written and applies the tar with
+    ``apply`` once the parents are complete. The message says what needed them.
+    """
+
+    exit_code = 12  # never expected to reach the CLI: the store falls back to ``apply``
 
 
 def _to_features(value: Iterable[Feature]) -> frozenset[Feature]:
@@ -273,9 +314,47 @@ class Committer(Protocol):
         """
 
 
+@runtime_checkable
+class DetachedApplier(Protocol):
+    """:attr:`Feature.APPLY_DETACHED`: apply a layer tar before its parents are complete.
+
+    For drivers whose layers live apart on disk (``independent_layers``), so that the layers
+    of one image are written in parallel. The result must be exactly what :meth:`Applier.apply`
+    gives (a driver with this feature has ``apply`` too, as the fallback). See the module
+    docstring for the order of calls.
+    """
+
+    def apply_detached(self, id: str, tar: BinaryIO, limits: object) -> object:
+        """Write ``tar`` into layer ``id`` without reading any other layer.
+
+        Read ``tar`` to its end, as :meth:`Applier.apply` does. ``id`` was created with its
+        parents, which may still be empty or half-written.
+
+        :returns: an opaque value describing what :meth:`settle` must fix; the store keeps
+            it (in memory, bounded by the tar's entry count) and hands it back.
+        :raises ParentsNeeded: the tar cannot be applied without the parents' content; what
+            was written is garbage, and the store removes it.
+        :raises LaminaeError: the tar is refused, as ``apply`` refuses it.
+        """
+        ...
+
+    def settle(self, id: str, parents: Sequence[str], pending: object) -> None:
+        """Make layer ``id`` what ``apply(id, parents, tar, limits)`` would have made.
+
+        Called once, after every layer in ``parents`` (immediate parent first, as always) is
+        complete and settled, with the value :meth:`apply_detached` returned for ``id``.
+
+        :raises InvalidArgument: the tar is refused against these parents (a path through a
+            parent's file), with the message ``apply`` gives.
+        :raises ParentsNeeded: as for ``apply_detached``; the store then removes the
+            layer's content and applies the tar with ``apply``.
+        """
+
+
 FEATURE_PROTOCOLS: Mapping[Feature, type] = {
     Feature.COMMIT: Committer,
     Feature.APPLY: Applier,
+    Feature.APPLY_DETACHED: DetachedApplier,
     Feature.CHANGES: ChangeReporter,
     Feature.QUOTA: QuotaSetter,
 }

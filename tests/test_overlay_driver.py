@@ -7,6 +7,8 @@ in a private mount namespace (``tox -e unit``); each unmounts what it mounted.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import io
@@ -17,11 +19,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from tarbuild import Layer
 
@@ -1064,3 +1069,253 @@ def test_applied_layers_match_vfs_on_random_tars(
             assert_native_is_naive(store, layer)
             parent, copy = layer, flat
     assert applied >= 3, "the random tars were mostly refused: the test shows little"
+
+
+# --- detached apply against the sequential one --------------------------------------------------
+
+_LOOSE_NAMES = (*_DIRS, "f", "g")
+
+
+def loose_tar(rng: random.Random, entries: int) -> bytes:
+    """A layer tar as no diff tool writes one, to reach every rule the lowers decide.
+
+    Parent directories are left out half the time (made by the applier, and given the
+    lowers' attributes), opaque markers and whiteouts go anywhere, directories get setgid
+    and sticky modes, owners and xattrs, symlinks take directory names (paths go through
+    them), and hard links may name a file of a lower layer.
+    """
+    layer = Layer()
+    files: list[str] = []
+
+    def dir_attributes() -> dict[str, object]:
+        attributes: dict[str, object] = {
+            "mode": rng.choice((0o755, 0o700, 0o1777, 0o2775)),
+            "uid": rng.choice((0, 1000)),
+            "gid": rng.choice((0, 50)),
+            "mtime": rng.choice((1_600_000_000, 1_700_000_000)),
+        }
+        if rng.randrange(3) == 0:
+            attributes["xattrs"] = {"user.k": rng.choice(("1", "2"))}
+        return attributes
+
+    for _ in range(entries):
+        kind = rng.choices(range(8), weights=(5, 3, 3, 2, 1, 1, 1, 1))[0]
+        # Mostly below the root: an opaque marker there always needs the parents.
+        parts = [rng.choice(_DIRS) for _ in range(rng.randrange(kind != 3 or rng.random() < 0.9, 4))]
+        # Whiteouts and markers mostly in a directory the tar makes first: elsewhere the
+        # sequential apply makes that directory only if the lowers show what they hide.
+        if rng.random() < (0.9 if kind in (2, 3) else 0.5):
+            for depth in range(1, len(parts) + 1):
+                layer.dir("/".join(parts[:depth]), **dir_attributes())
+        prefix = "".join(part + "/" for part in parts)
+        if kind == 0:
+            path = prefix + rng.choice(_LOOSE_NAMES)
+            layer.file(path, rng.randbytes(2), mode=rng.choice((0o644, 0o4755)))
+            files.append(path)
+        elif kind == 1:
+            layer.dir(prefix + rng.choice(_LOOSE_NAMES), **dir_attributes())
+        elif kind == 2:
+            layer.file(prefix + ".wh." + rng.choice(_LOOSE_NAMES), uid=rng.choice((0, 7)))
+        elif kind == 3:
+            layer.file(prefix + ".wh..wh..opq")
+        elif kind == 4:
+            layer.symlink(prefix + rng.choice(("s", *_DIRS)), rng.choice((*_DIRS, "/b", "..")))
+        elif kind == 5:
+            target = rng.choice(files) if files and rng.randrange(8) else prefix + "f"
+            layer.hardlink(prefix + "h", target)
+        elif kind == 6:
+            layer.fifo(prefix + rng.choice(_LOOSE_NAMES))
+        else:
+            layer.char(prefix + rng.choice(_LOOSE_NAMES), 1, 3)
+    return layer.bytes()
+
+
+def layer_tree(root: Path, since_ns: int) -> dict[bytes, tuple[object, ...]]:
+    """Everything of a layer dir, read with ``os.*``: names, types, modes, owners, device
+    numbers, link counts and hard-link groups, xattrs (``trusted.overlay.*`` included),
+    symlink targets, content and times. Times from ``since_ns`` on (a whiteout or directory
+    made now, by either apply, never timed from a tar or a lower) are left out."""
+    paths = [os.fsencode(root)]
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        paths.extend(os.path.join(dirpath, name) for name in (*dirnames, *filenames))
+    paths.sort()
+    first_of_inode: dict[int, bytes] = {}
+    tree: dict[bytes, tuple[object, ...]] = {}
+    prefix = len(os.fsencode(root))
+    for path in paths:
+        st = os.lstat(path)
+        relative = path[prefix:] or b"/"
+        kind = stat.S_IFMT(st.st_mode)
+        mtime: int | None = st.st_mtime_ns
+        if st.st_mtime_ns >= since_ns:
+            mtime = None
+        content: object = None
+        if stat.S_ISREG(st.st_mode):
+            content = Path(os.fsdecode(path)).read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        xattrs = sorted(
+            (name, os.getxattr(path, name, follow_symlinks=False))
+            for name in os.listxattr(path, follow_symlinks=False)
+        )
+        group = first_of_inode.setdefault(st.st_ino, relative) if st.st_nlink > 1 else None
+        tree[relative] = (
+            kind,
+            oct(stat.S_IMODE(st.st_mode)),
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None,
+            st.st_nlink,
+            group,
+            mtime,
+            xattrs,
+            content,
+        )
+    return tree
+
+
+def assert_same_layer_dirs(want: Path, got: Path, since_ns: int, what: str) -> None:
+    expected, actual = layer_tree(want, since_ns), layer_tree(got, since_ns)
+    differences = [
+        f"{path!r}: sequential {expected.get(path)} detached {actual.get(path)}"
+        for path in sorted(expected.keys() | actual.keys())
+        if expected.get(path) != actual.get(path)
+    ]
+    assert not differences, f"{what}:\n  " + "\n  ".join(differences[:20])
+
+
+@attrs.define
+class ChainOutcome:
+    """What applying a chain of tars did: per layer, ``None`` (applied) or the error text;
+    and how the detached side applied each (``detached``, ``fallback``)."""
+
+    results: list[str | None] = attrs.Factory(list)
+    ways: list[str] = attrs.Factory(list)
+    recorded: collections.Counter[str] = attrs.Factory(collections.Counter)
+
+
+def apply_sequential(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
+    outcome = ChainOutcome()
+    for number, data in enumerate(tars):
+        id, parents = f"l{number}", [f"l{n}" for n in reversed(range(number))]
+        driver.create(id, parents, writable=True)
+        try:
+            driver.apply(id, parents, io.BytesIO(data), laminae.Limits())
+        except InvalidArgument as exc:
+            outcome.results.append(str(exc))
+            break
+        outcome.results.append(None)
+    return outcome
+
+
+def apply_detached(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
+    """Every tar applied detached in its own thread at once, then settled base first; a
+    layer that needs its parents is removed and applied the sequential way."""
+    ids = [f"l{number}" for number in range(len(tars))]
+    for number, id in enumerate(ids):
+        driver.create(id, list(reversed(ids[:number])), writable=True)
+
+    def detached(number: int) -> object:
+        try:
+            return driver.apply_detached(ids[number], io.BytesIO(tars[number]), laminae.Limits())
+        except (laminae.ParentsNeeded, InvalidArgument) as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(tars)) as pool:
+        pending = list(pool.map(detached, range(len(tars))))
+    outcome = ChainOutcome()
+    for number, id in enumerate(ids):
+        parents = list(reversed(ids[:number]))
+        state = pending[number]
+        try:
+            if isinstance(state, InvalidArgument):
+                raise state
+            if not isinstance(state, laminae.ParentsNeeded):
+                assert isinstance(state, laminae.Unsettled)
+                outcome.recorded.update(
+                    whiteouts=len(state.whiteouts),
+                    opaque=len(state.opaque),
+                    implicit=len(state.implicit),
+                )
+                try:
+                    driver.settle(id, parents, state)
+                    outcome.ways.append("detached")
+                except laminae.ParentsNeeded:
+                    state = None
+            if isinstance(state, laminae.ParentsNeeded) or state is None:
+                driver.remove(id)
+                driver.create(id, parents, writable=True)
+                driver.apply(id, parents, io.BytesIO(tars[number]), laminae.Limits())
+                outcome.ways.append("fallback")
+        except InvalidArgument as exc:
+            outcome.results.append(str(exc))
+            break
+        outcome.results.append(None)
+    return outcome
+
+
+def compare_chains(tmp_path: Path, tars: list[bytes]) -> ChainOutcome:
+    """Apply ``tars`` as a chain sequentially and detached; the outcomes and every applied
+    layer's ``diff/`` must be the same."""
+    since = time.time_ns() - 1_000_000_000
+    sequential = OverlayDriver(tmp_path / "sequential", {})
+    detached = OverlayDriver(tmp_path / "detached", {})
+    want = apply_sequential(sequential, tars)
+    got = apply_detached(detached, tars)
+    assert got.results == want.results
+    for number, result in enumerate(want.results):
+        if result is None:
+            assert_same_layer_dirs(
+                tmp_path / f"sequential/layers/l{number}/diff",
+                tmp_path / f"detached/layers/l{number}/diff",
+                since,
+                f"layer {number}",
+            )
+    return got
+
+
+def test_overlay_declares_detached_apply(driver: OverlayDriver) -> None:
+    caps = OverlayDriver.capabilities
+    assert Feature.APPLY_DETACHED in caps.features and caps.independent_layers
+    assert isinstance(driver, laminae.DetachedApplier)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_detached_apply_equals_sequential_on_random_tars(tmp_path: Path, seed: int) -> None:
+    """Random chains of 2-4 layers, diff-tool tars and loose ones, applied both ways."""
+    rng = random.Random(seed)
+    count = rng.randrange(2, 5)
+    if seed % 2:
+        tars = [random_tar(rng, rng.randrange(10, 40)) for _ in range(count)]
+    else:
+        tars = [loose_tar(rng, rng.randrange(8, 20)) for _ in range(count)]
+    compare_chains(tmp_path, tars)
+
+
+def test_most_random_layers_settle_detached(tmp_path: Path) -> None:
+    """The random chains above mostly go the detached way: the comparison shows something."""
+    ways: list[str] = []
+    for seed in range(12):
+        rng = random.Random(1000 + seed)
+        tars: list[bytes] = []
+        while len(tars) < 3:
+            data = random_tar(rng, 30)
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                if ".wh..wh..opq" not in archive.getnames():  # at the root: parents needed
+                    tars.append(data)
+        ways.extend(compare_chains(tmp_path / str(seed), tars).ways)
+    assert ways.count("detached") >= 0.8 * len(ways), ways
+
+
+def test_loose_layers_settle_detached_often_and_with_work_to_do(tmp_path: Path) -> None:
+    """Loose tars need their parents more often, yet many settle detached, and the settle
+    step has made parents, whiteouts and opaque flags to judge."""
+    ways: list[str] = []
+    recorded: collections.Counter[str] = collections.Counter()
+    for seed in range(12):
+        rng = random.Random(2000 + seed)
+        outcome = compare_chains(tmp_path / str(seed), [loose_tar(rng, 12) for _ in range(3)])
+        ways.extend(outcome.ways)
+        recorded.update(outcome.recorded)
+    assert ways.count("detached") >= 0.4 * len(ways), ways
+    assert min(recorded["whiteouts"], recorded["opaque"], recorded["implicit"]) >= 5, recorded

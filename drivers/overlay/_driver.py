@@ -50,10 +50,13 @@ from laminae import (
     Limits,
     MountSpec,
     NotFound,
+    Unsettled,
     Usage,
     WhiteoutMode,
     _linux,
     apply_tar,
+    apply_tar_detached,
+    settle_detached,
     tree_usage,
 )
 from laminae._exceptions import map_os_errors
@@ -107,14 +110,14 @@ class OverlayDriver:
     # (_host): capabilities are a class attribute, and neither fact changes while a process
     # runs. A home records its namespace, so a store made rootless is refused outside one.
     capabilities: ClassVar[Capabilities] = Capabilities(
-        features=frozenset({Feature.APPLY, Feature.CHANGES}),
+        features=frozenset({Feature.APPLY, Feature.CHANGES, Feature.APPLY_DETACHED}),
         max_depth=KERNEL_MAX_LOWERS if LOWERDIR_APPEND else _FALLBACK_DEPTH,
         needs_root=True,
-        # A layer's files live apart from its parents', but applying a tar reads the parents:
-        # whiteouts go only where they show a name, new parent dirs take their attributes,
-        # hard links to their files copy them up (as containerd's overlay apply does). So a
-        # layer is applied after its parents are complete, not beside them.
-        independent_layers=False,
+        # A layer's files live apart from its parents'. Applying a tar reads the parents
+        # (whiteouts go only where they show a name, new parent dirs take their attributes,
+        # hard links to their files copy them up, as containerd's overlay apply does), so
+        # the layers of an image are applied detached side by side and settled base first.
+        independent_layers=True,
         known_failures=known_failures(
             user_namespace=USERXATTR, ids=mapped_ids() if USERXATTR else 1 << 32
         ),
@@ -396,6 +399,33 @@ class OverlayDriver:
             parent_roots=lowers,
             userxattr=self.userxattr,
         )
+
+    def apply_detached(self, id: str, tar: BinaryIO, limits: object) -> Unsettled:
+        """Write ``tar`` into the layer's ``diff/`` without reading any parent.
+
+        Whiteouts and opaque flags are all written, and recorded for :meth:`settle`, which
+        keeps those the parents need (see :func:`laminae.apply_tar_detached`).
+
+        :raises ParentsNeeded: the tar needs the parents' content (a root opaque marker, a
+            hard link to a parent's file...): remove the layer, then :meth:`apply` it.
+        """
+        diff = self._layer(id) / "diff"
+        if not isinstance(limits, Limits):
+            raise InvalidArgument(f"overlay: apply limits {limits!r} are not laminae.Limits")
+        return apply_tar_detached(diff, tar, limits=limits, userxattr=self.userxattr)
+
+    def settle(self, id: str, parents: Sequence[str], pending: object) -> None:
+        """Make the layer what :meth:`apply` on ``parents`` would have made of its tar.
+
+        :raises InvalidArgument: the tar is refused on these parents, or ``pending`` is not
+            what :meth:`apply_detached` returned.
+        :raises ParentsNeeded: as for :meth:`apply_detached`.
+        """
+        diff = self._layer(id) / "diff"
+        lowers = [self._layer(parent, what="parent layer") / "diff" for parent in parents]
+        if not isinstance(pending, Unsettled):
+            raise InvalidArgument(f"overlay: {pending!r} is not what apply_detached returned")
+        settle_detached(diff, pending, lowers, userxattr=self.userxattr)
 
     def changes(self, id: str, parents: Sequence[str]) -> Iterator[Change]:
         """The changes of ``id`` against ``parents[0]``, from its ``diff/`` alone.
