@@ -1101,7 +1101,9 @@ def loose_tar(rng: random.Random, entries: int) -> bytes:
     for _ in range(entries):
         kind = rng.choices(range(8), weights=(5, 3, 3, 2, 1, 1, 1, 1))[0]
         # Mostly below the root: an opaque marker there always needs the parents.
-        parts = [rng.choice(_DIRS) for _ in range(rng.randrange(kind != 3 or rng.random() < 0.9, 4))]
+        parts = [
+            rng.choice(_DIRS) for _ in range(rng.randrange(kind != 3 or rng.random() < 0.9, 4))
+        ]
         # Whiteouts and markers mostly in a directory the tar makes first: elsewhere the
         # sequential apply makes that directory only if the lowers show what they hide.
         if rng.random() < (0.9 if kind in (2, 3) else 0.5):
@@ -1319,3 +1321,160 @@ def test_loose_layers_settle_detached_often_and_with_work_to_do(tmp_path: Path) 
         recorded.update(outcome.recorded)
     assert ways.count("detached") >= 0.4 * len(ways), ways
     assert min(recorded["whiteouts"], recorded["opaque"], recorded["implicit"]) >= 5, recorded
+
+
+_BASE = (
+    Layer()
+    .dir("etc")
+    .file("etc/gone", b"g")
+    .dir("opt")
+    .file("opt/old", b"o")
+    .file("x", b"a file")
+    .dir("tmp", mode=0o1777, uid=0, gid=0, mtime=1_500_000_000, xattrs={"user.k": "lower"})
+    .bytes()
+)
+
+
+def _whiteout_at(diff: Path, path: str) -> bool:
+    try:
+        st = os.lstat(diff / path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@pytest.mark.parametrize(
+    ("top", "ways", "check"),
+    [
+        pytest.param(
+            Layer().dir("etc").file("etc/.wh.gone"),
+            ["detached", "detached"],
+            lambda d: _whiteout_at(d, "etc/gone"),
+            id="whiteout-of-a-lower-file",
+        ),
+        pytest.param(
+            Layer().dir("etc").file("etc/.wh.never-there").file(".wh.nor-this"),
+            ["detached", "detached"],
+            lambda d: os.listdir(d) == ["etc"] and os.listdir(d / "etc") == [],
+            id="whiteout-of-a-name-no-lower-has",
+        ),
+        pytest.param(
+            Layer().dir("opt").file("opt/.wh..wh..opq").file("opt/new", b"n"),
+            ["detached", "detached"],
+            lambda d: get_xattr(str(d / "opt"), OPAQUE) == b"y",
+            id="opaque-over-a-lower-dir",
+        ),
+        pytest.param(
+            Layer().dir("srv").file("srv/.wh..wh..opq").file("srv/new", b"n"),
+            ["detached", "detached"],
+            lambda d: get_xattr(str(d / "srv"), OPAQUE) is None,
+            id="opaque-over-nothing",
+        ),
+        pytest.param(
+            Layer().dir("x", mode=0o700).file("x/inside", b"i").file("x/.wh.y"),
+            ["detached", "detached"],
+            lambda d: get_xattr(str(d / "x"), OPAQUE) is None and os.listdir(d / "x") == ["inside"],
+            id="dir-replacing-a-lower-file",
+        ),
+        pytest.param(
+            Layer().file("tmp/cache/file", b"f"),
+            ["detached", "detached"],
+            lambda d: (
+                stat.S_IMODE(os.lstat(d / "tmp").st_mode) == 0o1777
+                and os.lstat(d / "tmp").st_mtime_ns == 1_500_000_000 * 10**9
+                and os.getxattr(d / "tmp", "user.k") == b"lower"
+                and stat.S_IMODE(os.lstat(d / "tmp/cache").st_mode) == 0o755
+            ),
+            id="implicit-parents-under-a-lower-1777-dir",
+        ),
+        pytest.param(
+            Layer()
+            .file("tmp/made/file", b"f")
+            .dir("tmp", mode=0o755, uid=7, xattrs={"user.own": "top"}),
+            ["detached", "detached"],
+            lambda d: (
+                (stat.S_IMODE(os.lstat(d / "tmp").st_mode), os.lstat(d / "tmp").st_uid)
+                == (0o755, 7)
+                and os.getxattr(d / "tmp", "user.k") == b"lower"
+                and os.getxattr(d / "tmp", "user.own") == b"top"
+            ),
+            id="implicit-parent-then-its-own-entry",
+        ),
+        pytest.param(
+            Layer().dir("opt").file("opt/.wh..wh..opq").file("opt/.wh.old"),
+            ["detached", "detached"],
+            lambda d: os.listdir(d / "opt") == [] and get_xattr(str(d / "opt"), OPAQUE) == b"y",
+            id="whiteout-below-an-opaque-dir",
+        ),
+        pytest.param(
+            Layer().dir("opt").file("opt/.wh.old").file("opt/.wh..wh..opq"),
+            ["detached", "detached"],
+            lambda d: os.listdir(d / "opt") == [],
+            id="whiteout-then-opaque-marker",
+        ),
+        pytest.param(
+            Layer().file("x/below", b"b"),
+            ["detached"],
+            None,
+            id="path-through-a-lower-file",
+        ),
+        pytest.param(
+            Layer().file(".wh..wh..opq").file("new", b"n"),
+            ["detached", "fallback"],
+            lambda d: _whiteout_at(d, "etc") and _whiteout_at(d, "tmp"),
+            id="root-opaque-marker",
+        ),
+        pytest.param(
+            Layer().dir("etc").hardlink("etc/again", "etc/gone"),
+            ["detached", "fallback"],
+            lambda d: os.lstat(d / "etc/again").st_nlink == 2,
+            id="hard-link-to-a-lower-file",
+        ),
+    ],
+)
+def test_detached_apply_hard_cases(
+    tmp_path: Path, top: Layer, ways: list[str], check: Callable[[Path], bool] | None
+) -> None:
+    """Base layer, then one layer that needs the lowers; both applied both ways."""
+    outcome = compare_chains(tmp_path, [_BASE, top.bytes()])
+    assert outcome.ways == ways
+    if check is None:
+        assert outcome.results == [
+            None,
+            "layer tar entry 'x/below': a component of 'x' is not a directory",
+        ]
+    else:
+        assert outcome.results == [None, None]
+        assert check(tmp_path / "detached/layers/l1/diff")
+
+
+def test_parents_needed_is_raised_by_the_detached_apply(driver: OverlayDriver) -> None:
+    driver.create("l0", [], writable=True)
+    for tar, reason in (
+        (Layer().file(".wh..wh..opq"), "opaque marker at the root"),
+        (Layer().hardlink("again", "etc/gone"), "a hard link to 'etc/gone'"),
+        (Layer().file("nowhere/.wh.x"), "a whiteout in 'nowhere'"),
+        (Layer().file("nowhere/.wh..wh..opq"), "an opaque marker in 'nowhere'"),
+    ):
+        with pytest.raises(laminae.ParentsNeeded, match=reason):
+            driver.apply_detached("l0", io.BytesIO(tar.bytes()), laminae.Limits())
+    with pytest.raises(laminae.ParentsNeeded, match="limit max_entries"):
+        driver.apply_detached(
+            "l0",
+            io.BytesIO(Layer().file("a/b/c/d", b"").bytes()),
+            laminae.Limits(max_entries=2),
+        )
+
+
+def test_a_base_layer_applied_detached_has_nothing_to_settle(driver: OverlayDriver) -> None:
+    driver.create("l0", [], writable=True)
+    pending = driver.apply_detached(
+        "l0",
+        io.BytesIO(Layer().dir("a").file("a/.wh.b").file("c/d", b"").bytes()),
+        laminae.Limits(),
+    )
+    assert isinstance(pending, laminae.Unsettled) and not pending.settled_already
+    assert pending.whiteouts == (b"a/b",) and [m.path for m in pending.implicit] == [b"c"]
+    driver.settle("l0", [], pending)
+    with pytest.raises(InvalidArgument, match="is not what apply_detached returned"):
+        driver.settle("l0", [], object())
