@@ -37,6 +37,7 @@ from typing import Any, Final, final
 
 import attrs
 
+from ._archivefile import MAX_DOCUMENT_BYTES, ArchiveMembers, ArchiveWriter
 from ._compression import Compression, detect_compression
 from ._exceptions import FailedPrecondition, InvalidArgument, NotFound, Unsupported
 from ._image import (
@@ -49,7 +50,6 @@ from ._image import (
     build_manifest,
     layer_compression,
 )
-from ._layout import MAX_DOCUMENT_BYTES, ArchiveMembers, ArchiveWriter
 from ._reference import parse_reference
 from ._tarstream import CHUNK_SIZE
 
