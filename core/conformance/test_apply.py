@@ -6,6 +6,8 @@ stacks its parent)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import gzip
 import hashlib
 import io
@@ -20,10 +22,11 @@ import pytest
 import zstandard
 
 import laminae
+from laminae._mount import mount_all, unmount_all
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, mounted
 from laminae.conformance._tars import LayerTar
-from laminae.conformance._tree import hardlink_groups, read_xattrs, snapshot
+from laminae.conformance._tree import assert_same_tree, hardlink_groups, read_xattrs, snapshot
 
 NS = 1_000_000_000
 MTIME_NS = 1_234_567_890 * NS + 123_456_789
@@ -451,3 +454,89 @@ class TestApply:
             apply(store, tar().dir("d").file("d/.wh.", b""))
         assert store.layers() == []
         assert store.check().ok
+
+    @pytest.mark.laminae_requires(laminae.Feature.APPLY_DETACHED)
+    def test_detached_apply_equals_sequential(
+        self,
+        store: laminae.Store,
+        tar: type[LayerTar],
+        scratch: Path,
+        driver_entry: laminae.DriverEntry,
+    ) -> None:
+        """Three layers written side by side (``apply_detached`` in threads) and settled base
+        first hold what the same tars applied one after the other hold, read through real
+        mounts; a layer that needs its parents falls back to ``apply``."""
+        tars = [
+            tar()
+            .dir("etc")
+            .file("etc/gone", b"g")
+            .dir("opt")
+            .file("opt/old", b"o")
+            .dir("tmp", mode=0o1777, mtime_ns=MTIME_NS, xattrs={"user.k": b"lower"})
+            .file("f", b"shared")
+            .build(),
+            tar()
+            .dir("etc")
+            .whiteout("etc/gone")
+            .whiteout("etc/never-there")
+            .dir("opt")
+            .opaque("opt")
+            .file("opt/new", b"n")
+            .file("tmp/cache/file", b"made parents")
+            .dir("srv")
+            .opaque("srv")
+            .file("srv/a", b"a")
+            .dir("new")
+            .whiteout("new/ghost")  # in a directory no parent has: nothing to hide
+            .build(),
+            tar().hardlink("again", "f").whiteout("opt/new").whiteout("tmp").build(),
+        ]
+        sequential: list[laminae.Layer] = []
+        for data in tars:
+            parent = sequential[-1] if sequential else None
+            sequential.append(apply(store, data, parent))
+
+        home = scratch / "detached"
+        driver_entry.cls.probe(home, {})
+        driver = driver_entry.cls(home, {})
+        assert isinstance(driver, laminae.DetachedApplier) and isinstance(driver, laminae.Applier)
+        ids = [f"{n:02x}" * 8 for n in range(len(tars))]
+        chains = [list(reversed(ids[:n])) for n in range(len(ids))]
+        try:
+            for id, parents in zip(ids, chains, strict=True):
+                driver.create(id, parents, True)
+
+            def detached(n: int) -> object:
+                try:
+                    return driver.apply_detached(ids[n], io.BytesIO(tars[n]), laminae.Limits())
+                except laminae.ParentsNeeded as exc:
+                    return exc
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(tars)) as pool:
+                pending = list(pool.map(detached, range(len(tars))))
+            for n, (id, parents) in enumerate(zip(ids, chains, strict=True)):
+                state = pending[n]
+                if not isinstance(state, laminae.ParentsNeeded):
+                    try:
+                        driver.settle(id, parents, state)
+                        continue
+                    except laminae.ParentsNeeded:
+                        pass
+                driver.remove(id)
+                driver.create(id, parents, True)
+                driver.apply(id, parents, io.BytesIO(tars[n]), laminae.Limits())
+
+            for n, (id, parents) in enumerate(zip(ids, chains, strict=True)):
+                target = scratch / "mnt"
+                mount_all(driver.mounts(id, parents, readonly=True), target)
+                try:
+                    with mounted(store, sequential[n].id, readonly=True) as want:
+                        assert_same_tree(want, target, mtimes=True, what=f"detached layer {n}")
+                        assert hardlink_groups(target) == hardlink_groups(want)
+                finally:
+                    unmount_all(target)
+        finally:
+            for id in reversed(ids):
+                with contextlib.suppress(laminae.NotFound):
+                    driver.remove(id)
+            driver.close()
