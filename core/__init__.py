@@ -18,6 +18,8 @@ group with :data:`hookimpl`; ``pytest --pyargs laminae.conformance --laminae-dri
 checks one against the contract.
 """
 
+import typing
+
 from ._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
 from ._changes import Change, ChangeKind, naive_changes
 from ._compression import Compression
@@ -49,8 +51,20 @@ from ._exceptions import (
     Unavailable,
     Unsupported,
 )
+from ._image import (
+    Descriptor,
+    ImageConfig,
+    ImageSink,
+    ImageSource,
+    Index,
+    Manifest,
+    Platform,
+    parse_config,
+    parse_manifest,
+)
 from ._overlayformat import Unsettled, apply_tar_detached, settle_detached
 from ._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
+from ._progress import JsonProgress, LineProgress, NullProgress, Progress, RichProgress
 from ._records import (
     CheckReport,
     Container,
@@ -61,7 +75,21 @@ from ._records import (
     StoreInfo,
     chain_id,
 )
+from ._reference import ImageLocation, Reference, local_name, parse_location, parse_reference
 from ._store import Store, open_store
+
+if typing.TYPE_CHECKING:
+    from ._registry import RegistryOptions
+
+
+def __getattr__(name: str) -> object:
+    # The registry client needs httpx, which only pulls and pushes use: import it on demand.
+    if name == "RegistryOptions":
+        from ._registry import RegistryOptions
+
+        return RegistryOptions
+    raise AttributeError(f"module 'laminae' has no attribute {name!r}")
+
 
 __all__ = [
     "AlreadyExists",
@@ -76,6 +104,7 @@ __all__ = [
     "Compression",
     "Container",
     "CorruptLayer",
+    "Descriptor",
     "DetachedApplier",
     "DiffResult",
     "Driver",
@@ -85,17 +114,31 @@ __all__ = [
     "FailedPrecondition",
     "Feature",
     "Image",
+    "ImageConfig",
+    "ImageLocation",
+    "ImageSink",
+    "ImageSource",
+    "Index",
     "InvalidArgument",
+    "JsonProgress",
     "LaminaeError",
     "Layer",
     "LayerKind",
     "LimitExceeded",
     "Limits",
+    "LineProgress",
+    "Manifest",
     "MountSpec",
     "NotFound",
+    "NullProgress",
     "ParentsNeeded",
     "PermissionDenied",
+    "Platform",
+    "Progress",
     "QuotaSetter",
+    "Reference",
+    "RegistryOptions",
+    "RichProgress",
     "Store",
     "StoreConfig",
     "StoreInfo",
@@ -110,8 +153,13 @@ __all__ = [
     "chain_id",
     "hookimpl",
     "load_config",
+    "local_name",
     "naive_changes",
     "open_store",
+    "parse_config",
+    "parse_location",
+    "parse_manifest",
+    "parse_reference",
     "settle_detached",
     "tree_usage",
     "write_changes_tar",

@@ -37,7 +37,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, cast
 
 import attrs
 
@@ -358,7 +358,7 @@ class _Importer:
                 stream = stack.enter_context(self.source.open_blob(staged.desc))
                 advance = lambda n: self.progress.advance(key, n)  # noqa: E731
             reader = _BlobReader(stream, staged.desc, advance)
-            yield io.BufferedReader(reader, _CHUNK), reader  # type: ignore[misc]
+            yield io.BufferedReader(reader, _CHUNK), reader
 
     def _fetch(self, staged: _Staged) -> Path:
         """Download ``staged``'s blob into a spool file, verified."""
@@ -417,8 +417,8 @@ class _Importer:
         except BaseException:
             for staged in todo:
                 self.progress.finish(self._key(staged), "failed")
-            for future in spools.values():
-                future.cancel()
+            for fetch in spools.values():
+                fetch.cancel()
             raise
 
     @staticmethod
@@ -438,7 +438,7 @@ class _Importer:
                 plain = DigestReader(
                     open_decompressed(stream, max_bytes=self.store.limits.max_bytes), what=what
                 )
-                tar = _Queued(plain, f"decompress {staged.desc.digest[:19]}")
+                tar = cast(BinaryIO, _Queued(plain, f"decompress {staged.desc.digest[:19]}"))
                 try:
                     if detached:
                         try:

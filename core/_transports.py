@@ -6,6 +6,7 @@ transports stay unaware of the store.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -88,7 +89,7 @@ def import_from(
     location = _location(source)
     wanted = None if platform is None else Platform.parse(platform)
     checked = [check_key("image name", local_name(n)) for n in names]
-    with open_source(location, registry) as opened:
+    with contextlib.closing(open_source(location, registry)) as opened:
         if not checked:
             checked = _default_names(location, opened)
         return import_image(
@@ -113,5 +114,5 @@ def export_to(
 ) -> str:
     """:meth:`Store.export_image`, to a location string."""
     location = _location(destination)
-    with open_sink(location, registry) as sink:
+    with contextlib.closing(open_sink(location, registry)) as sink:
         return export_image(store, ref, sink, compression=compression, progress=progress, jobs=jobs)

@@ -30,7 +30,10 @@ def test_all_is_sorted_and_lists_exactly_the_public_names() -> None:
         for name, value in vars(laminae).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
-    assert public == set(laminae.__all__)
+    # RegistryOptions comes on first use (module __getattr__), so httpx loads only for registries.
+    lazy = {"RegistryOptions"}
+    assert public | lazy == set(laminae.__all__)
+    assert all(getattr(laminae, name) is not None for name in lazy)
 
 
 def test_public_names_come_from_underscored_modules() -> None:
@@ -42,6 +45,8 @@ def test_public_names_come_from_underscored_modules() -> None:
 def test_errors_form_one_tree_with_distinct_exit_codes() -> None:
     errors = [getattr(laminae, n) for n in laminae.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, laminae.LaminaeError)]
+    # ParentsNeeded passes between a driver and the store; it never reaches a user.
+    errors.remove(laminae.ParentsNeeded)
     assert len(errors) == 11
     assert len({e.exit_code for e in errors}) == 11
 
