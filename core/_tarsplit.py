@@ -100,6 +100,8 @@ _OP_STALE: Final = 0x03
 
 _ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
 _META_TYPES: Final = frozenset(b"xgLK")
+_PAX: Final = ord("x")
+_PAX_GLOBAL: Final = ord("g")
 _GNU_SPARSE: Final = ord("S")
 _GNU_MAGIC: Final = b"ustar "
 _PLAIN_FILE_FLAGS: Final = frozenset({0, ord("0"), ord("7")})
@@ -275,6 +277,15 @@ class TarFramer(HeaderDecoder):
                     part.clear()
                 if state == _S_HEADER:
                     self._header(unit)
+                    if self._state == _S_META:
+                        # Most extension headers are wholly in the chunk: take data and padding
+                        # now rather than through two more turns of this loop.
+                        need = self._need
+                        if end - pos >= need + self._meta_pad:
+                            self._meta_data(view[pos : pos + need].tobytes())
+                            pos += need + self._meta_pad
+                            self._need = BLOCK_SIZE
+                            self._state = _S_HEADER
                 elif state == _S_META:
                     self._meta(unit)
                 else:
@@ -392,8 +403,20 @@ class TarFramer(HeaderDecoder):
         self._entry(name, kind, data, plain=typeflag in _PLAIN_FILE_FLAGS and not sparse)
 
     def _meta(self, data: bytes) -> None:
-        self.meta_data(self._meta_type, data, self._pending)
+        self._meta_data(data)
         self._skip(Region.HEADER, 0, self._meta_pad)
+
+    def _meta_data(self, data: bytes) -> None:
+        typeflag = self._meta_type
+        if typeflag == _PAX_GLOBAL:
+            pass  # readers ignore global records; the one these bytes go to checks them
+        elif typeflag == _PAX and not _frames(data):
+            # Most PAX headers carry only times and xattrs (GNU tar writes one per file), and
+            # parsing them again would double the cost of framing: the reader these bytes go
+            # to parses and checks them. The size was bounded before the data was kept.
+            self._pending.headers += 1
+        else:
+            self.meta_data(typeflag, data, self._pending)
 
     def _sparse_block(self, block: bytes) -> None:
         self.sparse_block(self._pending, self._sparse_name)
@@ -404,7 +427,9 @@ class TarFramer(HeaderDecoder):
     def _entry(self, name: bytes, kind: int, data: int, *, plain: bool) -> None:
         """An entry's headers are complete: decide what its ``data`` bytes are."""
         self._pending = _NO_HEADERS
-        path = _clean(name)
+        # GNU tar's "./" in front of every name sends _clean down its slow path; without it
+        # the result is the same.
+        path = _clean(name[2:] if name[:2] == b"./" else name)
         reference = (
             plain
             and data > 0
@@ -450,14 +475,26 @@ class TarFramer(HeaderDecoder):
             parent = parent.rpartition(b"/")[0]
 
 
+def _frames(pax: bytes) -> bool:
+    """Whether PAX data may hold a keyword that changes the framing: path, size, sparse maps.
+
+    Substrings, so a false "yes" (``linkpath``, an xattr named ``path``) only costs a parse.
+    """
+    return b"path=" in pax or b"size=" in pax or _SPARSE_KEY in pax
+
+
 def _is_sparse_key(key: bytes) -> bool:
     return key.startswith(_SPARSE_KEY)
 
 
 # --- the record -----------------------------------------------------------------------------
 
+_SMALL: Final = [bytes((i,)) for i in range(0x80)]
+
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -95,8 +95,23 @@ def test_hand_built_entries_round_trip(tmp_path: Path) -> None:
         member(b"link", typeflag=b"1", linkname=b"seven"),
         pax([(b"comment", b"global")], typeflag=b"g"),
         member(b"after-global", b"g"),
+        # A PAX header that cannot change the framing is not parsed again: the GNU long name
+        # in front of it still names the entry.
+        gnu_long(b"L", b"k" * 120),
+        pax([(b"mtime", b"1700000000.5"), (b"SCHILY.xattr.user.a", b"b")]),
+        member(b"ignored-too", b"named by the long name"),
     )
-    _roundtrip(data, tmp_path / "root")
+    record = _roundtrip(data, tmp_path / "root")
+    assert (tmp_path / "root" / ("k" * 120)).read_bytes() == b"named by the long name"
+    sink = _Events()
+    framer = TarFramer(sink, Limits())
+    framer.feed(data)
+    framer.finish()
+    assert (b"k" * 120, 22) in sink.references
+    assert (b"pax/" + b"p" * 200 + b"/" + b"q" * 100, 11) in sink.references
+    assert (b"abs/file", 8) in sink.references and (b"up", 9) in sink.references
+    assert not any(path.startswith(b".wh.") for path, _ in sink.references)
+    assert len(record) < len(data)
 
 
 def test_base256_size_round_trips(tmp_path: Path) -> None:
