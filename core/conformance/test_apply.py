@@ -498,7 +498,7 @@ class TestApply:
 
         home = scratch / "detached"
         driver_entry.cls.probe(home, {})
-        driver = driver_entry.cls(home, {})
+        driver: laminae.Driver = driver_entry.cls(home, {})
         assert isinstance(driver, laminae.DetachedApplier) and isinstance(driver, laminae.Applier)
         ids = [f"{n:02x}" * 8 for n in range(len(tars))]
         chains = [list(reversed(ids[:n])) for n in range(len(ids))]
