@@ -48,16 +48,7 @@ from ._compression import (
     open_compressor,
     open_decompressed,
 )
-from ._driver import Feature
-
-try:  # TEMPORARY until the detached apply lands
-    from ._driver import ParentsNeeded
-except ImportError:
-
-    class ParentsNeeded(Exception):  # type: ignore[no-redef]
-        pass
-
-
+from ._driver import Feature, ParentsNeeded
 from ._exceptions import (
     CorruptLayer,
     FailedPrecondition,
@@ -395,7 +386,7 @@ class _Importer:
         if self.prefetch:
             for staged in todo:
                 spools[staged.index] = pool.submit(self._fetch, staged)
-        detached = getattr(Feature, "APPLY_DETACHED", None) in self.store.capabilities.features
+        detached = Feature.APPLY_DETACHED in self.store.capabilities.features
         try:
             if detached:
                 parent = base
