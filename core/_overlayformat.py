@@ -191,6 +191,35 @@ class _DetachedApplier(_Applier):
         real = os.readlink(b"/proc/self/fd/%d" % fd)
         return real == (self._real_root + b"/" + path if path else self._real_root)
 
+    def _upper_dir(self, path: bytes, what: str) -> int | None:
+        """An ``O_PATH`` fd of the directory at ``path`` when every component of it is a
+        directory of this layer, read as written (no symlink followed), as the sequential
+        apply reads this layer over the lowers; ``None`` when one is something else (a
+        symlink, a file, a whiteout), below which the lowers show nothing.
+
+        :raises ParentsNeeded: a component is missing: the lowers decide what is there.
+        """
+        fd = os.dup(self.root_fd)
+        try:
+            for component in path.split(b"/") if path else ():
+                try:
+                    next_fd = os.open(component, _O_PATH_NOFOLLOW_DIR, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        return None
+                    if exc.errno == errno.ENOENT:
+                        raise ParentsNeeded(
+                            f"{what} in '{_text(path)}', a directory this tar does not make first"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = next_fd
+            found, fd = fd, -1
+            return found
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def _flag(self, fd: int, path: bytes) -> None:
         """Directory ``fd`` at ``path`` hides what is below it: flag it unless shadowed."""
         if not self._shadowed(path, inclusive=False):
@@ -281,14 +310,13 @@ class _DetachedApplier(_Applier):
         hidden = hidden_name(name)
         if self._shadowed(parent_path, inclusive=True):
             return  # nothing of the lowers shows here: the sequential apply writes nothing
-        parent = self.lookup(parent_path)
-        if parent is None:
-            raise ParentsNeeded(
-                f"a whiteout in '{_text(parent_path)}', a directory this tar does not make first"
-            )
-        if not self._is_real(parent[0], parent_path):
-            return  # through this layer's symlink: the lowers show nothing there either
-        self._make_whiteout(parent[0], hidden, entry.uid, entry.gid)
+        fd = self._upper_dir(parent_path, "a whiteout")
+        if fd is None:
+            return
+        try:
+            self._make_whiteout(fd, hidden, entry.uid, entry.gid)
+        finally:
+            os.close(fd)
         self._whiteouts[_join(parent_path, hidden)] = None
         self._count()
 
@@ -297,14 +325,13 @@ class _DetachedApplier(_Applier):
             raise ParentsNeeded("an opaque marker at the root hides every name of the parents")
         if self._shadowed(path, inclusive=False):
             return
-        found = self.lookup(path)
-        if found is None:
-            raise ParentsNeeded(
-                f"an opaque marker in '{_text(path)}', a directory this tar does not make first"
-            )
-        if not self._is_real(found[0], path):
+        fd = self._upper_dir(path, "an opaque marker")
+        if fd is None:
             return
-        self._set_opaque(found[0])  # also drops the whiteouts below: they hide nothing now
+        try:
+            self._set_opaque(fd)  # also drops the whiteouts below: they hide nothing now
+        finally:
+            os.close(fd)
         self._opaque[path] = None
         self._shadows.add(path)
         self._count()

@@ -122,8 +122,8 @@ def test_registered_with_its_capabilities() -> None:
     entry = laminae.available_drivers()["overlay"]
     assert entry.cls is OverlayDriver and entry.priority == 30
     caps = OverlayDriver.capabilities
-    assert caps.features == {Feature.APPLY, Feature.CHANGES}
-    assert caps.needs_root and not caps.independent_layers  # apply reads the parents
+    assert caps.features == {Feature.APPLY, Feature.CHANGES, Feature.APPLY_DETACHED}
+    assert caps.needs_root and caps.independent_layers  # applied detached, settled in order
     assert LOWERDIR_APPEND, "this kernel (6.18) takes lowerdir+"
     assert caps.max_depth == 500
     assert dict(caps.known_failures).keys() == {"mounts::test_rename_directory"}
