@@ -3,7 +3,7 @@
 ``hello-image.oci.tar`` is what ``make-hello-image.py`` builds, byte for byte; skopeo, an
 independent reader, accepts it for both platforms; and laminae imports it into a store where
 the merged tree has what the three layers say (the whiteout applied, the hard link one inode,
-the symlink's target).
+the symlink's target, the empty mount points a runtime needs).
 """
 
 from __future__ import annotations
@@ -189,6 +189,11 @@ def test_imported_tree_has_what_the_layers_say(store: laminae.Store) -> None:
         assert stat.S_IMODE((root / "tmp").lstat().st_mode) == 0o1777
         assert stat.S_IMODE((root / "root").lstat().st_mode) == 0o700
         assert stat.S_IMODE((root / "usr/bin/hello").lstat().st_mode) == 0o755
+        # The empty mount points a runtime mounts on, and the one for the host's tools.
+        for name in ("dev", "proc", "sys", "opt/host"):
+            st = (root / name).lstat()
+            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755, name
+            assert not any((root / name).iterdir()), name
         # Layer 2: a file added, /etc/issue whited out (and the whiteout itself not shown).
         assert (root / "usr/share/hello/greetings.txt").read_text().split() == [
             "hello",

@@ -7,13 +7,17 @@ manifest over the same three gzip layers, so it imports on either machine::
 
     base       a tiny distribution root: merged /usr (/bin a symlink to usr/bin), a /bin/hello
                shell script, /etc/os-release, /etc/passwd and /etc/group with root, /etc/issue,
-               a sticky /tmp, an empty /var/lib/hello
+               a sticky /tmp, an empty /var/lib/hello, the empty mount points an OCI runtime
+               mounts on (/dev, /proc, /sys) and an empty /opt/host for tools from the host
     greetings  adds /usr/share/hello/greetings.txt and deletes /etc/issue (a whiteout)
     links      adds /usr/local/bin/greet, /usr/local/bin/hi as a hard link to it, and
                /etc/greetings as a symlink to ../usr/share/hello/greetings.txt
 
 The image holds data and shell scripts only: there is no shell in it, so running a command in
-it needs one from the host (bind-mounted, say).
+it needs one from the host, bind-mounted on the empty ``/opt/host`` (the container tests put a
+static busybox there). ``/dev``, ``/proc`` and ``/sys`` are in the base layer because crun and
+runc create a missing mount point in the container's own layer, where ``container diff``
+would show it as a change the command never made.
 
 Everything is fixed: entries sorted, owned by 0:0 and dated 2024-01-01 00:00:00 UTC, the gzip
 header without name or time at level 9, the JSON compact in a fixed key order. The same zlib
@@ -87,13 +91,15 @@ LAYERS: tuple[tuple[str, list[Entry]], ...] = (
         "base: a tiny root filesystem with /bin/hello",
         [
             ("bin", "symlink", 0o777, "usr/bin"),
-            *_dirs("etc"),
+            *_dirs("dev", "etc"),
             ("etc/group", "file", 0o644, b"root:x:0:\n"),
             ("etc/hello.conf", "file", 0o644, b"GREETING=hello\n"),
             ("etc/issue", "file", 0o644, b"hello \\n \\l\n"),
             ("etc/os-release", "file", 0o644, b'NAME="hello"\nID=hello\nVERSION_ID=1\n'),
             ("etc/passwd", "file", 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
+            *_dirs("opt", "opt/host", "proc"),
             ("root", "dir", 0o700, b""),
+            *_dirs("sys"),
             ("tmp", "dir", 0o1777, b""),
             *_dirs("usr", "usr/bin"),
             ("usr/bin/hello", "file", 0o755, HELLO),
