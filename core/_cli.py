@@ -185,8 +185,13 @@ def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
 
 
 # Commands defined in another module, loaded when named: the image commands import the
-# registry client (httpx), which the layer commands should not wait for.
-_LAZY_COMMANDS = dict.fromkeys(("image", "pull", "push"), "laminae._cli_image")
+# registry client (httpx), which the layer commands should not wait for; the container and
+# bundle commands keep their own modules for the same reason (one concept each).
+_LAZY_COMMANDS = {
+    **dict.fromkeys(("image", "pull", "push"), "laminae._cli_image"),
+    "container": "laminae._cli_container",
+    **dict.fromkeys(("bundle", "unbundle"), "laminae._cli_bundle"),
+}
 
 
 class _LaminaeGroup(click.Group):

@@ -1452,18 +1452,99 @@ class Store:
         self._check_open()
         return [self._to_container(r) for r in self._graph.all_containers()]
 
-    def remove_container(self, ref: str) -> None:
-        """Remove a container and its layer. :raises FailedPrecondition: its layer is mounted."""
+    def remove_container(self, ref: str, *, force: bool = False) -> None:
+        """Remove a container and its layer.
+
+        :param force: unmount the container's layer first, however often it is mounted.
+        :raises FailedPrecondition: its layer is mounted (and not ``force``).
+        """
         self._check_open()
         with self._lock.held():
             row = self._resolve_container(ref)
             layer = self._resolve(row["layer"])
             self._reconcile_row(layer)
             if self._resolve(row["layer"]).mount_count:
-                raise FailedPrecondition(f"cannot remove container {ref!r}: its layer is mounted")
+                if not force:
+                    raise FailedPrecondition(
+                        f"cannot remove container {ref!r}: its layer is mounted"
+                    )
+                self.unmount(layer.id, force=True)
             with self._graph.transaction():
                 self._graph.delete_container(row["id"])
             self.remove_layer(layer.id)
+
+    def mount_container(self, ref: str) -> Path:
+        """Mount container ``ref``'s writable root and return where (counted, as
+        :meth:`mount`: each mount needs an :meth:`unmount_container`).
+
+        :raises NotFound: no container ``ref``.
+        """
+        self._check_open()
+        return self.mount(self._resolve_container(ref)["layer"])
+
+    def unmount_container(self, ref: str, *, force: bool = False) -> None:
+        """Drop one mount of container ``ref``; the last one unmounts. ``force`` drops all.
+
+        :raises FailedPrecondition: it is not mounted (and not ``force``).
+        """
+        self._check_open()
+        self.unmount(self._resolve_container(ref)["layer"], force=force)
+
+    def container_changes(self, ref: str) -> list[Change]:
+        """What container ``ref`` changed against its image, sorted by path (mounted or not).
+
+        As ``docker diff`` lists them: every directory above a change is listed as modified
+        too, whichever driver found the changes (:func:`laminae._containers.with_parent_dirs`).
+        """
+        from ._containers import with_parent_dirs
+
+        self._check_open()
+        return with_parent_dirs(self.changes(self._resolve_container(ref)["layer"]))
+
+    def export_container(
+        self, ref: str, out: BinaryIO, *, compression: Compression = Compression.NONE
+    ) -> DiffResult:
+        """Write container ``ref``'s changes to ``out`` as an OCI layer tar, compressed as
+        asked (``docker export`` writes the whole tree; this writes the layer, as
+        :meth:`diff` does)."""
+        self._check_open()
+        return self.diff(self._resolve_container(ref)["layer"], out, compression=compression)
+
+    def commit_container(
+        self,
+        ref: str,
+        name: str | None = None,
+        *,
+        message: str | None = None,
+        author: str | None = None,
+    ) -> Image:
+        """Commit container ``ref``'s changes as a new layer and a new image (``docker commit``).
+
+        The container keeps its layer and may stay mounted; the parent image is untouched.
+        The new image's config is the parent's with one more DiffID and history entry
+        (``comment`` is ``message``); see :mod:`laminae._containers`.
+
+        :param name: the new image's name (``x`` is ``x:latest``), moved from another image
+            that had it.
+        :raises NotFound: no container ``ref``.
+        :raises InvalidArgument: ``name`` is no valid image name.
+        """
+        from ._containers import commit_container
+
+        self._check_open()
+        return commit_container(self, ref, name, message=message, author=author)
+
+    def container_config(self, ref: str) -> ImageConfig | None:
+        """The config of container ``ref``'s image (Env, Cmd, WorkingDir... for a bundle);
+        ``None`` when it has no image or the image no config.
+
+        :raises NotFound: no container ``ref``.
+        """
+        from ._containers import image_config
+
+        self._check_open()
+        image = self._resolve_container(ref)["image"]
+        return None if image is None else image_config(self.image(image))
 
 
 class _Discard(io.RawIOBase):
