@@ -62,7 +62,7 @@ from typing import BinaryIO, Final, Protocol, final
 
 import zstandard
 
-from ._archive import _O_READ_FILE, _clean, _Tree
+from ._archive import _O_READ_FILE, _clean, _text, _Tree
 from ._exceptions import CorruptLayer, InvalidArgument
 from ._tarstream import (
     BLOCK_SIZE,
@@ -586,15 +586,8 @@ class _RecordWriter:
             self._ops.clear()
 
 
-class _Reader(io.BufferedIOBase, BinaryIO):
-    """A read-only binary stream."""
-
-    def readable(self) -> bool:
-        return True
-
-
 @final
-class TarSplitRecorder(_Reader):
+class TarSplitRecorder(io.BufferedIOBase, BinaryIO):
     """Pass a tar through unchanged while recording its tar-split to ``out``.
 
     Hand it to the consumer in place of the tar (``apply_tar(root, TarSplitRecorder(tar, out,
@@ -623,6 +616,9 @@ class TarSplitRecorder(_Reader):
     def bytes_read(self) -> int:
         """Bytes of the tar passed through so far."""
         return self._framer.bytes_fed
+
+    def readable(self) -> bool:
+        return True
 
     def read(self, size: int | None = -1) -> bytes:
         data = self._stream.read(-1 if size is None else size)
@@ -816,10 +812,6 @@ def _path_size(reader: _RecordReader) -> int:
     if size > _PATH_MAX:
         raise CorruptLayer(f"tar-split record: a path of {size} bytes")
     return size
-
-
-def _text(path: bytes) -> str:
-    return path.decode("utf-8", "backslashreplace")
 
 
 def _copy_file(tree: _Tree, path: bytes, size: int, out: BinaryIO, buffer: memoryview) -> None:
