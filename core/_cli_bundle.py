@@ -4,7 +4,6 @@
 :mod:`laminae._bundle`); a runtime then runs it::
 
     laminae bundle box /tmp/box --mount /tmp/tools:/opt/host -- /opt/host/busybox sh -c 'echo hi'
-
     crun run --bundle /tmp/box box
     laminae unbundle /tmp/box
 
