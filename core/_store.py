@@ -1488,7 +1488,12 @@ class Store:
         :raises FailedPrecondition: it is not mounted (and not ``force``).
         """
         self._check_open()
-        self.unmount(self._resolve_container(ref)["layer"], force=force)
+        with self._lock.held():
+            layer = self._resolve(self._resolve_container(ref)["layer"])
+            self._reconcile_row(layer)
+            if force and not self._resolve(layer.id).mount_count:
+                return  # nothing to drop (and no mount point to remove)
+            self.unmount(layer.id, force=force)
 
     def container_changes(self, ref: str) -> list[Change]:
         """What container ``ref`` changed against its image, sorted by path (mounted or not).
