@@ -54,7 +54,8 @@ Rules, in the order they apply to an entry:
   is made only where the lowers show none or a directory, so a path through a lower file is
   refused as it is on the parent's tree. A hard link to a file only the lowers have copies
   that file up first, as overlayfs does. A ``0:0`` character device entry is refused:
-  overlayfs would read it as a whiteout.
+  overlayfs would read it as a whiteout. (:mod:`._overlayformat` applies the same tar
+  before the lowers are there, and settles what they decide afterwards.)
 * ``trusted.overlay.*`` and ``user.overlay.*`` xattrs in a tar are refused: they are
   overlayfs's own bookkeeping, and a forged ``redirect`` or ``opaque`` would let a layer alias
   or hide content of other layers. Every other xattr, ``trusted.*`` included, is content.

@@ -121,8 +121,6 @@ class ParentsNeeded(LaminaeError):
     ``apply`` once the parents are complete. The message says what needed them.
     """
 
-    exit_code = 12  # never expected to reach the CLI: the store falls back to ``apply``
-
 
 def _to_features(value: Iterable[Feature]) -> frozenset[Feature]:
     return frozenset(Feature(v) for v in value)
@@ -143,7 +141,8 @@ class Capabilities:
     :param max_depth: the longest parent chain it can mount (overlayfs: 500 lowers).
     :param needs_root: whether it needs ``CAP_SYS_ADMIN`` (mounts, subvolumes, devices).
     :param independent_layers: whether a layer's files live apart from its parent's, so that
-        layers of one image can be applied in parallel (overlay: yes; vfs, btrfs: no).
+        layers of one image can be applied in parallel (overlay: yes; vfs, btrfs: no); the
+        driver then declares :attr:`Feature.APPLY_DETACHED`.
     :param known_failures: conformance test ids this driver is known to fail, with the reason;
         they run as strict xfails, so an unexpected pass is reported.
     """

@@ -157,7 +157,6 @@ class _DetachedApplier(_Applier):
         self._entry_name = b""
         self._wanted = b""
         self._symlinks = False
-        self._real_root = os.readlink(b"/proc/self/fd/%d" % self.root_fd)
         self._records_max = limits.max_entries
         self._targets: list[tuple[int | None, bool]] = []
 
@@ -188,8 +187,8 @@ class _DetachedApplier(_Applier):
         """Whether directory ``fd`` is at ``path`` itself, not reached through a symlink."""
         if not self._symlinks:
             return True  # no symlink of this layer to go through: the clean path is real
-        real = os.readlink(b"/proc/self/fd/%d" % fd)
-        return real == (self._real_root + b"/" + path if path else self._real_root)
+        real, root = (os.readlink(b"/proc/self/fd/%d" % n) for n in (fd, self.root_fd))
+        return real == (root + b"/" + path if path else root)
 
     def _upper_dir(self, path: bytes, what: str) -> int | None:
         """An ``O_PATH`` fd of the directory at ``path`` when every component of it is a
