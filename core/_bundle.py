@@ -21,7 +21,7 @@ applied on top, as ``docker run`` would:
 The container's files are untrusted: ``/etc/passwd`` and ``/etc/group`` are opened inside the
 mount with ``openat2(RESOLVE_IN_ROOT)``, so a symlink there resolves within the container's
 root and never to the host's files (without ``openat2``, before Linux 5.6, the directory walk
-of :mod:`laminae._archive` does the same and the file itself is opened ``O_NOFOLLOW``). They
+of :mod:`laminae._archive` and an ``O_NOFOLLOW`` loop here do the same). They
 are read line by line, at most :data:`MAX_ACCOUNT_FILE` bytes, and must be regular files.
 
 Beside ``config.json`` the bundle holds a marker, :data:`MARKER_NAME`, naming the store (root,
@@ -80,6 +80,7 @@ MAX_ACCOUNT_FILE: Final = 8 << 20
 SPEC_TIMEOUT: Final = 60.0
 """Seconds ``<runtime> spec`` may take (it only writes a file)."""
 
+_MAX_LINKS: Final = 40  # the kernel's MAXSYMLINKS: as many as openat2 follows
 _MAX_ID: Final = 0xFFFFFFFE  # (uid_t)-1 means "no change" to the kernel, so it is no user
 _OPEN_ACCOUNT: Final = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _RESOLVE: Final = _linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS
@@ -219,7 +220,7 @@ def make_bundle(
     with map_os_errors(f"bundle directory {where}"):
         created = not where.exists()
         where.mkdir(parents=True, exist_ok=True)
-    _take_over(store, where)
+    created = _take_over(store, where) or created
     config = store.container_config(found.id)
     process = _image_process(config, found.id)
     command = list(args) if args else process.command
@@ -267,7 +268,11 @@ def remove_bundle(store: Store, directory: Path | str) -> None:
     :raises NotFound: ``directory`` holds no laminae bundle.
     :raises FailedPrecondition: the bundle belongs to another store.
     """
-    where = Path(directory).absolute()
+    _unbundle(store, Path(directory).absolute(), keep_directory=False)
+
+
+def _unbundle(store: Store, where: Path, *, keep_directory: bool) -> BundleMarker:
+    """:func:`remove_bundle`; ``keep_directory`` keeps it even if made for the bundle."""
     marker = read_marker(where)
     if marker.store_root != store.root:
         raise FailedPrecondition(
@@ -279,7 +284,10 @@ def remove_bundle(store: Store, directory: Path | str) -> None:
         container = None
     if container is not None and store.layer(container.layer).mount_count:
         store.unmount_container(container.id)
-    _remove_files(where, marker)
+    _remove_files(
+        where, marker if not keep_directory else attrs.evolve(marker, created_directory=False)
+    )
+    return marker
 
 
 def read_marker(directory: Path | str) -> BundleMarker:
@@ -304,15 +312,18 @@ def read_marker(directory: Path | str) -> BundleMarker:
     return BundleMarker.from_json(data, what=str(path))
 
 
-def _take_over(store: Store, where: Path) -> None:
-    """Make ``where`` ready for a new bundle: unbundle one of ours, refuse anyone else's."""
-    marker_path = where / MARKER_NAME
-    if marker_path.exists():
-        remove_bundle(store, where)
-    elif (where / CONFIG_NAME).exists() or (where / CONFIG_NAME).is_symlink():
+def _take_over(store: Store, where: Path) -> bool:
+    """Make ``where`` ready for a new bundle: unbundle one of ours, refuse anyone else's.
+
+    :returns: whether the bundle unbundled here had made the directory.
+    """
+    if (where / MARKER_NAME).exists():
+        return _unbundle(store, where, keep_directory=True).created_directory
+    if (where / CONFIG_NAME).exists() or (where / CONFIG_NAME).is_symlink():
         raise AlreadyExists(
             f"bundle directory {where}: holds a {CONFIG_NAME} that laminae did not write"
         )
+    return False
 
 
 def _remove_files(where: Path, marker: BundleMarker) -> None:
@@ -579,20 +590,26 @@ def _open_in_root(rootfs: Path, path: str) -> int | None:
                     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                         return None
                     raise
-        # Before openat2: the extractor's own walk for the directory, and no symlink followed
-        # for the file itself.
-        parent, _, name = _clean(os.fsencode(path)).rpartition(b"/")
+        # Before openat2 (Linux 5.6): the extractor's walk, which resolves directories the
+        # same way, and the last component's symlinks resolved here, both within the root.
         tree = _Tree(rootfs)
+        wanted = _clean(os.fsencode(path))
         try:
-            found = tree.lookup(parent)
-            if found is None:
-                return None
-            try:
-                return os.open(name, _OPEN_ACCOUNT | os.O_NOFOLLOW, dir_fd=found[0])
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            for _ in range(_MAX_LINKS):
+                parent, _, name = wanted.rpartition(b"/")
+                found = tree.lookup(parent)
+                if found is None or not name:
                     return None
-                raise
+                try:
+                    return os.open(name, _OPEN_ACCOUNT | os.O_NOFOLLOW, dir_fd=found[0])
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        return None
+                    if exc.errno != errno.ELOOP:
+                        raise
+                target = os.readlink(name, dir_fd=found[0])
+                wanted = _clean(target if target.startswith(b"/") else parent + b"/" + target)
+            return None
         except InvalidArgument:
             return None  # a symlink loop on the way
         finally:
