@@ -491,15 +491,19 @@ class Store:
 
     def _apply(self, row: LayerRow, parents: list[str], tar: BinaryIO) -> None:
         """Apply ``tar`` onto staged layer ``row``, recording its tar-split on the way."""
-        what = f"apply layer tar onto {row.id!r}"
         with self._recording(row, tar) as recorded:
-            if Feature.APPLY in self.capabilities.features:
-                assert isinstance(self.driver, Applier)
-                with map_os_errors(what):
-                    self.driver.apply(row.storage_id, parents, recorded, self.limits)
-                return
-            with self._materialized(row, parents, readonly=False) as path, map_os_errors(what):
-                apply_tar(path, recorded, limits=self.limits)
+            self._apply_recorded(row, parents, recorded)
+
+    def _apply_recorded(self, row: LayerRow, parents: list[str], tar: BinaryIO) -> None:
+        """Apply ``tar``, which already passes through :meth:`_recording`, onto ``row``."""
+        what = f"apply layer tar onto {row.id!r}"
+        if Feature.APPLY in self.capabilities.features:
+            assert isinstance(self.driver, Applier)
+            with map_os_errors(what):
+                self.driver.apply(row.storage_id, parents, tar, self.limits)
+            return
+        with self._materialized(row, parents, readonly=False) as path, map_os_errors(what):
+            apply_tar(path, tar, limits=self.limits)
 
     def _tar_split_path(self, storage_id: str) -> Path:
         return self.root / "tar-split" / f"{storage_id}.tsz"
@@ -525,6 +529,10 @@ class Store:
                 while recorder.read(1 << 20):  # the applier may stop at the end blocks
                     pass
                 recorder.finish()
+            if not recorder.exact:
+                # A later entry replaced a file an earlier one referenced: the files cannot
+                # give the tar back, so keep no record (export then diffs, and checks).
+                path.unlink()
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -1038,19 +1046,14 @@ class Store:
                 self._tar_split_path(staged[0].storage_id).unlink(missing_ok=True)
                 raise
 
-    def _apply_staged(self, row: LayerRow, parents: list[str], tar: BinaryIO) -> None:
-        self._apply(row, parents, tar)
-
     def _apply_detached(self, row: LayerRow, tar: BinaryIO) -> object:
-        """Apply ``tar`` onto ``row`` without its parents (:class:`DetachedApplier`)."""
+        """Apply ``tar`` (passing through :meth:`_recording`) onto ``row`` without its parents
+        (:class:`DetachedApplier`)."""
         from ._driver import DetachedApplier
 
         assert isinstance(self.driver, DetachedApplier)
-        with (
-            self._recording(row, tar) as recorded,
-            map_os_errors(f"apply layer tar onto {row.id!r}"),
-        ):
-            return self.driver.apply_detached(row.storage_id, recorded, self.limits)
+        with map_os_errors(f"apply layer tar onto {row.id!r}"):
+            return self.driver.apply_detached(row.storage_id, tar, self.limits)
 
     def _settle_detached(self, row: LayerRow, parents: list[str], pending: object) -> None:
         from ._driver import DetachedApplier

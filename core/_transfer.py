@@ -429,19 +429,22 @@ class _Importer:
                 plain = DigestReader(
                     open_decompressed(stream, max_bytes=self.store.limits.max_bytes), what=what
                 )
-                tar = cast(BinaryIO, _Queued(plain, f"decompress {staged.desc.digest[:19]}"))
-                try:
-                    if detached:
-                        try:
-                            staged.pending = self.store._apply_detached(staged.row, tar)
-                        except ParentsNeeded:
-                            staged.pending = ParentsNeeded
-                    else:
-                        self.store._apply_staged(staged.row, staged.parents, tar)
-                    while tar.read(_CHUNK):
-                        pass
-                finally:
-                    tar.close()
+                # Decompression, both digests and the tar-split record run in the producer
+                # thread; the applier in this one only writes files.
+                with self.store._recording(staged.row, plain) as recorded:
+                    tar = cast(BinaryIO, _Queued(recorded, f"decompress {staged.desc.digest[:19]}"))
+                    try:
+                        if detached:
+                            try:
+                                staged.pending = self.store._apply_detached(staged.row, tar)
+                            except ParentsNeeded:
+                                staged.pending = ParentsNeeded
+                        else:
+                            self.store._apply_recorded(staged.row, staged.parents, tar)
+                        while tar.read(_CHUNK):
+                            pass
+                    finally:
+                        tar.close()
             except LaminaeError as exc:
                 if isinstance(exc, CorruptLayer) and staged.desc.digest in str(exc):
                     raise
