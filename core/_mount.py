@@ -106,7 +106,8 @@ def unmount_all(target: Path, *, remove_dir: bool = True) -> None:
                 if exc.errno not in (errno.EINVAL, errno.ENOENT):  # already gone
                     raise
     if remove_dir:
-        with contextlib.suppress(FileNotFoundError), map_os_errors(f"remove mount point {target}"):
+        # map_os_errors outside: it would turn the FileNotFoundError into NotFound first.
+        with map_os_errors(f"remove mount point {target}"), contextlib.suppress(FileNotFoundError):
             os.rmdir(target)
 
 
