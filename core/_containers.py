@@ -30,7 +30,7 @@ from ._records import Image, check_key
 from ._reference import local_name
 
 if TYPE_CHECKING:
-    from ._store import Store
+    from ._store_containers import ContainerStore
 
 __all__ = [
     "COMMIT_CREATED_BY",
@@ -127,7 +127,7 @@ def image_config(image: Image) -> ImageConfig | None:
 
 
 def commit_container(
-    store: Store,
+    store: ContainerStore,
     ref: str,
     name: str | None,
     *,

@@ -78,7 +78,7 @@ from ._records import Image, chain_id
 
 if TYPE_CHECKING:
     from ._graph import LayerRow
-    from ._store import Store
+    from ._store_images import ImageStore
 
 __all__ = ["export_image", "import_image"]
 
@@ -278,7 +278,7 @@ class _Importer:
 
     def __init__(
         self,
-        store: Store,
+        store: ImageStore,
         source: ImageSource,
         progress: Progress,
         jobs: int,
@@ -474,7 +474,7 @@ class _Importer:
 
 
 def import_image(
-    store: Store,
+    store: ImageStore,
     source: ImageSource,
     *,
     names: Sequence[str],
@@ -496,7 +496,7 @@ def import_image(
 
 
 def _layer_blob(
-    store: Store, layer_id: str, compression: Compression, path: Path, progress: Progress
+    store: ImageStore, layer_id: str, compression: Compression, path: Path, progress: Progress
 ) -> tuple[str, int]:
     """Write ``layer_id``'s tar, compressed, to ``path``; its digest and size."""
     with open(path, "wb") as out:
@@ -510,7 +510,7 @@ def _layer_blob(
 
 
 def export_image(
-    store: Store,
+    store: ImageStore,
     ref: str,
     sink: ImageSink,
     *,

@@ -22,7 +22,7 @@ from ._transfer import export_image, import_image
 
 if TYPE_CHECKING:
     from ._registry import RegistryOptions
-    from ._store import Store
+    from ._store_images import ImageStore
 
 __all__ = ["export_to", "import_from", "open_sink", "open_source"]
 
@@ -77,7 +77,7 @@ def _default_names(location: ImageLocation, source: ImageSource) -> list[str]:
 
 
 def import_from(
-    store: Store,
+    store: ImageStore,
     source: str | ImageLocation,
     names: Sequence[str],
     platform: str | None,
@@ -104,7 +104,7 @@ def import_from(
 
 
 def export_to(
-    store: Store,
+    store: ImageStore,
     ref: str,
     destination: str | ImageLocation,
     compression: Compression | None,
