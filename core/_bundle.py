@@ -217,10 +217,6 @@ def make_bundle(
     """
     where = Path(directory).absolute()
     found = store.container(container)
-    with map_os_errors(f"bundle directory {where}"):
-        created = not where.exists()
-        where.mkdir(parents=True, exist_ok=True)
-    created = _take_over(store, where) or created
     config = store.container_config(found.id)
     process = _image_process(config, found.id)
     command = list(args) if args else process.command
@@ -233,6 +229,11 @@ def make_bundle(
         if not mount.source.exists():
             raise NotFound(f"bind mount source {mount.source}: does not exist")
     spec = runtime_spec(runtime)
+    # Everything that can be checked without touching the directory was: now make it.
+    with map_os_errors(f"bundle directory {where}"):
+        created = not where.exists()
+        where.mkdir(parents=True, exist_ok=True)
+    created = _take_over(store, where) or created
     marker = BundleMarker(store.root, store.runroot, store.driver_name, found.id, created)
     # The marker goes first: from here on, `laminae unbundle` can clean up whatever happens.
     _write_json(where / MARKER_NAME, marker.to_json())

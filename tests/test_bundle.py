@@ -222,6 +222,12 @@ def test_an_image_without_a_command_needs_args(store: laminae.Store, tmp_path: P
     with pytest.raises(laminae.InvalidArgument, match="neither Entrypoint nor Cmd"):
         make_bundle(store, "box", tmp_path / "b")
     assert mounted(store, box) == 0
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(laminae.NotFound, match="bind mount source"):
+        make_bundle(store, "box", tmp_path / "b", args=["/x"], mounts=[BindMount("/nope", "/n")])
+    with pytest.raises(laminae.InvalidArgument, match="runtime 'no-such-runtime'"):
+        make_bundle(store, "box", tmp_path / "b", args=["/x"], runtime="no-such-runtime")
+    assert not (tmp_path / "b").exists()
     made = make_bundle(store, "box", tmp_path / "b", args=["/bin/x"])
     assert json.loads(made.config_path.read_text())["process"]["args"] == ["/bin/x"]
 
