@@ -464,13 +464,17 @@ class _Importer:
 
     def _settle(self, staged: _Staged, spools: dict[int, concurrent.futures.Future[Path]]) -> None:
         assert staged.row is not None
-        if staged.pending is ParentsNeeded:
-            # The tar needs its parents' files (a root opaque marker, a hard link to a lower
-            # file): start the layer over, now that they are there.
-            self.store._reset_staged(staged.row, staged.parents)
-            self._apply_one(staged, spools, False)
-            return
-        self.store._settle_detached(staged.row, staged.parents, staged.pending)
+        if staged.pending is not ParentsNeeded:
+            try:
+                self.store._settle_detached(staged.row, staged.parents, staged.pending)
+                return
+            except ParentsNeeded:
+                pass
+        # The tar needs its parents' files (a root opaque marker, a hard link to a lower
+        # file, a directory that inherits from the lowers): start the layer over, now that
+        # they are there.
+        self.store._reset_staged(staged.row, staged.parents)
+        self._apply_one(staged, spools, False)
 
 
 def import_image(
