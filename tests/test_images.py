@@ -308,3 +308,37 @@ def test_export_of_an_image_without_config_is_refused(store: laminae.Store) -> N
     store.create_image(base.id, names=["bare"])
     with pytest.raises(laminae.FailedPrecondition, match="config"):
         store.export_image("bare", "oci:/nonexistent-dir-for-laminae:x")
+
+
+def _tar_with(*entries: tuple[str, bytes | None, str | None]) -> bytes:
+    """A tar of (name, content, hard link target) entries."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, link in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if link is not None:
+                info.type, info.linkname = tarfile.LNKTYPE, link
+                tar.addfile(info)
+            else:
+                info.size = len(data or b"")
+                tar.addfile(info, io.BytesIO(data or b""))
+    return buf.getvalue()
+
+
+def test_layers_that_need_their_parents_still_import(store: laminae.Store, tmp_path: Path) -> None:
+    # Overlay applies the layers of one image side by side; a hard link to a file of a lower
+    # layer, and an opaque marker at a layer's root, need the parents' files, so those
+    # layers are applied again once their parents are there.
+    base = make_tar({"a/file": b"lower", "b/keep": b"k"}, dirs=["a", "b"])
+    link = _tar_with(("a/link", None, "a/file"))
+    opaque = _tar_with((".wh..wh..opq", b"", None), ("c/new", b"n", None))
+    write_layout(tmp_path / "layout", [base, link, opaque])
+    store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["p"], jobs=3)
+    files = image_tree(store, "p")
+    assert sorted(files) == ["c", "c/new"]
+    store.remove_image("p")
+    write_layout(tmp_path / "two", [base, link])
+    store.import_image(f"oci:{tmp_path / 'two'}:v1", names=["q"], jobs=3)
+    files = image_tree(store, "q")
+    assert files["a/link"][3] == b"lower" and files["a/file"][3] == b"lower"
