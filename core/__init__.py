@@ -21,6 +21,7 @@ checks one against the contract.
 import typing
 
 from ._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
+from ._bundle import BindMount, Bundle, make_bundle, remove_bundle
 from ._changes import Change, ChangeKind, naive_changes
 from ._compression import Compression
 from ._config import StoreConfig, load_config
@@ -95,6 +96,8 @@ __all__ = [
     "AlreadyExists",
     "Applier",
     "ApplyResult",
+    "BindMount",
+    "Bundle",
     "Capabilities",
     "Change",
     "ChangeKind",
@@ -154,12 +157,14 @@ __all__ = [
     "hookimpl",
     "load_config",
     "local_name",
+    "make_bundle",
     "naive_changes",
     "open_store",
     "parse_config",
     "parse_location",
     "parse_manifest",
     "parse_reference",
+    "remove_bundle",
     "settle_detached",
     "tree_usage",
     "write_changes_tar",
