@@ -18,13 +18,12 @@ group with :data:`hookimpl`; ``pytest --pyargs laminae.conformance --laminae-dri
 checks one against the contract.
 """
 
-import typing
-
 from ._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
 from ._bundle import BindMount, Bundle, make_bundle, remove_bundle
 from ._changes import Change, ChangeKind, naive_changes
 from ._compression import Compression
 from ._config import StoreConfig, load_config
+from ._credentials import RegistryOptions
 from ._driver import (
     Applier,
     Capabilities,
@@ -78,19 +77,6 @@ from ._records import (
 )
 from ._reference import ImageLocation, Reference, local_name, parse_location, parse_reference
 from ._store import Store, open_store
-
-if typing.TYPE_CHECKING:
-    from ._registry import RegistryOptions
-
-
-def __getattr__(name: str) -> object:
-    # The registry client needs httpx, which only pulls and pushes use: import it on demand.
-    if name == "RegistryOptions":
-        from ._registry import RegistryOptions
-
-        return RegistryOptions
-    raise AttributeError(f"module 'laminae' has no attribute {name!r}")
-
 
 __all__ = [
     "AlreadyExists",

@@ -40,7 +40,7 @@ import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 import cattrs
@@ -54,10 +54,8 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, override
 
 from ._archive import Limits
+from ._credentials import RegistryOptions
 from ._exceptions import InvalidArgument
-
-if TYPE_CHECKING:
-    from ._registry import RegistryOptions
 
 __all__ = ["StoreConfig", "load_config", "parse_size"]
 
@@ -377,10 +375,6 @@ def _file_path(value: str | None, source: Path, key: str) -> Path | None:
 
 
 def _registry_options(section: _RegistriesSection, source: Path) -> RegistryOptions:
-    # Imported here: the registry client pulls in httpx, which a store that never talks to a
-    # registry should not pay for.
-    from ._registry import RegistryOptions
-
     return RegistryOptions(
         insecure_hosts=frozenset(section.insecure),
         auth_file=_file_path(section.auth_file, source, "registries.auth_file"),

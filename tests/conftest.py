@@ -9,6 +9,10 @@ import pytest
 
 from laminae.drivers.btrfs import loop_btrfs
 
+# The registry fixtures (Debian's docker-registry, plain, htpasswd, token, TLS), for every
+# module; loaded here, before any module imports the helpers, so pytest rewrites its asserts.
+pytest_plugins = ["registryserver"]
+
 
 @pytest.fixture
 def btrfs(tmp_path: Path) -> Iterator[Path]:

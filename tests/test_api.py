@@ -30,10 +30,7 @@ def test_all_is_sorted_and_lists_exactly_the_public_names() -> None:
         for name, value in vars(laminae).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
-    # RegistryOptions comes on first use (module __getattr__), so httpx loads only for registries.
-    lazy = {"RegistryOptions"}
-    assert public | lazy == set(laminae.__all__)
-    assert all(getattr(laminae, name) is not None for name in lazy)
+    assert public == set(laminae.__all__)
 
 
 def test_public_names_come_from_underscored_modules() -> None:

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 # The registry fixtures (docker-registry on 127.0.0.1, stopped by PID). Not imported by name
 # above: pytest must import the module itself, to rewrite its asserts.
-pytest_plugins = ["registryserver"]
 
 HOST = Platform.host()
 
