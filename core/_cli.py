@@ -527,22 +527,27 @@ def layer_changes(store: Store, ref: str, as_json: bool) -> None:
         click.echo(f"{_CHANGE_LETTERS[change.kind]} {change.path}")
 
 
+def _tar_output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o/--output`` and ``--compression``, for the commands that write a layer tar."""
+    command = click.option(
+        "--compression",
+        type=click.Choice([c.value for c in Compression]),
+        default=Compression.NONE.value,
+        show_default=True,
+    )(command)
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+        default="-",
+        show_default=True,
+        help="File to write; - for stdout.",
+    )(command)
+
+
 @layer.command("export")
 @click.argument("ref")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
-    default="-",
-    show_default=True,
-    help="File to write; - for stdout.",
-)
-@click.option(
-    "--compression",
-    type=click.Choice([c.value for c in Compression]),
-    default=Compression.NONE.value,
-    show_default=True,
-)
+@_tar_output_options
 @_with_store
 def layer_export(store: Store, ref: str, output: str, compression: str) -> None:
     """Write a layer's changes as an OCI layer tar.

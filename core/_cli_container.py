@@ -25,6 +25,7 @@ from ._cli import (
     _print_table,
     _short,
     _stdout_is_terminal,
+    _tar_output_options,
     _with_store,
 )
 from ._compression import Compression
@@ -204,20 +205,7 @@ def container_commit(
 
 @container.command("export")
 @click.argument("ref", metavar="CONTAINER")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
-    default="-",
-    show_default=True,
-    help="File to write; - for stdout.",
-)
-@click.option(
-    "--compression",
-    type=click.Choice([c.value for c in Compression]),
-    default=Compression.NONE.value,
-    show_default=True,
-)
+@_tar_output_options
 @_with_store
 def container_export(store: Store, ref: str, output: str, compression: str) -> None:
     """Write a container's changes as an OCI layer tar (to stdout unless -o).

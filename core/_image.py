@@ -54,8 +54,10 @@ __all__ = [
     "build_index",
     "build_manifest",
     "check_blob_digest",
+    "encode_json",
     "layer_compression",
     "layer_media_type",
+    "load_json_object",
     "new_hash",
     "parse_config",
     "parse_manifest",
@@ -330,7 +332,8 @@ def _string_map(value: object, what: str) -> dict[str, str]:
     return dict(value)
 
 
-def _load_json(raw: bytes, what: str) -> dict[str, Any]:
+def load_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """``raw`` as a JSON object. :raises InvalidArgument: not JSON, or not an object."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -351,7 +354,7 @@ def parse_manifest(raw: bytes, *, media_type: str | None, what: str) -> Manifest
     """
     if media_type in _DOCKER_SCHEMA1:
         raise Unsupported(f"{what}: Docker schema 1 manifests are not supported")
-    data = _load_json(raw, what)
+    data = load_json_object(raw, what)
     declared = data.get("mediaType")
     if declared is not None and not isinstance(declared, str):
         raise InvalidArgument(f"{what}: mediaType must be a string")
@@ -388,7 +391,7 @@ def parse_manifest(raw: bytes, *, media_type: str | None, what: str) -> Manifest
 
 def parse_config(raw: bytes, *, what: str) -> ImageConfig:
     """Read an image config. :raises InvalidArgument: malformed (``rootfs.type`` not "layers")."""
-    data = _load_json(raw, what)
+    data = load_json_object(raw, what)
     rootfs = data.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
         raise InvalidArgument(f"{what}: rootfs.type must be 'layers'")
@@ -420,7 +423,7 @@ def select_manifest(index: Index, platform: Platform | None, *, what: str) -> De
     return matching[0]
 
 
-def _encode(document: Mapping[str, Any]) -> bytes:
+def encode_json(document: Mapping[str, Any]) -> bytes:
     """Canonical JSON as the Go tools write it: compact, keys in the given order."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -442,7 +445,7 @@ def build_manifest(
     }
     if annotations:
         document["annotations"] = dict(annotations)
-    raw = _encode(document)
+    raw = encode_json(document)
     return Manifest(
         media_type, config, tuple(layers), dict(annotations or {}), raw, sha256_digest(raw)
     )
@@ -459,7 +462,7 @@ def build_index(
     }
     if annotations:
         document["annotations"] = dict(annotations)
-    raw = _encode(document)
+    raw = encode_json(document)
     return Index(
         MEDIA_OCI_INDEX, tuple(manifests), dict(annotations or {}), raw, sha256_digest(raw)
     )

@@ -553,17 +553,23 @@ class LayerStore:
                 with map_os_errors(f"commit layer {new_id} in driver {self.driver_name}"):
                     self.driver.commit(row.storage_id)
             with self._graph.transaction():
-                self._graph.update_layer(
-                    row.id,
-                    id=new_id,
-                    kind=LayerKind.COMMITTED.value,
-                    diff_id=diff_id,
-                    size=size,
-                    digest=digest,
-                    incomplete=False,
-                )
+                self._mark_committed(row, new_id, diff_id, size, digest)
                 self._add_names_labels(new_id, names, labels, replace_labels=True)
         return self.layer(new_id)
+
+    def _mark_committed(
+        self, row: LayerRow, new_id: str, diff_id: str, size: int, digest: str | None
+    ) -> None:
+        """Record ``row`` as the committed, verified layer ``new_id`` (in a transaction)."""
+        self._graph.update_layer(
+            row.id,
+            id=new_id,
+            kind=LayerKind.COMMITTED.value,
+            diff_id=diff_id,
+            size=size,
+            digest=digest,
+            incomplete=False,
+        )
 
     def _add_names_labels(
         self,

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import posixpath
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol, Self, final
 
@@ -51,6 +50,8 @@ from ._image import (
     Manifest,
     build_index,
     check_blob_digest,
+    encode_json,
+    load_json_object,
     sha256_digest,
 )
 from ._tarstream import CHUNK_SIZE
@@ -77,21 +78,6 @@ def blob_name(digest: str, *, what: str) -> str:
     """
     algorithm, _, encoded = check_blob_digest(digest, what=what).partition(":")
     return f"blobs/{algorithm}/{encoded}"
-
-
-def _load_object(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{what}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{what}: not a JSON object")
-    return data
-
-
-def _encode(document: Mapping[str, Any]) -> bytes:
-    """Compact JSON, as the Go tools write it."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # --- reading a layout ---------------------------------------------------------------------
@@ -162,7 +148,7 @@ class _LayoutSource:
             raise NotFound(
                 f"{what}: not an OCI image layout ({self._files.where(_LAYOUT_FILE)} is missing)"
             ) from exc
-        layout = _load_object(layout_raw, self._files.where(_LAYOUT_FILE))
+        layout = load_json_object(layout_raw, self._files.where(_LAYOUT_FILE))
         version = layout.get("imageLayoutVersion")
         if not isinstance(version, str) or not version.startswith("1."):
             raise InvalidArgument(
@@ -173,7 +159,7 @@ class _LayoutSource:
             raw = self._files.read(_INDEX_FILE)
         except NotFound as exc:
             raise NotFound(f"{what}: the layout has no index ({where} is missing)") from exc
-        entries = _load_object(raw, where).get("manifests")
+        entries = load_json_object(raw, where).get("manifests")
         if not isinstance(entries, list):
             raise InvalidArgument(f"{where}: an index needs a manifests list")
         return [
@@ -343,7 +329,7 @@ def _updated_index(existing: dict[str, Any] | None, entry: Descriptor) -> bytes:
             continue
         kept.append(old)
     document["manifests"] = [*kept, entry.to_json()]
-    return _encode(document)
+    return encode_json(document)
 
 
 def _check_manifest(manifest: Manifest, config: ImageConfig, what: str) -> None:
@@ -491,7 +477,7 @@ class OCILayoutSink:
                 fsync_directory(directory)
             layout = self._path / _LAYOUT_FILE
             if not layout.exists():
-                _replace_file(layout, _encode({"imageLayoutVersion": _LAYOUT_VERSION}))
+                _replace_file(layout, encode_json({"imageLayoutVersion": _LAYOUT_VERSION}))
             # Two writers updating one index.json would lose an entry: the layout
             # directory's flock orders them (no lock file, so the layout gains nothing).
             lock = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -499,7 +485,7 @@ class OCILayoutSink:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 existing = None
                 with contextlib.suppress(FileNotFoundError):
-                    existing = _load_object(index_path.read_bytes(), str(index_path))
+                    existing = load_json_object(index_path.read_bytes(), str(index_path))
                 _replace_file(index_path, _updated_index(existing, self._entry))
                 os.fsync(lock)
             finally:
@@ -600,7 +586,7 @@ class OCIArchiveSink:
         """
         if self._entry is None:
             raise FailedPrecondition(f"{self._what}: nothing to commit (no manifest put)")
-        self._writer.add_bytes(_LAYOUT_FILE, _encode({"imageLayoutVersion": _LAYOUT_VERSION}))
+        self._writer.add_bytes(_LAYOUT_FILE, encode_json({"imageLayoutVersion": _LAYOUT_VERSION}))
         self._writer.add_bytes(_INDEX_FILE, _updated_index(None, self._entry))
         self._writer.commit()
 

@@ -146,15 +146,7 @@ class ImageStore(LayerStore):
                         self._graph.delete_layer(row.id)
                         duplicates.append(row.storage_id)
                     else:
-                        self._graph.update_layer(
-                            row.id,
-                            id=new_id,
-                            kind=LayerKind.COMMITTED.value,
-                            diff_id=diff_id,
-                            size=size,
-                            digest=digest,
-                            incomplete=False,
-                        )
+                        self._mark_committed(row, new_id, diff_id, size, digest)
                     parent = new_id
                 if self._graph.image(image_id) is None:
                     self._graph.insert_image(
