@@ -69,12 +69,8 @@ def run_import(
 def run_pull(root: str, runroot: str, driver: str, reference: str, *rest: str) -> dict[str, Any]:
     """``store.pull(REFERENCE)`` over plain HTTP: the reference's registry is made insecure
     (the benchmark's registry on 127.0.0.1 has no TLS)."""
-    try:
-        from laminae import RegistryOptions  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # not exported at the top level yet
-        from laminae._registry import RegistryOptions
     host = reference.removeprefix("docker://").partition("/")[0]
-    options = RegistryOptions(insecure_hosts=frozenset({host}))
+    options = laminae.RegistryOptions(insecure_hosts=frozenset({host}))
     start = time.perf_counter()
     with laminae.open_store(root, runroot=runroot, driver=driver) as store:
         opened = time.perf_counter()
