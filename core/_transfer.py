@@ -380,37 +380,58 @@ class _Importer:
         """
         for staged in todo:
             self.progress.start(self._key(staged), self._label(staged), staged.desc.size)
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(self.jobs))
         spools: dict[int, concurrent.futures.Future[Path]] = {}
-        stack.callback(self._drop_spools, spools)
-        if self.prefetch:
-            for staged in todo:
-                spools[staged.index] = pool.submit(self._fetch, staged)
-        detached = Feature.APPLY_DETACHED in self.store.capabilities.features
-        try:
-            if detached:
-                parent = base
+        applies: list[concurrent.futures.Future[None]] = []
+        done: set[int] = set()
+        # The pools are shut down (their running tasks finished, the rest cancelled) before
+        # this returns or raises, so the staged layers in ``stack`` are never removed under a
+        # thread still writing them.
+        with contextlib.ExitStack() as workers:
+            workers.callback(self._drop_spools, spools)
+            pool = workers.enter_context(concurrent.futures.ThreadPoolExecutor(self.jobs))
+            # Fetches get their own workers, so that applying the base layer never waits for
+            # the fetches queued behind it to be picked up.
+            fetches = workers.enter_context(concurrent.futures.ThreadPoolExecutor(self.jobs))
+            if self.prefetch:
                 for staged in todo:
-                    self._stage(staged, parent, stack)
-                    parent = staged.row
-                futures = [pool.submit(self._apply_one, s, spools, True) for s in todo]
-                for staged, future in zip(todo, futures, strict=True):
-                    future.result()
-                    self._settle(staged, spools)
-                    self.progress.finish(self._key(staged), "applied")
-            else:
+                    spools[staged.index] = fetches.submit(self._fetch, staged)
+            try:
                 parent = base
+                if Feature.APPLY_DETACHED in self.store.capabilities.features:
+                    for staged in todo:
+                        self._stage(staged, parent, stack)
+                        parent = staged.row
+                    applies.extend(pool.submit(self._apply_one, s, spools, True) for s in todo)
+                    for staged, future in zip(todo, applies, strict=True):
+                        future.result()
+                        self._settle(staged, spools)
+                        self._drop_spool(staged, spools)
+                        self.progress.finish(self._key(staged), "applied")
+                        done.add(staged.index)
+                else:
+                    for staged in todo:
+                        self._stage(staged, parent, stack)
+                        parent = staged.row
+                        self._apply_one(staged, spools, False)
+                        self._drop_spool(staged, spools)
+                        self.progress.finish(self._key(staged), "applied")
+                        done.add(staged.index)
+            except BaseException:
+                for fetch in spools.values():
+                    fetch.cancel()
+                for apply in applies:
+                    apply.cancel()
                 for staged in todo:
-                    self._stage(staged, parent, stack)
-                    parent = staged.row
-                    self._apply_one(staged, spools, False)
-                    self.progress.finish(self._key(staged), "applied")
-        except BaseException:
-            for staged in todo:
-                self.progress.finish(self._key(staged), "failed")
-            for fetch in spools.values():
-                fetch.cancel()
-            raise
+                    if staged.index not in done:
+                        self.progress.finish(self._key(staged), "failed")
+                raise
+
+    @staticmethod
+    def _drop_spool(staged: _Staged, spools: dict[int, concurrent.futures.Future[Path]]) -> None:
+        """Delete ``staged``'s spool file once it is applied: the commit's ``syncfs`` should
+        not write out what is about to be deleted."""
+        if staged.index in spools:
+            spools[staged.index].result().unlink(missing_ok=True)
 
     @staticmethod
     def _drop_spools(spools: dict[int, concurrent.futures.Future[Path]]) -> None:
