@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 from measure import Measured, run_measured
 from oci_image import write_benchmark_image
-from peers import private_host_paths
+from peers import ensure_installed, private_host_paths
 from report import REPO, Run, Spread, finish, first_line, fmt, machine, mib, ratio, verdict
 from report import console as make_console
 from rich.console import Console
@@ -650,7 +650,8 @@ def _buildah_version() -> str:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    require_root(("buildah",))
+    require_root()
+    ensure_installed(["buildah"])  # apt-get, once, as for the other benchmarks' peers
     enter_private_mount_namespace(Path(__file__).resolve(), argv)
     console = make_console()
     info = machine({"buildah": _buildah_version()})

@@ -56,7 +56,13 @@ __all__ = [
     "versions",
 ]
 
-PACKAGES = {"podman": "podman", "skopeo": "skopeo", "containerd": "containerd", "ctr": "containerd"}
+PACKAGES = {
+    "podman": "podman",
+    "skopeo": "skopeo",
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "buildah": "buildah",
+}
 """Command -> the Debian package that has it."""
 
 _POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
