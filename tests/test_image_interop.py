@@ -41,7 +41,7 @@ from registryserver import (
 from tarbuild import CAPABILITY, Layer
 
 import laminae
-from laminae._registry import RegistryOptions
+from laminae._registry import RegistryClient, RegistryOptions
 
 pytestmark = pytest.mark.root
 
@@ -637,3 +637,57 @@ def test_a_platform_and_digests_from_a_multi_platform_index_skopeo_pushed(
     assert store.pull(by_index, registry=options, platform="linux/arm64/v8").id == arm.id
     assert store.image(by_manifest).id == amd.id and store.image(by_index).id == arm.id
     assert store.check().ok
+
+
+def test_docker_v2_manifests_and_a_manifest_list_are_pulled(
+    store: laminae.Store, shared_registry: RegistryServer, repo: str, tmp_path: Path
+) -> None:
+    options = insecure(shared_registry)
+    layout = tmp_path / "layout"
+    built = write_layout(layout, [base_layer(), top_layer(repo)])
+    # skopeo converts the image to Docker's schema 2 (manifest, config and layer types).
+    single = f"{shared_registry.host}/{repo}:v2s2"
+    skopeo(
+        "copy",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        f"oci:{layout}:v1",
+        f"docker://{single}",
+    )
+    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{single}"))
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    image = store.pull(single, registry=options)
+    assert image.manifest_digest == skopeo_digest(single)
+    assert diff_ids(store, single) == list(built.diff_ids)
+    # A Docker manifest list over that manifest, and one for another platform.
+    manifest_bytes = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{single}").encode()
+    entry = {
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "digest": sha256(manifest_bytes),
+        "size": len(manifest_bytes),
+    }
+    listing = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+            "manifests": [
+                {**entry, "platform": {"architecture": "s390x", "os": "linux"}},
+                {
+                    **entry,
+                    "platform": {
+                        "architecture": laminae.Platform.host().architecture,
+                        "os": "linux",
+                    },
+                },
+            ],
+        }
+    ).encode()
+    with RegistryClient(shared_registry.host, options) as client:
+        client.put_manifest(
+            repo, "list", listing, "application/vnd.docker.distribution.manifest.list.v2+json"
+        )
+    listed = store.pull(f"{shared_registry.host}/{repo}:list", registry=options)
+    assert listed.id == image.id and listed.manifest_digest == image.manifest_digest
+    with pytest.raises(laminae.NotFound, match="linux/arm"):
+        store.pull(f"{shared_registry.host}/{repo}:list", registry=options, platform="linux/arm")
