@@ -18,7 +18,6 @@ the diff's read of the container's tree ends before the apply's write begins.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -152,19 +151,13 @@ def commit_container(
         else tuple(str(layer.diff_id) for layer in store.image_layers(parent_image.id))
     )
     top = store.layer(container.layer).parent
-    spool = store.root / "tmp"
-    path = spool / f"commit-{secrets.token_hex(8)}"
-    with map_os_errors(f"spool the changes of container {ref!r}"):
-        spool.mkdir(mode=0o700, exist_ok=True)
-    try:
+    with store._scratch() as scratch:
         with map_os_errors(f"spool the changes of container {ref!r}"):
-            out = open(path, "w+b")  # noqa: SIM115 (closed below)
+            out = open(scratch / "changes.tar", "w+b")  # noqa: SIM115 (closed below)
         with out:
             written = store.diff(container.layer, out)
             out.seek(0)
             layer = store.apply_layer(out, top, diff_id=written.diff_id)
-    finally:
-        path.unlink(missing_ok=True)
     config = commit_config(
         parent_config,
         base,

@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import secrets
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -166,6 +167,7 @@ class LayerStore:
                     with self._graph.transaction():
                         self._graph.set_meta("driver", entry.name)
                 self._remove_stale_incomplete()
+                self._remove_stale_scratch()
                 self._reconcile_mounts()
                 self._unmount_orphans()
         except BaseException:
@@ -507,6 +509,40 @@ class LayerStore:
             mounted(specs, self.runroot / "tmp" / nonce) as path,
         ):
             yield path
+
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A private directory under ``<root>/tmp`` for spool files, removed at the end.
+
+        It is claimed like an incomplete layer, so the next open of the store removes what a
+        killed process left here, and never what a live one is writing.
+        """
+        base = self.root / "tmp"
+        nonce = secrets.token_hex(8)
+        with map_os_errors(f"make a scratch directory in {base}"):
+            base.mkdir(mode=0o700, exist_ok=True)
+        with claim(base / f"{nonce}.lock"):
+            path = base / nonce
+            with map_os_errors(f"make a scratch directory in {base}"):
+                path.mkdir(mode=0o700)
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_stale_scratch(self) -> list[str]:
+        """Remove the scratch directories of processes that are gone."""
+        base = self.root / "tmp"
+        removed = []
+        for entry in base.iterdir() if base.is_dir() else ():
+            if entry.suffix == ".lock" or is_claimed(base / f"{entry.name}.lock"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(str(entry))
+        return removed
 
     def _sync(self) -> None:
         """Flush the driver's filesystem before a layer counts as present (moby#36135)."""

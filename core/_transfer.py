@@ -36,6 +36,7 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, cast
 
@@ -289,7 +290,7 @@ class _Importer:
         self.progress = progress
         self.jobs = jobs
         self.prefetch = prefetch
-        self.spool = store.root / "tmp"
+        self.spool = Path()  # set by run(): the store's scratch directory for this import
 
     def run(self, resolved: ResolvedImage, names: Sequence[str]) -> Image:
         manifest, config = resolved.manifest, resolved.config
@@ -314,6 +315,7 @@ class _Importer:
         todo = plan[first:]
         base = chain[first - 1] if first else None
         with contextlib.ExitStack() as stack:
+            self.spool = stack.enter_context(self.store._scratch())
             parent = None if base is None else self.store._committed_row(base)
             if todo:
                 self._apply(todo, parent, stack)
@@ -353,8 +355,7 @@ class _Importer:
 
     def _fetch(self, staged: _Staged) -> Path:
         """Download ``staged``'s blob into a spool file, verified."""
-        self.spool.mkdir(mode=0o700, exist_ok=True)
-        path = self.spool / f"blob-{secrets.token_hex(8)}"
+        path = self.spool / f"blob-{staged.index}"
         try:
             with self._blob(staged, None) as (stream, reader), open(path, "wb") as out:
                 while chunk := stream.read(_CHUNK):
@@ -557,13 +558,9 @@ def export_image(
     elif compression is None:
         compression = Compression.GZIP
     media_type = layer_media_type(compression, docker=sink.docker_media_types)
-    spool = store.root / "tmp"
-    spool.mkdir(mode=0o700, exist_ok=True)
-    paths: list[Path] = []
 
-    def one(layer_id: str) -> Descriptor:
-        path = spool / f"export-{secrets.token_hex(8)}"
-        paths.append(path)
+    def one(layer_id: str, spool: Path) -> Descriptor:
+        path = spool / f"layer-{secrets.token_hex(8)}"
         progress.start(layer_id, f"layer {layer_id.partition(':')[2][:12]}", None)
         digest, size = _layer_blob(store, layer_id, compression, path, progress)
         desc = Descriptor(media_type, digest, size)
@@ -572,28 +569,20 @@ def export_image(
         else:
             sink.put_blob(desc, path)
             progress.finish(layer_id, "written")
-        path.unlink(missing_ok=True)
+        path.unlink()
         return desc
 
-    try:
+    # Spool files live in a scratch directory of the store: gone at the end, and swept by
+    # the next open if this process is killed.
+    with store._scratch() as spool, map_os_errors(f"export image {ref!r} to {sink.describe()}"):
         with concurrent.futures.ThreadPoolExecutor(jobs or DEFAULT_JOBS) as pool:
-            descriptors = list(pool.map(one, [layer.id for layer in layers]))
+            descriptors = list(pool.map(one, [layer.id for layer in layers], repeat(spool)))
         config_type = MEDIA_DOCKER_CONFIG if sink.docker_media_types else MEDIA_OCI_CONFIG
         config_desc = Descriptor(config_type, config.digest, len(config.raw))
         if not sink.has_blob(config_desc):
-            path = spool / f"export-{secrets.token_hex(8)}"
-            paths.append(path)
-            path.write_bytes(config.raw)
-            sink.put_blob(config_desc, path)
+            (spool / "config").write_bytes(config.raw)
+            sink.put_blob(config_desc, spool / "config")
         manifest = build_manifest(config_desc, descriptors, docker=sink.docker_media_types)
         sink.put_manifest(manifest, config)
         sink.commit()
-    except LaminaeError:
-        raise
-    except OSError as exc:
-        with map_os_errors(f"export image {ref!r} to {sink.describe()}"):
-            raise exc
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
     return manifest.digest

@@ -342,3 +342,19 @@ def test_layers_that_need_their_parents_still_import(store: laminae.Store, tmp_p
     store.import_image(f"oci:{tmp_path / 'two'}:v1", names=["q"], jobs=3)
     files = image_tree(store, "q")
     assert files["a/link"][3] == b"lower" and files["a/file"][3] == b"lower"
+
+
+def test_spool_files_a_killed_process_left_are_swept_at_open(tmp_path: Path) -> None:
+    root, run = tmp_path / "root", tmp_path / "run"
+    with laminae.open_store(root, runroot=run, driver="vfs") as store:
+        with store._scratch() as live:
+            (live / "blob-0").write_bytes(b"x" * 10)
+            dead = root / "tmp" / "0123456789abcdef"
+            dead.mkdir()
+            (dead / "blob-0").write_bytes(b"partial download")
+            # Another open sweeps the dead process's directory, not the live one's.
+            with laminae.open_store(root, runroot=run) as other:
+                assert other.images() == []
+            assert not dead.exists()
+            assert (live / "blob-0").exists()
+        assert list((root / "tmp").iterdir()) == []
