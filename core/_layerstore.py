@@ -344,6 +344,7 @@ class LayerStore:
                 if created:
                     with contextlib.suppress(LaminaeError, OSError):
                         self.driver.remove(storage_id)
+                self._tar_split_path(storage_id).unlink(missing_ok=True)
                 with self._graph.transaction():
                     current = self._graph.layer_by_storage(storage_id)
                     if current is not None:
@@ -882,7 +883,7 @@ class LayerStore:
         # driver sweeps what is there, and NotFound means there was nothing.
         with contextlib.suppress(NotFound), map_os_errors(f"remove layer {row.id!r}"):
             self.driver.remove(row.storage_id)
-            self._tar_split_path(row.storage_id).unlink(missing_ok=True)
+        self._tar_split_path(row.storage_id).unlink(missing_ok=True)
         with self._graph.transaction():
             self._graph.delete_layer(row.id)
 
@@ -954,6 +955,13 @@ class LayerStore:
                 stale_counts=tuple(
                     r.id for r in rows if r.mount_count and r.mount_point not in points
                 ),
+                orphan_records=tuple(
+                    sorted(
+                        record.stem
+                        for record in (self.root / "tar-split").glob("*.tsz")
+                        if record.stem not in known
+                    )
+                ),
             )
 
     def repair(self, report: CheckReport | None = None) -> CheckReport:
@@ -961,7 +969,7 @@ class LayerStore:
 
         Orphan storage is removed; layers whose storage is missing are removed from the graph
         with everything above them; stale incomplete layers are removed; orphan mounts are
-        unmounted; stale counts are reset.
+        unmounted; stale counts are reset; orphan tar-split records are deleted.
         """
         self._check_open()
         report = report or self.check()
@@ -985,6 +993,10 @@ class LayerStore:
                 stale = self._graph.layer(layer_id)
                 if stale is not None and self._reconcile_row(stale, points):
                     fixed["stale_counts"].append(layer_id)
+            for storage_id in report.orphan_records:
+                if self._graph.layer_by_storage(storage_id) is None:
+                    self._tar_split_path(storage_id).unlink(missing_ok=True)
+                    fixed["orphan_records"].append(storage_id)
         return CheckReport(**{k: tuple(v) for k, v in fixed.items()})
 
     def _descendants(self, layer_id: str) -> list[LayerRow]:

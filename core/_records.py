@@ -123,6 +123,7 @@ class CheckReport:
     :param incomplete: layer ids left incomplete by a process that is gone.
     :param orphan_mounts: mount points under the run directory that nothing counts.
     :param stale_counts: layer ids whose mount count says mounted, but nothing is.
+    :param orphan_records: tar-split records (by storage id) of layers that are gone.
     """
 
     orphan_storage: tuple[str, ...] = ()
@@ -130,6 +131,7 @@ class CheckReport:
     incomplete: tuple[str, ...] = ()
     orphan_mounts: tuple[str, ...] = ()
     stale_counts: tuple[str, ...] = ()
+    orphan_records: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -146,6 +148,7 @@ class CheckReport:
                 for m in self.orphan_mounts
             ),
             *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
+            *(f"tar-split record {s}: its layer is gone" for s in self.orphan_records),
         ]
 
 

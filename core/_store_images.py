@@ -80,11 +80,7 @@ class ImageStore(LayerStore):
             )
         key = f"incomplete-{secrets.token_hex(16)}"
         with self._new_storage(key, parent, LayerKind.ACTIVE) as staged:
-            try:
-                yield staged
-            except BaseException:
-                self._tar_split_path(staged[0].storage_id).unlink(missing_ok=True)
-                raise
+            yield staged
 
     def _apply_detached(self, row: LayerRow, tar: BinaryIO) -> object:
         """Apply ``tar`` (passing through :meth:`_recording`) onto ``row`` without its parents

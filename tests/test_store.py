@@ -307,3 +307,19 @@ def test_mounts_a_crash_left_behind_are_found_and_removed(tmp_path: Path) -> Non
         assert store.check().ok
         points = _linux.mount_points()
         assert not [p for p in points if p.startswith(str(run))]
+
+
+def test_check_finds_and_repair_removes_tar_split_records_of_gone_layers(
+    store: laminae.Store,
+) -> None:
+    layer = store.apply_layer(io.BytesIO(make_tar({"a": b"1"})))
+    records = store.root / "tar-split"
+    assert (records / f"{layer.storage_id}.tsz").exists()
+    # What a crash between removing a layer and its record leaves.
+    (records / "feedfacefeedfacefeedfacefeedface.tsz").write_bytes(b"left over")
+    report = store.check()
+    assert report.orphan_records == ("feedfacefeedfacefeedfacefeedface",)
+    assert "tar-split record feedface" in report.problems()[0]
+    assert store.repair().orphan_records == ("feedfacefeedfacefeedfacefeedface",)
+    assert store.check().ok
+    assert (records / f"{layer.storage_id}.tsz").exists()
