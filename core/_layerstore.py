@@ -535,13 +535,19 @@ class LayerStore:
         """Remove the scratch directories of processes that are gone."""
         base = self.root / "tmp"
         removed = []
-        for entry in base.iterdir() if base.is_dir() else ():
-            if entry.suffix == ".lock" or is_claimed(base / f"{entry.name}.lock"):
+        for entry in sorted(base.iterdir()) if base.is_dir() else ():
+            lock = entry if entry.suffix == ".lock" else base / f"{entry.name}.lock"
+            if is_claimed(lock):
+                continue
+            if entry.suffix == ".lock":
+                if not (base / entry.stem).exists():  # its directory is swept with it
+                    entry.unlink(missing_ok=True)
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
             removed.append(str(entry))
         return removed
 
@@ -923,15 +929,15 @@ class LayerStore:
         removed = []
         with self._lock.held():
             for row in self._stale_incomplete():
-                for child in self._graph.children(row.id):
-                    # Only incomplete layers can sit on an incomplete one; they go first.
-                    child_row = self._graph.layer(child)
-                    if child_row is not None:
-                        self._remove_row(child_row)
-                self._remove_row(row)
-                with contextlib.suppress(FileNotFoundError):
-                    self._layer_lock(row.storage_id).unlink()
-                removed.append(row.id)
+                if self._graph.layer(row.id) is None:
+                    continue  # removed above, as a layer staged on another
+                # Only incomplete layers can sit on an incomplete one (an image import
+                # stages a whole chain): they go first, top down.
+                for above in reversed(self._descendants(row.id)):
+                    self._remove_row(above)
+                    with contextlib.suppress(FileNotFoundError):
+                        self._layer_lock(above.storage_id).unlink()
+                    removed.append(above.id)
         return removed
 
     # -- check and repair ------------------------------------------------------------------

@@ -101,7 +101,9 @@ class _BlobReader(io.RawIOBase):
 
     def __init__(self, stream: BinaryIO, desc: Descriptor, advance: Callable[[int], None]):
         super().__init__()
-        self._stream = stream
+        # read1: what is there now, so a slow source (a pipe, a socket) is hashed, reported
+        # and applied as it arrives instead of in whole megabytes.
+        self._read = stream.read1 if isinstance(stream, io.BufferedIOBase) else stream.read
         self._desc = desc
         self._hash = new_hash(desc.digest)
         self._advance = advance
@@ -111,7 +113,7 @@ class _BlobReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._stream.read(min(len(buffer), _CHUNK))
+        data = self._read(min(len(buffer), _CHUNK))
         if data:
             self.size += len(data)
             if self.size > self._desc.size:

@@ -358,3 +358,58 @@ def test_spool_files_a_killed_process_left_are_swept_at_open(tmp_path: Path) -> 
             assert not dead.exists()
             assert (live / "blob-0").exists()
         assert list((root / "tmp").iterdir()) == []
+
+
+def test_an_import_killed_midway_leaves_nothing_after_the_next_open(
+    store: laminae.Store, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layout = tmp_path / "layout"
+    top = make_tar({f"big/{i}": os.urandom(4096) for i in range(200)})
+    built = write_layout(layout, [BASE, MIDDLE, top], compression="none")
+    # The top blob becomes a FIFO: the import blocks inside it, half applied, where it dies.
+    blob = blob_path(layout, built.layer_digests[2])
+    data = blob.read_bytes()
+    blob.unlink()
+    os.mkfifo(blob)
+    root, run, driver = store.root, store.runroot, store.driver_name
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, laminae\n"
+            "with laminae.open_store(sys.argv[1], runroot=sys.argv[2], driver=sys.argv[3]) as s:\n"
+            "    s.import_image(sys.argv[4])\n",
+            str(root),
+            str(run),
+            driver,
+            f"oci:{layout}:v1",
+        ]
+    )
+    try:
+        with open(blob, "wb") as fifo:  # opens once the child reads the blob
+            fifo.write(data[: len(data) // 2])
+            fifo.flush()
+            deadline = time.monotonic() + 30
+            while (
+                not list(root.glob("tar-split/*.tsz"))
+                or len(list(root.glob("tar-split/*.tsz"))) < 3
+            ):
+                assert time.monotonic() < deadline, "the import never reached its top layer"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    with laminae.open_store(root, runroot=run, driver=driver) as again:
+        assert again.layers() == [] and again.images() == []
+        assert again.check().ok
+        assert list(root.glob("tar-split/*")) == []
+        assert list((root / "tmp").iterdir()) == []
