@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 import pytest
 from click.testing import CliRunner
+from registryserver import require_tool
 
 import laminae
 from laminae import _linux
@@ -78,7 +79,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.St
 def host_tools(tmp_path: Path) -> Path:
     """A directory holding a copy of the host's static busybox, to bind on /opt/host."""
     if not BUSYBOX.exists():
-        pytest.skip("busybox-static is not installed (scripts/test-all installs it)")
+        require_tool("busybox")  # busybox-static: skips, or fails under CI=true
     tools = tmp_path / "host-tools"
     tools.mkdir()
     shutil.copy2(BUSYBOX, tools / "busybox")
@@ -109,8 +110,7 @@ def run_bundle(runtime: str, bundle: Path, container_id: str, state: Path) -> No
     """``<runtime> --root STATE run --bundle BUNDLE ID``, waited for; checks exit 0 and that
     no container is left in STATE (``run`` returns when the container's process is gone).
     """
-    if shutil.which(runtime) is None:
-        pytest.skip(f"{runtime} is not installed")
+    require_tool(runtime)
     command = [runtime, "--root", str(state), "run", "--bundle", str(bundle), container_id]
     if runtime == "crun" and _crun_refuses_this_cgroup_layout():
         # Hide the v2 hierarchy from crun only: in a mount namespace of its own, which still
