@@ -11,8 +11,8 @@ What ``docker commit`` does, with the same rules:
 - an unmodified container still gives a layer (the empty tar), so that ``diff_ids`` and the
   non-empty ``history`` entries keep matching one to one.
 
-The tar is spooled through a file under ``<root>/tmp``: a layer is never held in memory, and
-the diff's read of the container's tree ends before the apply's write begins.
+The tar is spooled through a file in the store's scratch directory: a layer is never held in
+memory, and the diff's read of the container's tree ends before the apply's write begins.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._changes import Change, ChangeKind
 from ._exceptions import InvalidArgument, map_os_errors
-from ._image import ImageConfig, Platform, parse_config
+from ._image import ImageConfig, Platform, encode_json, parse_config
 from ._records import Image, check_key
 from ._reference import local_name
 
@@ -96,7 +96,7 @@ def commit_config(
         entry["comment"] = message
     history = data.get("history")
     data["history"] = [*(history if isinstance(history, list) else []), entry]
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return encode_json(data)
 
 
 def with_parent_dirs(changes: Iterable[Change]) -> list[Change]:
