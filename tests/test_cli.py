@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import pty
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import terminal
 from click.testing import CliRunner, Result
 from tarbuild import make_tar
 
@@ -473,33 +473,9 @@ def run_script(
 
 def run_in_pty(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """Run the script with stdout on a terminal; its stdout and stderr read back together."""
-    leader, follower = pty.openpty()
-    try:
-        process = subprocess.Popen(
-            [str(SCRIPT), *args],
-            stdout=follower,
-            stderr=follower,
-            stdin=subprocess.DEVNULL,
-            env={**script_env(), "COLUMNS": "200", "TERM": "dumb"},
-        )
-        os.close(follower)
-        follower = -1
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        code = process.wait()
-    finally:
-        os.close(leader)
-        if follower != -1:
-            os.close(follower)
-    output = b"".join(chunks).decode().replace("\r\n", "\n")
-    return subprocess.CompletedProcess(args, code, output, "")
+    return terminal.run_in_pty(
+        [str(SCRIPT), *args], env={**script_env(), "COLUMNS": "200", "TERM": "dumb"}
+    )
 
 
 def test_script_apply_ls_inspect_rm(store_args: list[str], tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import pty
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 from imagebuild import write_layout
 from tarbuild import make_tar
+from terminal import run_in_pty
 
 import laminae
 from laminae._cli import cli
@@ -228,32 +228,11 @@ def test_export_refuses_a_terminal(store_args: list[str], image: str) -> None:
         check=True,
         capture_output=True,
     )
-    leader, follower = pty.openpty()
-    try:
-        process = subprocess.Popen(
-            [str(SCRIPT), *store_args, "container", "export", "web"],
-            stdout=follower,
-            stderr=follower,
-            stdin=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if not k.startswith("LAMINAE_")},
-        )
-        os.close(follower)
-        follower = -1
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        code = process.wait()
-    finally:
-        os.close(leader)
-        if follower != -1:
-            os.close(follower)
-    assert code == 2
-    assert b"".join(chunks).decode().splitlines() == [
+    done = run_in_pty(
+        [str(SCRIPT), *store_args, "container", "export", "web"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("LAMINAE_")},
+    )
+    assert done.returncode == 2
+    assert done.stdout.splitlines() == [
         "laminae: error: refusing to write a tar to a terminal: redirect stdout or use -o FILE"
     ]
