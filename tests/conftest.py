@@ -7,11 +7,26 @@ from pathlib import Path
 
 import pytest
 
+import laminae
 from laminae.drivers.btrfs import loop_btrfs
 
 # The registry fixtures (Debian's docker-registry, plain, htpasswd, token, TLS), for every
 # module; loaded here, before any module imports the helpers, so pytest rewrites its asserts.
 pytest_plugins = ["registryserver"]
+
+
+@pytest.fixture(params=["vfs", "overlay", "btrfs"])
+def each_driver_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.Store]:
+    """A fresh store of each built-in driver in turn (btrfs on a loop-mounted btrfs)."""
+    if request.param == "btrfs":
+        root = request.getfixturevalue("btrfs") / "store"
+    else:
+        root = tmp_path / "root"
+    with laminae.open_store(root, runroot=tmp_path / "run", driver=request.param) as store:
+        yield store
+        for layer in store.layers():
+            if layer.mount_count:
+                store.unmount(layer.id, force=True)
 
 
 @pytest.fixture

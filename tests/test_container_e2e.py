@@ -15,19 +15,17 @@ runtime, GNU tar and umoci are the real programs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import attrs
 import pytest
 from click.testing import CliRunner
 from registryserver import require_tool
+from trees import read_tree
 
 import laminae
 from laminae import _linux
@@ -148,60 +146,6 @@ def run_bundle(runtime: str, bundle: Path, container_id: str, state: Path) -> No
         shutil.rmtree(state, ignore_errors=True)
 
 
-# --- trees --------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Entry:
-    """What is compared of one path: everything but times and directory sizes."""
-
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    size: int | None = None
-    sha256: str | None = None
-    target: str | None = None
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISCHR, "char"),
-        (stat.S_ISBLK, "block"),
-        (stat.S_ISFIFO, "fifo"),
-    ):
-        if test(mode):
-            return name
-    raise AssertionError(f"unexpected file type {mode:o}")
-
-
-def snapshot(root: Path) -> tuple[dict[str, Entry], frozenset[frozenset[str]]]:
-    """The tree under ``root``, read with ``os`` calls, and its groups of hard links."""
-    entries: dict[str, Entry] = {}
-    inodes: dict[tuple[int, int], set[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            kind = _kind(st.st_mode)
-            size = digest = target = None
-            if kind == "file":
-                size = st.st_size
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
-            elif kind == "symlink":
-                target = os.readlink(path)
-            entries[rel] = Entry(
-                kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, digest, target
-            )
-    links = frozenset(frozenset(paths) for paths in inodes.values() if len(paths) > 1)
-    return entries, links
-
-
 def apply_with_gnu_tar(layer: Path, target: Path) -> None:
     """Extract OCI layer tar ``layer`` onto ``target`` with GNU tar, then apply its whiteouts.
 
@@ -318,25 +262,24 @@ def test_run_diff_commit_export(
     apply_with_gnu_tar(layer_tar, copy)
     container_root = store.mount_container("e2e")
     try:
-        want = snapshot(container_root)
+        want = read_tree(container_root)
     finally:
         store.unmount_container("e2e")
-    assert snapshot(copy) == want
-    assert want[0][NEW_FILE.lstrip("/")].kind == "file"
-    assert GONE_FILE.lstrip("/") not in want[0]
+    assert read_tree(copy) == want
+    assert want.entries[NEW_FILE.lstrip("/")].kind == "file"
+    assert GONE_FILE.lstrip("/") not in want.entries
 
     # And umoci, unpacking the committed image from an OCI layout, agrees.
-    if shutil.which("umoci") is not None:
-        layout = tmp_path / "layout"
-        store.export_image("hello-ran", f"oci:{layout}:v1")
-        unpacked = tmp_path / "umoci-bundle"
-        subprocess.run(
-            ["umoci", "unpack", "--image", f"{layout}:v1", str(unpacked)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        assert snapshot(unpacked / "rootfs") == want
+    layout = tmp_path / "layout"
+    store.export_image("hello-ran", f"oci:{layout}:v1")
+    unpacked = tmp_path / "umoci-bundle"
+    subprocess.run(
+        [require_tool("umoci"), "unpack", "--image", f"{layout}:v1", str(unpacked)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert read_tree(unpacked / "rootfs") == want
 
     store.remove_container("e2e-second")
     store.remove_container("e2e")

@@ -13,9 +13,7 @@ import io
 import json
 import os
 import shutil
-import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 import zstandard
 from imagebuild import write_layout
 from tarbuild import make_tar
+from trees import contents, image_read
 
 import laminae
 
@@ -54,17 +53,10 @@ def D(path: str) -> laminae.Change:
     return laminae.Change(path, laminae.ChangeKind.DELETED)
 
 
-@pytest.fixture(params=["vfs", "overlay", "btrfs"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.Store]:
-    if request.param == "btrfs":
-        root = request.getfixturevalue("btrfs") / "store"
-    else:
-        root = tmp_path / "root"
-    with laminae.open_store(root, runroot=tmp_path / "run", driver=request.param) as s:
-        yield s
-        for layer in s.layers():
-            if layer.mount_count:
-                s.unmount(layer.id, force=True)
+@pytest.fixture
+def store(each_driver_store: laminae.Store) -> laminae.Store:
+    """The store of the test, one per built-in driver (``each_driver_store`` in conftest)."""
+    return each_driver_store
 
 
 @pytest.fixture
@@ -72,24 +64,6 @@ def image(store: laminae.Store, tmp_path: Path) -> laminae.Image:
     """A two-layer image, ``base:latest``, whose config has a Cmd and an Env."""
     write_layout(tmp_path / "layout", [BASE, TOP], platform=str(laminae.Platform.host()))
     return store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["base"])
-
-
-def tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under ``root`` with its type, mode, owner and content."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            rel = str(path.relative_to(root))
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
-            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body)
-    return out
 
 
 def is_mounted(path: Path) -> bool:
@@ -102,21 +76,14 @@ def is_mounted(path: Path) -> bool:
 def container_tree(store: laminae.Store, ref: str) -> dict[str, tuple[object, ...]]:
     root = store.mount_container(ref)
     try:
-        return tree(root)
+        return contents(root)
     finally:
         store.unmount_container(ref)
 
 
 def copy_of_image(store: laminae.Store, ref: str, target: Path) -> Path:
     """A plain-directory copy of image ``ref``'s tree, made through a mounted view."""
-    top = store.image(ref).top_layer
-    assert top is not None
-    view = store.create_layer(parent=top, view=True)
-    try:
-        shutil.copytree(store.mount(view.id, readonly=True), target, symlinks=True)
-    finally:
-        store.unmount(view.id)
-        store.remove_layer(view.id)
+    image_read(store, ref, lambda root: shutil.copytree(root, target, symlinks=True))
     return target
 
 
@@ -350,7 +317,7 @@ def test_export_applied_onto_the_image_gives_the_container_tree(
     assert result.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
     target = copy_of_image(store, "base", tmp_path / "copy")
     laminae.apply_tar(target, io.BytesIO(plain))  # whiteouts delete
-    assert tree(target) == container_tree(store, container.id)
+    assert contents(target) == container_tree(store, container.id)
 
 
 def test_export_of_plain_changes_applied_by_gnu_tar_gives_the_container_tree(
@@ -371,7 +338,7 @@ def test_export_of_plain_changes_applied_by_gnu_tar_gives_the_container_tree(
     subprocess.run(
         ["tar", "--numeric-owner", "-xpf", str(layer_tar), "-C", str(target)], check=True
     )
-    assert tree(target) == container_tree(store, container.id)
+    assert contents(target) == container_tree(store, container.id)
 
 
 # -- names, config, removal, errors ------------------------------------------------------------

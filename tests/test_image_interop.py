@@ -15,8 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +37,11 @@ from registryserver import (
     token_registry as token_registry_fixture,  # noqa: F401
 )
 from tarbuild import CAPABILITY, Layer
+from trees import Tree, image_read, read_tree
 
 import laminae
 from laminae._registry import RegistryClient, RegistryOptions
+from laminae.conformance._tree import Entry, describe_differences
 
 pytestmark = pytest.mark.root
 
@@ -174,17 +174,10 @@ def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regist
         server.stop()
 
 
-@pytest.fixture(params=["vfs", "overlay", "btrfs"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.Store]:
-    if request.param == "btrfs":
-        root = request.getfixturevalue("btrfs") / "store"
-    else:
-        root = tmp_path / "root"
-    with laminae.open_store(root, runroot=tmp_path / "run", driver=request.param) as s:
-        yield s
-        for layer in s.layers():
-            if layer.mount_count:
-                s.unmount(layer.id, force=True)
+@pytest.fixture
+def store(each_driver_store: laminae.Store) -> laminae.Store:
+    """The store of the test, one per built-in driver (``each_driver_store`` in conftest)."""
+    return each_driver_store
 
 
 @pytest.fixture
@@ -197,115 +190,20 @@ def repo(request: pytest.FixtureRequest) -> str:
 # --- trees ------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class Entry:
-    """What is compared of one path: everything but times and directory sizes."""
-
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    size: int | None = None
-    sha256: str | None = None
-    target: str | None = None
-    xattrs: tuple[tuple[str, bytes], ...] = ()
-    rdev: tuple[int, int] | None = None
-
-
-def _xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
-    names = os.listxattr(path, follow_symlinks=False)
-    # SELinux labels come from the host's policy, not from the image.
-    return tuple(
-        sorted(
-            (name, os.getxattr(path, name, follow_symlinks=False))
-            for name in names
-            if name != "security.selinux"
-        )
-    )
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISCHR, "char"),
-        (stat.S_ISBLK, "block"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-    ):
-        if test(mode):
-            return name
-    raise AssertionError(f"unknown file type {mode:o}")
-
-
-@attrs.frozen
-class Tree:
-    entries: dict[str, Entry]
-    hardlinks: frozenset[frozenset[str]]
-    """Paths that share an inode, in groups of two or more."""
-
-
-def snapshot(root: Path) -> Tree:
-    """Read the tree under ``root`` with plain ``os`` calls, never through laminae."""
-    entries: dict[str, Entry] = {}
-    inodes: dict[tuple[int, int], set[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            kind = _kind(st.st_mode)
-            fields: dict[str, object] = {}
-            if kind == "file":
-                fields["size"] = st.st_size
-                fields["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-            elif kind == "symlink":
-                fields["target"] = os.readlink(path)
-            elif kind in ("char", "block"):
-                fields["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if kind != "dir":
-                inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
-            entries[rel] = Entry(
-                kind,
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                xattrs=_xattrs(path),
-                **fields,  # type: ignore[arg-type]
-            )
-    groups = frozenset(frozenset(paths) for paths in inodes.values() if len(paths) > 1)
-    return Tree(entries, groups)
-
-
 def image_tree(store: laminae.Store, ref: str) -> Tree:
     """The tree of image ``ref``, read from a mounted view of its top layer."""
-    top = store.image(ref).top_layer
-    assert top is not None
-    view = store.create_layer(parent=top, view=True)
-    try:
-        return snapshot(store.mount(view.id, readonly=True))
-    finally:
-        store.unmount(view.id)
-        store.remove_layer(view.id)
+    return image_read(store, ref, read_tree)
 
 
 def umoci_tree(layout: Path, ref: str, bundle: Path) -> Tree:
     """The tree umoci unpacks from ``layout:ref`` (as root: owners, devices and all)."""
     run("umoci", "unpack", "--image", f"{layout}:{ref}", str(bundle))
-    return snapshot(bundle / "rootfs")
+    return read_tree(bundle / "rootfs")
 
 
 def assert_trees_equal(got: Tree, want: Tree) -> None:
-    """Equal trees, with a readable difference when they are not."""
-    missing = sorted(set(want.entries) - set(got.entries))
-    extra = sorted(set(got.entries) - set(want.entries))
-    differ = {
-        path: (got.entries[path], want.entries[path])
-        for path in sorted(set(got.entries) & set(want.entries))
-        if got.entries[path] != want.entries[path]
-    }
-    assert (missing, extra, differ) == ([], [], {})
+    """Equal trees, with every difference named when they are not."""
+    assert describe_differences(want.entries, got.entries) == []
     assert got.hardlinks == want.hardlinks
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from imagebuild import write_layout
 from tarbuild import make_tar
+from trees import contents, image_read
 
 import laminae
 from laminae._compression import open_decompressed
@@ -33,46 +32,10 @@ TOP = make_tar({"srv/data": b"d" * 100_000}, dirs=["srv"])
 OTHER_TOP = make_tar({"opt/tool": b"tool\n"}, dirs=["opt"])
 
 
-@pytest.fixture(params=["vfs", "overlay", "btrfs"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[laminae.Store]:
-    if request.param == "btrfs":
-        root = request.getfixturevalue("btrfs") / "store"
-    else:
-        root = tmp_path / "root"
-    with laminae.open_store(root, runroot=tmp_path / "run", driver=request.param) as s:
-        yield s
-        for layer in s.layers():
-            if layer.mount_count:
-                s.unmount(layer.id, force=True)
-
-
-def tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under ``root`` with its type, mode, owner and content."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            rel = str(path.relative_to(root))
-            if stat.S_ISREG(st.st_mode):
-                body: object = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            else:
-                body = None
-            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body)
-    return out
-
-
-def image_tree(store: laminae.Store, ref: str) -> dict[str, tuple[object, ...]]:
-    top = store.image(ref).top_layer
-    assert top is not None
-    view = store.create_layer(parent=top, view=True)
-    try:
-        return tree(store.mount(view.id, readonly=True))
-    finally:
-        store.unmount(view.id)
-        store.remove_layer(view.id)
+@pytest.fixture
+def store(each_driver_store: laminae.Store) -> laminae.Store:
+    """The store of the test, one per built-in driver (``each_driver_store`` in conftest)."""
+    return each_driver_store
 
 
 def storage_entries(store: laminae.Store) -> set[str]:
@@ -94,7 +57,7 @@ def test_import_from_a_layout_gives_the_image_and_its_tree(
     assert layers[0].id == built.diff_ids[0]
     assert layers[-1].id == laminae.chain_id(list(built.diff_ids))
     assert tuple(layer.digest for layer in layers) == built.layer_digests
-    files = image_tree(store, image.id)
+    files = image_read(store, image.id, contents)
     assert files["etc/os-release"][3] == b"ID=laminae\n"
     assert files["etc/motd"][3] == b"hello\n"
     assert files["srv/data"][3] == b"d" * 100_000
@@ -285,11 +248,11 @@ def test_parallel_and_serial_imports_agree(store: laminae.Store, tmp_path: Path)
     tars.append(make_tar({"d0/f1": b"replaced"}, whiteouts=["d1"]))
     write_layout(tmp_path / "layout", tars)
     parallel = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["p"], jobs=4)
-    files = image_tree(store, "p")
+    files = image_read(store, "p", contents)
     store.remove_image("p")
     serial = store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["s"], jobs=1)
     assert serial.id == parallel.id
-    assert image_tree(store, "s") == files
+    assert image_read(store, "s", contents) == files
     assert files["d0/f1"][3] == b"replaced" and not any(k.startswith("d1") for k in files)
 
 
@@ -335,12 +298,12 @@ def test_layers_that_need_their_parents_still_import(store: laminae.Store, tmp_p
     opaque = _tar_with((".wh..wh..opq", b"", None), ("c/new", b"n", None))
     write_layout(tmp_path / "layout", [base, link, opaque])
     store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["p"], jobs=3)
-    files = image_tree(store, "p")
+    files = image_read(store, "p", contents)
     assert sorted(files) == ["c", "c/new"]
     store.remove_image("p")
     write_layout(tmp_path / "two", [base, link])
     store.import_image(f"oci:{tmp_path / 'two'}:v1", names=["q"], jobs=3)
-    files = image_tree(store, "q")
+    files = image_read(store, "q", contents)
     assert files["a/link"][3] == b"lower" and files["a/file"][3] == b"lower"
 
 
