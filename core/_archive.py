@@ -1055,11 +1055,9 @@ class _Applier(_Tree):
             self.set_dir_times(path, atime, mtime)
         self.release()
 
-    def set_dir_times(self, path: bytes, atime: int, mtime: int) -> int | None:
-        """Set the times of the directory at ``path`` (resolved in the root), if one is there.
-
-        :returns: the directory's identity, or ``None`` when there is none at ``path``.
-        """
+    def _directory_at(self, path: bytes) -> tuple[int, bytes, os.stat_result] | None:
+        """The directory at ``path`` (resolved in the root): its parent's fd, its name, its
+        ``lstat``; ``None`` when there is no directory there."""
         parent_path, _, name = path.rpartition(b"/")
         parent = self.lookup(parent_path)
         if parent is None:
@@ -1068,9 +1066,23 @@ class _Applier(_Tree):
             st = os.stat(name, dir_fd=parent[0], follow_symlinks=False)
         except FileNotFoundError:
             return None
-        if not stat.S_ISDIR(st.st_mode):
+        return (parent[0], name, st) if stat.S_ISDIR(st.st_mode) else None
+
+    def dir_identity(self, path: bytes) -> int | None:
+        """The identity of the directory at ``path``, or ``None`` when there is none."""
+        found = self._directory_at(path)
+        return None if found is None else found[2].st_dev << 64 | found[2].st_ino
+
+    def set_dir_times(self, path: bytes, atime: int, mtime: int) -> int | None:
+        """Set the times of the directory at ``path`` (resolved in the root), if one is there.
+
+        :returns: the directory's identity, or ``None`` when there is none at ``path``.
+        """
+        found = self._directory_at(path)
+        if found is None:
             return None
-        os.utime(name, ns=(atime, mtime), dir_fd=parent[0], follow_symlinks=False)
+        parent, name, st = found
+        os.utime(name, ns=(atime, mtime), dir_fd=parent, follow_symlinks=False)
         return st.st_dev << 64 | st.st_ino
 
 

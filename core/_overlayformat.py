@@ -344,21 +344,9 @@ class _DetachedApplier(_Applier):
             if key is not None:
                 last[key] = position
         for made in self._made:
-            key = self._dir_at(made.path)
+            key = self.dir_identity(made.path)
             self._targets.append((key, key is not None and last.get(key, -1) >= made.position))
         self.release()
-
-    def _dir_at(self, path: bytes) -> int | None:
-        """The identity of the directory at ``path`` as :meth:`set_dir_times` resolves it."""
-        parent_path, _, name = path.rpartition(b"/")
-        parent = self.lookup(parent_path)
-        if parent is None:
-            return None
-        try:
-            st = os.stat(name, dir_fd=parent[0], follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        return st.st_dev << 64 | st.st_ino if stat.S_ISDIR(st.st_mode) else None
 
     @property
     def made_parents(self) -> bool:
