@@ -1,6 +1,6 @@
 """Real registries for the tests: Debian's docker-registry (CNCF distribution 2.8) on 127.0.0.1.
 
-Three fixtures, each a fresh registry with its own config and storage under ``tmp_path``,
+Four fixtures, each a fresh registry with its own config and storage under ``tmp_path``,
 stopped by PID after the test:
 
 - ``registry``: anonymous, plain HTTP;
@@ -11,14 +11,8 @@ stopped by PID after the test:
 - ``tls_registry``: anonymous, over TLS with a certificate for 127.0.0.1 from a test CA
   (``.ca``, a PEM file) that nothing trusts unless told.
 
-Use them from a test module with::
-
-    from registryserver import registry, auth_registry, token_registry  # noqa: F401
-
-The fixtures carry their names, so they may be imported under other names too, which keeps
-ruff's F811 quiet about a test parameter that shadows the imported name::
-
-    from registryserver import registry as registry_fixture  # noqa: F401
+tests/conftest.py loads this module as a plugin, so every test module can ask for them by
+name.
 
 A missing docker-registry (or htpasswd) binary skips the test, except under ``CI=true``,
 where the tools are installed by scripts/test-all and their absence is a failure.
@@ -30,9 +24,7 @@ import base64
 import datetime
 import ipaddress
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import threading
@@ -50,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from tools import require_tool
 
 __all__ = [
     "RegistryServer",
@@ -57,7 +50,6 @@ __all__ = [
     "auth_registry",
     "free_port",
     "registry",
-    "require_tool",
     "tls_registry",
     "token_registry",
 ]
@@ -67,17 +59,6 @@ PASSWORD = "s3cret-pass"
 SERVICE = "laminae-test-registry"
 ISSUER = "laminae-test-issuer"
 _STARTUP_SECONDS = 10.0
-
-
-def require_tool(name: str) -> str:
-    """The path of tool ``name``; skip the test without it, or fail under ``CI=true``."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (scripts/test-all installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def free_port() -> int:

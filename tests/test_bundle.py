@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from tarbuild import make_tar
+from tools import needs
 
 import laminae
 import laminae._linux
@@ -40,11 +40,7 @@ from laminae._bundle import (
 from laminae._cli import cli
 from laminae._linux import is_mountpoint
 
-# Without crun the test is skipped on a developer machine; under CI=true it runs, and fails.
-crun = pytest.mark.skipif(
-    shutil.which("crun") is None and os.environ.get("CI") != "true",
-    reason="crun is not installed (scripts/test-all installs it)",
-)
+crun = needs("crun")
 
 PASSWD = b"""root:x:0:0:root:/root:/bin/sh
 # a comment, and a malformed line below, both skipped

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from registryserver import require_tool
+from tools import require_tool
 from trees import read_tree
 
 import laminae

@@ -6,16 +6,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from imagebuild import BuiltImage, copy_image, digest, read_blob, resolve_manifest, write_layout
 from tarbuild import make_tar
+from tools import needs, run_skopeo
 
 from laminae._dockerarchive import DockerArchiveSink, DockerArchiveSource
 from laminae._exceptions import InvalidArgument, NotFound, Unsupported
@@ -42,19 +40,7 @@ CONFIG = json.dumps(
     }
 ).encode()
 
-# Without skopeo the test is skipped on a developer machine; under CI=true it runs, and fails.
-skopeo = pytest.mark.skipif(
-    shutil.which("skopeo") is None and os.environ.get("CI") != "true",
-    reason="skopeo is not installed (scripts/test-all installs it)",
-)
-
-
-def run_skopeo(*args: str) -> str:
-    result = subprocess.run(
-        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+skopeo = needs("skopeo")
 
 
 def write_archive(path: Path, members: dict[str, bytes], links: dict[str, str] = {}) -> None:  # noqa: B006

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from tools import needs
 
 import laminae
 
@@ -33,11 +34,7 @@ IMAGE = EXAMPLES / "hello-image.oci.tar"
 BASE_LAYER = EXAMPLES / "hello-layer.tar.gz"
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
-# Without skopeo the test is skipped on a developer machine; under CI=true it runs, and fails.
-skopeo = pytest.mark.skipif(
-    shutil.which("skopeo") is None and os.environ.get("CI") != "true",
-    reason="skopeo is not installed (scripts/test-all installs it)",
-)
+skopeo = needs("skopeo")
 
 
 @pytest.fixture(scope="module")

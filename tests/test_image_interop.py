@@ -23,20 +23,9 @@ import attrs
 import pytest
 import zstandard
 from imagebuild import BuiltImage, write_layout
-from registryserver import (
-    RegistryServer,
-    require_tool,
-)
-from registryserver import (
-    auth_registry as auth_registry_fixture,  # noqa: F401
-)
-from registryserver import (
-    registry as registry_fixture,  # noqa: F401
-)
-from registryserver import (
-    token_registry as token_registry_fixture,  # noqa: F401
-)
+from registryserver import RegistryServer
 from tarbuild import CAPABILITY, Layer
+from tools import require_tool, run_skopeo
 from trees import Tree, image_read, read_tree
 
 import laminae
@@ -144,9 +133,7 @@ def run(*args: str) -> str:
     return done.stdout
 
 
-def skopeo(*args: str) -> str:
-    # --insecure-policy: the host's policy.json is not the test's business.
-    return run("skopeo", "--insecure-policy", *args)
+skopeo = run_skopeo
 
 
 def skopeo_digest(reference: str) -> str:

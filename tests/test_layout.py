@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import re
-import shutil
-import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 from imagebuild import BuiltImage, copy_image, digest, read_blob, resolve_manifest, write_layout
 from tarbuild import make_tar
+from tools import needs, run_skopeo
 
 from laminae._archivefile import ArchiveMembers
 from laminae._exceptions import CorruptLayer, InvalidArgument, NotFound
@@ -33,19 +32,7 @@ LAYERS = [
     make_tar({"app/data": b"x" * 70_000}, whiteouts=["etc/os-release"]),
 ]
 
-# Without skopeo the test is skipped on a developer machine; under CI=true it runs, and fails.
-skopeo = pytest.mark.skipif(
-    shutil.which("skopeo") is None and os.environ.get("CI") != "true",
-    reason="skopeo is not installed (scripts/test-all installs it)",
-)
-
-
-def run_skopeo(*args: str) -> str:
-    result = subprocess.run(
-        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+skopeo = needs("skopeo")
 
 
 @pytest.fixture

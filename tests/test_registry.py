@@ -15,12 +15,9 @@ from typing import Any
 
 import attrs
 import pytest
-from registryserver import RegistryServer, free_port, require_tool
-from registryserver import auth_registry as auth_registry_fixture  # noqa: F401
-from registryserver import registry as registry_fixture  # noqa: F401
-from registryserver import tls_registry as tls_registry_fixture  # noqa: F401
-from registryserver import token_registry as token_registry_fixture  # noqa: F401
+from registryserver import RegistryServer, free_port
 from tarbuild import make_tar
+from tools import require_tool
 
 from laminae._compression import Compression
 from laminae._exceptions import (
