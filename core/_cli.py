@@ -39,7 +39,7 @@ from ._config import StoreConfig, load_config
 from ._driver import Capabilities
 from ._exceptions import CorruptLayer, InvalidArgument, LaminaeError, map_os_errors
 from ._plugins import available_drivers
-from ._records import Layer, LayerKind
+from ._records import DiffResult, Layer, LayerKind
 from ._store import Store, open_store
 
 __all__ = ["cli", "main"]
@@ -554,12 +554,20 @@ def layer_export(store: Store, ref: str, output: str, compression: str) -> None:
 
     With -o FILE, print the DiffID, the digest of what was written and its size.
     """
+    _write_tar(output, compression, lambda out, how: store.diff(ref, out, compression=how))
+
+
+def _write_tar(
+    output: str, compression: str, write: Callable[[BinaryIO, Compression], DiffResult]
+) -> None:
+    """Run ``write`` into ``output`` (``-o``; never a terminal); with a file, print what
+    was written."""
     if output == "-" and _stdout_is_terminal():
         raise InvalidArgument(
             "refusing to write a tar to a terminal: redirect stdout or use -o FILE"
         )
     with _open_output(output) as out:
-        result = store.diff(ref, out, compression=Compression(compression))
+        result = write(out, Compression(compression))
     if output != "-":
         _print_table(("DIFF ID", "DIGEST", "SIZE"), [(result.diff_id, result.digest, result.size)])
 

@@ -20,17 +20,15 @@ from ._cli import (
     _CHANGE_LETTERS,
     _json_option,
     _key_values,
-    _open_output,
     _print_json,
     _print_table,
     _short,
-    _stdout_is_terminal,
     _tar_output_options,
     _with_store,
+    _write_tar,
 )
-from ._compression import Compression
 from ._containers import image_config
-from ._exceptions import InvalidArgument, NotFound
+from ._exceptions import NotFound
 from ._records import Container
 from ._store import Store
 
@@ -212,12 +210,7 @@ def container_export(store: Store, ref: str, output: str, compression: str) -> N
 
     With -o FILE, print the DiffID, the digest of what was written and its size.
     """
-    if output == "-" and _stdout_is_terminal():
-        raise InvalidArgument(
-            "refusing to write a tar to a terminal: redirect stdout or use -o FILE"
-        )
     store.container(ref)  # an unknown container fails before any file is made
-    with _open_output(output) as out:
-        result = store.export_container(ref, out, compression=Compression(compression))
-    if output != "-":
-        _print_table(("DIFF ID", "DIGEST", "SIZE"), [(result.diff_id, result.digest, result.size)])
+    _write_tar(
+        output, compression, lambda out, how: store.export_container(ref, out, compression=how)
+    )
