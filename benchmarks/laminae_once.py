@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import laminae
-from laminae import _linux  # the kernel techniques compare laminae's mount call with others
+from laminae.kernel import _linux
 
 PAGE = 4096
 

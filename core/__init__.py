@@ -18,13 +18,27 @@ group with :data:`hookimpl`; ``pytest --pyargs laminae.conformance --laminae-dri
 checks one against the contract.
 """
 
-from ._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
-from ._bundle import BindMount, Bundle, make_bundle, remove_bundle
-from ._changes import Change, ChangeKind, naive_changes
-from ._compression import Compression
-from ._config import StoreConfig, load_config
-from ._credentials import RegistryOptions
-from ._driver import (
+from laminae._config import StoreConfig, load_config
+from laminae._exceptions import (
+    AlreadyExists,
+    CorruptLayer,
+    DriverUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    LaminaeError,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    Unsupported,
+)
+from laminae._store import Store, open_store
+from laminae.archive._apply import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
+from laminae.archive._changes import Change, ChangeKind, naive_changes
+from laminae.archive._compression import Compression
+from laminae.archive._overlayformat import Unsettled, apply_tar_detached, settle_detached
+from laminae.containers._bundle import BindMount, Bundle, make_bundle, remove_bundle
+from laminae.driverkit._contract import (
     Applier,
     Capabilities,
     ChangeReporter,
@@ -38,20 +52,9 @@ from ._driver import (
     Usage,
     tree_usage,
 )
-from ._exceptions import (
-    AlreadyExists,
-    CorruptLayer,
-    DriverUnavailable,
-    FailedPrecondition,
-    InvalidArgument,
-    LaminaeError,
-    LimitExceeded,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-    Unsupported,
-)
-from ._image import (
+from laminae.driverkit._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
+from laminae.images._credentials import RegistryOptions
+from laminae.images._image import (
     Descriptor,
     ImageConfig,
     ImageSink,
@@ -62,10 +65,21 @@ from ._image import (
     parse_config,
     parse_manifest,
 )
-from ._overlayformat import Unsettled, apply_tar_detached, settle_detached
-from ._plugins import DriverEntry, DriverRegistry, available_drivers, hookimpl
-from ._progress import JsonProgress, LineProgress, NullProgress, Progress, RichProgress
-from ._records import (
+from laminae.images._progress import (
+    JsonProgress,
+    LineProgress,
+    NullProgress,
+    Progress,
+    RichProgress,
+)
+from laminae.images._reference import (
+    ImageLocation,
+    Reference,
+    local_name,
+    parse_location,
+    parse_reference,
+)
+from laminae.store._records import (
     CheckReport,
     Container,
     DiffResult,
@@ -75,8 +89,6 @@ from ._records import (
     StoreInfo,
     chain_id,
 )
-from ._reference import ImageLocation, Reference, local_name, parse_location, parse_reference
-from ._store import Store, open_store
 
 __all__ = [
     "AlreadyExists",

@@ -53,9 +53,9 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._archive import Limits
-from ._credentials import RegistryOptions
-from ._exceptions import InvalidArgument
+from laminae._exceptions import InvalidArgument
+from laminae.archive._apply import Limits
+from laminae.images._credentials import RegistryOptions
 
 __all__ = ["StoreConfig", "load_config", "parse_size"]
 

@@ -12,6 +12,7 @@
     ├── CorruptLayer              stored or received content does not match its digest
     ├── LimitExceeded             a hostile or oversized layer broke a configured limit
     │   (also an InvalidArgument: the tar is the bad input)
+    ├── ParentsNeeded             (driver to store) a detached apply needs the parents' content
     ├── PermissionDenied          a registry refused the credentials (or gave none the right)
     └── Unavailable               the outside world failed: a registry unreachable, a TLS
                                   error, a server error; trying again later may work
@@ -38,6 +39,7 @@ __all__ = [
     "LaminaeError",
     "LimitExceeded",
     "NotFound",
+    "ParentsNeeded",
     "PermissionDenied",
     "Unavailable",
     "Unsupported",
@@ -104,6 +106,16 @@ class LimitExceeded(InvalidArgument):
     """A layer broke a configured limit (size, entries, depth, header size)."""
 
     exit_code = 9
+
+
+class ParentsNeeded(LaminaeError):
+    """A driver's ``apply_detached`` (or ``settle``) cannot apply this tar without its parents'
+    content: a root-level opaque marker, a hard link to a file the tar does not hold, a
+    whiteout or an opaque marker in a directory the tar does not make first...
+
+    Not an error of the tar: the store removes what was written and applies the tar with
+    ``apply`` once the parents are complete. The message says what needed them.
+    """
 
 
 class PermissionDenied(LaminaeError):

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import final
 
-from ._archive import Limits
-from ._config import StoreConfig, load_config
-from ._exceptions import InvalidArgument, map_os_errors
-from ._store_containers import ContainerStore
+from laminae._config import StoreConfig, load_config
+from laminae._exceptions import InvalidArgument, map_os_errors
+from laminae.archive._apply import Limits
+from laminae.containers._store import ContainerStore
 
 __all__ = ["Store", "open_store"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from laminae import _linux
+from laminae.kernel import _linux
 
 
 def sync_fs(path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import zstandard
 
-from laminae._image import (
+from laminae.images._image import (
     ImageSink,
     ImageSource,
     Index,

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from tarbuild import CAPABILITY, END, Layer, gnu_long, header, member, pax, tar
 
-from laminae import _linux, _xattrs
-from laminae._archive import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
-from laminae._changes import Change, ChangeKind, naive_changes
 from laminae._exceptions import InvalidArgument, LimitExceeded
-from laminae._tarstream import EntryType, TarReader
+from laminae.archive._apply import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
+from laminae.archive._changes import Change, ChangeKind, naive_changes
+from laminae.archive._tarstream import EntryType, TarReader
+from laminae.kernel import _linux, _xattrs
 
 NS = 1_700_000_000_123_456_789
 

@@ -15,10 +15,10 @@ from fsops import sync_fs, write_mib
 from tarbuild import make_tar
 
 import laminae
-from laminae import _btrfs, _linux
-from laminae._driver import MountSpec
 from laminae._exceptions import AlreadyExists, DriverUnavailable, InvalidArgument, NotFound
+from laminae.driverkit._contract import MountSpec
 from laminae.drivers.btrfs import BtrfsDriver, loop_btrfs
+from laminae.kernel import _btrfs, _linux
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""The btrfs ioctls of laminae._linux, against a real loop-mounted btrfs."""
+"""The btrfs ioctls of laminae.kernel._linux, against a real loop-mounted btrfs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fsops import sync_fs, write_mib
 
-from laminae import _btrfs, _linux
+from laminae.kernel import _btrfs, _linux
 
 # --- layouts and request numbers ----------------------------------------------------------------
 

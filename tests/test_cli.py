@@ -1,6 +1,6 @@
 """The ``laminae`` command: every command through click's runner, and the installed script.
 
-The runner tests call :data:`laminae._cli.cli` in-process; the script tests run
+The runner tests call :data:`laminae.cli._main.cli` in-process; the script tests run
 ``.venv/bin/laminae`` as a user would, with a temporary ``--root``/``--runroot`` and vfs.
 """
 
@@ -24,8 +24,8 @@ from click.testing import CliRunner, Result
 from tarbuild import make_tar
 
 import laminae
-from laminae import _cli
-from laminae._cli import cli
+from laminae.cli import _main as _cli
+from laminae.cli._main import cli
 
 SCRIPT = Path(sys.executable).with_name("laminae")
 

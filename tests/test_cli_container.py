@@ -25,7 +25,7 @@ from tarbuild import make_tar
 from terminal import run_in_pty
 
 import laminae
-from laminae._cli import cli
+from laminae.cli._main import cli
 
 pytestmark = pytest.mark.root
 

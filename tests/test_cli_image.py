@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner, Result
 from tarbuild import make_tar
 
-from laminae._cli import cli
-from laminae._image import Platform
+from laminae.cli._main import cli
+from laminae.images._image import Platform
 
 BASE_TAR = make_tar({"etc/hostname": b"box\n", "etc/gone": b"x\n"}, dirs=("etc",))
 TOP_TAR = make_tar({"etc/motd": b"hi\n"}, whiteouts=("etc/gone",))

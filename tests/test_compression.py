@@ -14,7 +14,8 @@ import pytest
 import zstandard
 from tarbuild import Layer
 
-from laminae._compression import (
+from laminae._exceptions import InvalidArgument, LimitExceeded, Unsupported
+from laminae.archive._compression import (
     Compression,
     DigestReader,
     DigestWriter,
@@ -22,7 +23,6 @@ from laminae._compression import (
     open_compressor,
     open_decompressed,
 )
-from laminae._exceptions import InvalidArgument, LimitExceeded, Unsupported
 
 PAYLOAD = os.urandom(1 << 20) + bytes(3 << 20) + b"tail"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from laminae import _config
-from laminae._archive import Limits
 from laminae._config import StoreConfig, load_config, parse_size
 from laminae._exceptions import InvalidArgument
-from laminae._registry import RegistryOptions
+from laminae.archive._apply import Limits
+from laminae.images._registry import RegistryOptions
 
 EXAMPLE = """\
 [storage]

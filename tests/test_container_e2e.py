@@ -28,9 +28,9 @@ from tools import require_tool
 from trees import read_tree
 
 import laminae
-from laminae import _linux
-from laminae._bundle import BindMount, make_bundle, remove_bundle
-from laminae._cli import cli
+from laminae.cli._main import cli
+from laminae.containers._bundle import BindMount, make_bundle, remove_bundle
+from laminae.kernel import _linux
 
 pytestmark = pytest.mark.root
 

@@ -15,9 +15,9 @@ from imagebuild import BuiltImage, copy_image, digest, read_blob, resolve_manife
 from tarbuild import make_tar
 from tools import needs, run_skopeo
 
-from laminae._dockerarchive import DockerArchiveSink, DockerArchiveSource
 from laminae._exceptions import InvalidArgument, NotFound, Unsupported
-from laminae._image import (
+from laminae.images._dockerarchive import DockerArchiveSink, DockerArchiveSource
+from laminae.images._image import (
     MEDIA_DOCKER_CONFIG,
     MEDIA_DOCKER_LAYER,
     MEDIA_DOCKER_LAYER_GZIP,
@@ -25,7 +25,7 @@ from laminae._image import (
     Descriptor,
     parse_config,
 )
-from laminae._layout import OCILayoutSource
+from laminae.images._layout import OCILayoutSource
 
 LAYERS = [
     make_tar({"etc/os-release": b"ID=test\n", "bin/sh": b"\x7fELF" + bytes(3000)}, dirs=["etc"]),

@@ -29,8 +29,8 @@ from tools import require_tool, run_skopeo
 from trees import Tree, image_read, read_tree
 
 import laminae
-from laminae._registry import RegistryClient, RegistryOptions
 from laminae.conformance._tree import Entry, describe_differences
+from laminae.images._registry import RegistryClient, RegistryOptions
 
 pytestmark = pytest.mark.root
 

@@ -19,7 +19,7 @@ from tarbuild import make_tar
 from trees import contents, image_read
 
 import laminae
-from laminae._compression import open_decompressed
+from laminae.archive._compression import open_decompressed
 
 pytestmark = pytest.mark.root
 

@@ -17,15 +17,15 @@ from imagebuild import BuiltImage, copy_image, digest, read_blob, resolve_manife
 from tarbuild import make_tar
 from tools import needs, run_skopeo
 
-from laminae._archivefile import ArchiveMembers
 from laminae._exceptions import CorruptLayer, InvalidArgument, NotFound
-from laminae._image import ANNOTATION_REF_NAME, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor
-from laminae._layout import (
-    OCIArchiveSink,
-    OCIArchiveSource,
-    OCILayoutSink,
-    OCILayoutSource,
+from laminae.images._archivefile import ArchiveMembers
+from laminae.images._image import (
+    ANNOTATION_REF_NAME,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    Descriptor,
 )
+from laminae.images._layout import OCIArchiveSink, OCIArchiveSource, OCILayoutSink, OCILayoutSource
 
 LAYERS = [
     make_tar({"etc/os-release": b"ID=test\n", "bin/sh": b"\x7fELF" + bytes(3000)}, dirs=["etc"]),

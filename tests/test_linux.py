@@ -1,4 +1,4 @@
-"""Kernel calls in laminae._linux, against the real kernel (no mocks)."""
+"""Kernel calls in laminae.kernel._linux, against the real kernel (no mocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from laminae import _linux
+from laminae.kernel import _linux
 
 # --- mountinfo ---------------------------------------------------------------------------------
 

@@ -41,12 +41,10 @@ from laminae import (
     InvalidArgument,
     MountSpec,
     NotFound,
-    _linux,
     naive_changes,
     write_changes_tar,
 )
-from laminae._mount import mount_all, unmount_all
-from laminae._xattrs import get_xattr, set_xattr
+from laminae.driverkit._mount import mount_all, unmount_all
 from laminae.drivers.overlay import OverlayDriver
 from laminae.drivers.overlay._driver import (
     _FALLBACK_DEPTH,
@@ -56,6 +54,8 @@ from laminae.drivers.overlay._driver import (
 )
 from laminae.drivers.overlay._known_failures import _contiguous_from_zero, known_failures
 from laminae.drivers.overlay._probe import check_kernel_options
+from laminae.kernel import _linux
+from laminae.kernel._xattrs import get_xattr, set_xattr
 
 pytestmark = pytest.mark.root
 

@@ -9,7 +9,7 @@ import pluggy
 import pytest
 
 import laminae
-from laminae import _plugins
+from laminae.driverkit import _plugins
 from laminae.drivers.vfs._driver import VfsDriver
 
 
@@ -94,7 +94,7 @@ def test_auto_selection_skips_drivers_that_cannot_run(tmp_path: Path) -> None:
         "unavailable": laminae.DriverEntry("unavailable", Unavailable, 99, "test"),
         "vfs": laminae.DriverEntry("vfs", VfsDriver, 1, "test"),
     }
-    from laminae._layerstore import _select_driver
+    from laminae.store._layers import _select_driver
 
     assert _select_driver(drivers, tmp_path, None, None, (), {}).name == "vfs"
     with pytest.raises(laminae.DriverUnavailable, match="needs a pony"):

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import rich.console
 
-from laminae._progress import JsonProgress, LineProgress, NullProgress, Progress, RichProgress
+from laminae.images._progress import (
+    JsonProgress,
+    LineProgress,
+    NullProgress,
+    Progress,
+    RichProgress,
+)
 
 
 class FakeClock:

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from laminae._exceptions import InvalidArgument
-from laminae._reference import (
+from laminae.images._reference import (
     TRANSPORTS,
     ImageLocation,
     Reference,

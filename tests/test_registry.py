@@ -19,14 +19,14 @@ from registryserver import RegistryServer, free_port
 from tarbuild import make_tar
 from tools import require_tool
 
-from laminae._compression import Compression
 from laminae._exceptions import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
-from laminae._image import (
+from laminae.archive._compression import Compression
+from laminae.images._image import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_INDEX,
     MEDIA_OCI_LAYER_GZIP,
@@ -37,8 +37,8 @@ from laminae._image import (
     parse_config,
     sha256_digest,
 )
-from laminae._reference import parse_reference
-from laminae._registry import (
+from laminae.images._reference import parse_reference
+from laminae.images._registry import (
     RegistryClient,
     RegistryOptions,
     RegistrySink,

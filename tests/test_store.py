@@ -13,8 +13,8 @@ import pytest
 from tarbuild import make_tar
 
 import laminae
-from laminae import _linux
-from laminae._graph import Graph, LayerRow, now
+from laminae.kernel import _linux
+from laminae.store._graph import Graph, LayerRow, now
 
 
 def digest(data: bytes) -> str:

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tarbuild import END, gnu_long, header, make_tar, member, pad, pax, tar
 
-from laminae._archive import apply_tar, write_changes_tar
-from laminae._changes import naive_changes
 from laminae._exceptions import CorruptLayer, InvalidArgument, LimitExceeded
-from laminae._tarsplit import (
+from laminae.archive._apply import apply_tar, write_changes_tar
+from laminae.archive._changes import naive_changes
+from laminae.archive._tarsplit import (
     Region,
     TarFramer,
     TarSplitRecorder,
@@ -26,7 +26,7 @@ from laminae._tarsplit import (
     _RecordWriter,
     replay_tar,
 )
-from laminae._tarstream import Limits
+from laminae.archive._tarstream import Limits
 
 MiB = 1 << 20
 

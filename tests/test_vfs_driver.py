@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from laminae import _linux
-from laminae._driver import Capabilities, MountSpec
 from laminae._exceptions import (
     AlreadyExists,
     DriverUnavailable,
@@ -23,8 +21,10 @@ from laminae._exceptions import (
     LimitExceeded,
     NotFound,
 )
-from laminae._xattrs import read_xattrs, set_xattr
+from laminae.driverkit._contract import Capabilities, MountSpec
 from laminae.drivers.vfs import VfsDriver
+from laminae.kernel import _linux
+from laminae.kernel._xattrs import read_xattrs, set_xattr
 
 ODD_XATTR = b"user.\xff\xfe"
 ODD_NAME = os.fsdecode(b"caf\xe9-latin1")  # a file name that is not UTF-8

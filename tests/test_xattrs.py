@@ -1,4 +1,5 @@
-"""Extended attributes through laminae._xattrs: bytes names end to end, on a real filesystem."""
+"""Extended attributes through laminae.kernel._xattrs: bytes names end to end, on a real
+filesystem."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from laminae import _xattrs
+from laminae.kernel import _xattrs
 
 ODD_NAME = b"user.\xff\xfeodd"
 BINARY = bytes(range(256)) + b"\x00\x00"

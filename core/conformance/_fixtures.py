@@ -38,7 +38,7 @@ import attrs
 import pytest
 
 import laminae
-from laminae import _plugins
+from laminae.driverkit import _plugins
 
 from ._leaks import FileWatch, HostState, cleanup, describe
 from ._session import SESSION_KEY, ConformanceSession

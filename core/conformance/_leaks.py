@@ -206,7 +206,7 @@ def cleanup(mounts: list[Mount], loops: list[tuple[str, str]]) -> list[str]:
 
     :returns: what could not be cleaned, one line each.
     """
-    from laminae import _linux  # the one module that speaks to the kernel
+    from laminae.kernel import _linux
 
     failures = []
     for mount in sorted(mounts, key=lambda m: m.mount_point.count("/"), reverse=True):

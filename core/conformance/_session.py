@@ -20,7 +20,8 @@ import attrs
 import pytest
 
 import laminae
-from laminae import _linux, _plugins
+from laminae.driverkit import _plugins
+from laminae.kernel import _linux
 
 from ._leaks import private_propagation
 

@@ -57,7 +57,7 @@ def driver_class_name(entry: laminae.DriverEntry) -> str:
 def _ensure_driver(name: str, class_name: str | None) -> None:
     if name in laminae.available_drivers() or class_name is None:
         return
-    from laminae import _plugins
+    from laminae.driverkit import _plugins
 
     module_name, _, qualname = class_name.partition(":")
     target: Any = importlib.import_module(module_name)

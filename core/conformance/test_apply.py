@@ -22,11 +22,11 @@ import pytest
 import zstandard
 
 import laminae
-from laminae._mount import mount_all, unmount_all
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, mounted
 from laminae.conformance._tars import LayerTar
 from laminae.conformance._tree import assert_same_tree, hardlink_groups, read_xattrs, snapshot
+from laminae.driverkit._mount import mount_all, unmount_all
 
 NS = 1_000_000_000
 MTIME_NS = 1_234_567_890 * NS + 123_456_789

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from laminae import _linux
 from laminae._exceptions import DriverUnavailable
-from laminae._plugins import DriverRegistry, hookimpl
+from laminae.driverkit._plugins import DriverRegistry, hookimpl
+from laminae.kernel import _linux
 
 from ._driver import BtrfsDriver
 

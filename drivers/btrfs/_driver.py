@@ -4,7 +4,7 @@ Creating a layer on a parent costs one snapshot ioctl, whatever the parent holds
 shares the parent's tree until one of them writes. Committed layers are made read-only
 subvolumes, views are read-only snapshots, and removing a layer is one subvolume deletion per
 subvolume (nested ones first), never a walk that unlinks file by file (podman#26975).
-Every kernel call goes through :mod:`laminae._linux` ioctls; no ``btrfs`` process runs.
+Every kernel call goes through :mod:`laminae.kernel._linux` ioctls; no ``btrfs`` process runs.
 
 On disk, below ``home`` (which must be on btrfs)::
 
@@ -34,9 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
-from laminae import _btrfs, _linux
 from laminae._config import parse_size
-from laminae._driver import Capabilities, Feature, MountSpec, Usage, tree_usage
 from laminae._exceptions import (
     AlreadyExists,
     DriverUnavailable,
@@ -45,6 +43,8 @@ from laminae._exceptions import (
     NotFound,
     map_os_errors,
 )
+from laminae.driverkit._contract import Capabilities, Feature, MountSpec, Usage, tree_usage
+from laminae.kernel import _btrfs, _linux
 
 __all__ = ["BtrfsDriver"]
 

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Iterator, Sequence
 
 from laminae import Change, ChangeKind
-from laminae._xattrs import read_xattrs
+from laminae.kernel._xattrs import read_xattrs
 
 from ._view import Shown, StackView, is_whiteout
 

@@ -53,13 +53,13 @@ from laminae import (
     Unsettled,
     Usage,
     WhiteoutMode,
-    _linux,
     apply_tar,
     apply_tar_detached,
     settle_detached,
     tree_usage,
 )
 from laminae._exceptions import map_os_errors
+from laminae.kernel import _linux
 
 from ._changes import native_changes
 from ._host import (

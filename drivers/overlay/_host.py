@@ -12,7 +12,7 @@ import os
 import re
 from typing import Final
 
-from laminae import _linux
+from laminae.kernel import _linux
 
 __all__ = [
     "KERNEL_MAX_LOWERS",

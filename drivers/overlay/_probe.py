@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from laminae import DriverUnavailable, _linux
-from laminae._xattrs import set_xattr
+from laminae import DriverUnavailable
+from laminae.kernel import _linux
+from laminae.kernel._xattrs import set_xattr
 
 from ._host import kernel_release
 

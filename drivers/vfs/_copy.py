@@ -27,8 +27,8 @@ import os
 import stat
 from typing import Final, final
 
-from laminae import _linux
-from laminae._xattrs import get_xattr, list_xattrs, set_xattr
+from laminae.kernel import _linux
+from laminae.kernel._xattrs import get_xattr, list_xattrs, set_xattr
 
 __all__ = ["copy_tree"]
 

@@ -26,8 +26,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
-from laminae import _linux
-from laminae._driver import Capabilities, MountSpec, Usage, tree_usage
 from laminae._exceptions import (
     AlreadyExists,
     DriverUnavailable,
@@ -35,6 +33,8 @@ from laminae._exceptions import (
     NotFound,
     map_os_errors,
 )
+from laminae.driverkit._contract import Capabilities, MountSpec, Usage, tree_usage
+from laminae.kernel import _linux
 
 from ._copy import copy_tree
 

@@ -1,0 +1,607 @@
+"""The ``laminae`` command: a thin layer of argument handling and printing over the API.
+
+Every command opens the store the way :func:`open_store` does (flags over the
+environment over ``storage.toml``), calls one or two API functions, and prints the result: a
+rich table when stdout is a terminal, tab-separated lines otherwise, JSON with ``--json``.
+
+An error prints exactly one line, ``laminae: error: <message>``, on stderr and exits with the
+error's ``exit_code`` (``--debug`` prints the traceback first). The exit codes and the
+configuration are documented in ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import sys
+import tempfile
+import traceback
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Concatenate, NoReturn, ParamSpec, TypeVar
+
+import attrs
+import click
+import rich.box
+import rich.console
+import rich.markup
+import rich.table
+from cattrs.preconf.json import JsonConverter
+from cattrs.preconf.json import make_converter as make_json_converter
+
+from laminae._config import StoreConfig, load_config
+from laminae._exceptions import CorruptLayer, InvalidArgument, LaminaeError, map_os_errors
+from laminae._store import Store, open_store
+from laminae.archive._changes import Change, ChangeKind
+from laminae.archive._compression import Compression
+from laminae.driverkit._contract import Capabilities
+from laminae.driverkit._plugins import available_drivers
+from laminae.store._records import DiffResult, Layer, LayerKind
+
+__all__ = ["cli", "main"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def _make_json() -> JsonConverter:
+    converter = make_json_converter()
+    # The preconfigured converter already writes datetimes as ISO-8601 and enums by value.
+    converter.register_unstructure_hook(Path, str)
+    converter.register_unstructure_hook(types.MappingProxyType, dict)
+    # Sets come out in a stable order, so that two runs give the same bytes.
+    converter.register_unstructure_hook(
+        frozenset, lambda value: sorted(converter.unstructure(item) for item in value)
+    )
+    return converter
+
+
+JSON: JsonConverter = _make_json()
+"""The converter behind every ``--json``: datetimes ISO-8601, paths as strings, enums by value."""
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _plain(value: object) -> str:
+    """One field of a tab-separated line: no tabs or newlines inside, ``-`` for nothing."""
+    if value is None or (isinstance(value, str | list | tuple | frozenset | Mapping) and not value):
+        return "-"
+    if isinstance(value, datetime):
+        text = value.isoformat()
+    elif isinstance(value, Mapping):
+        text = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+    elif isinstance(value, list | tuple | frozenset):
+        text = ",".join(str(item) for item in value)
+    else:
+        text = str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _print_json(value: object, unstructure_as: Any = None) -> None:
+    click.echo(JSON.dumps(value, unstructure_as=unstructure_as, indent=2))
+
+
+def _print_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Rows as a rich table on a terminal, else one tab-separated line each (no header)."""
+    if not _stdout_is_terminal():
+        for row in rows:
+            click.echo("\t".join(_plain(cell) for cell in row))
+        return
+    cells = [[_terminal_cell(cell) for cell in row] for row in rows]
+    table = rich.table.Table(box=rich.box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for index, column in enumerate(columns):
+        last = index == len(columns) - 1
+        # On a narrow terminal short columns keep their width and the last one folds, so
+        # that no value is cut off.
+        widest = max([len(column), *(len(row[index]) for row in cells)])
+        table.add_column(
+            column, no_wrap=not last, overflow="fold" if last else "ellipsis",
+            min_width=min(widest, 20),
+        )  # fmt: skip
+    for row in cells:
+        table.add_row(*(rich.markup.escape(cell) for cell in row))
+    rich.console.Console().print(table)
+
+
+def _terminal_cell(value: object) -> str:
+    if isinstance(value, datetime):
+        # Minutes in local time read better in a table; the full value is in --json.
+        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+    return _plain(value)
+
+
+def _flatten(value: object, prefix: str = "") -> list[tuple[str, object]]:
+    # Nested records read as dotted keys ("capabilities.max_depth"), one per line.
+    if isinstance(value, dict) and value and prefix != "labels":
+        fields: list[tuple[str, object]] = []
+        for key, item in value.items():
+            fields.extend(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return fields
+    return [(prefix, value)]
+
+
+def _print_record(value: object) -> None:
+    """One attrs value as ``key<TAB>value`` lines, or a two-column table on a terminal."""
+    _print_table(("KEY", "VALUE"), _flatten(JSON.unstructure(value)))
+
+
+def _short(ref: str | None) -> str | None:
+    """A layer id cut to 12 hex digits for tables on a terminal; full ids everywhere else."""
+    if ref is None or not _stdout_is_terminal():
+        return ref
+    digits = ref.removeprefix("sha256:")
+    return digits[:12] if len(digits) == 64 else ref
+
+
+@contextlib.contextmanager
+def _open_output(path: str) -> Iterator[BinaryIO]:
+    """Stdout for ``-``, else a file that appears only if the block succeeds.
+
+    (``click.open_file(atomic=True)`` renames the temporary file even when the block fails.)
+    """
+    if path == "-":
+        sys.stdout.flush()
+        yield sys.stdout.buffer
+        return
+    target = Path(path)
+    with map_os_errors(f"output file {path!r}"):
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # what open() would have made, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as out, map_os_errors(f"write {path!r}"):
+            yield out
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc) if isinstance(exc, LaminaeError) else f"{type(exc).__name__}: {exc}"
+    # Exactly one line, whatever the message holds.
+    message = " ".join(message.split("\n")) or type(exc).__name__
+    click.echo(f"laminae: error: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+# Commands defined in another module, loaded when named: the image commands import the
+# registry client (httpx), which the layer commands should not wait for; the container and
+# bundle commands keep their own modules for the same reason (one concept each).
+_LAZY_COMMANDS = {
+    **dict.fromkeys(("image", "pull", "push"), "laminae.cli._image"),
+    "container": "laminae.cli._container",
+    **dict.fromkeys(("bundle", "unbundle"), "laminae.cli._bundle"),
+}
+
+
+class _LaminaeGroup(click.Group):
+    """The top group: turns every error below it into one line on stderr and an exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _LAZY_COMMANDS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module(module), cmd_name)
+        assert isinstance(command, click.Command), f"{module}.{cmd_name} is a click command"
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        try:
+            try:
+                return super().invoke(ctx)
+            finally:
+                # Close the store here, not after click's own handling, so that an error
+                # while closing is reported like any other.
+                ctx.close()
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            broken_pipe = _broken_pipe(exc)
+            if broken_pipe is not None:
+                # The reader went away (`laminae layer ls | head -1`): not an error worth a
+                # line. Click's own handling exits 1 quietly and silences the final flush.
+                raise broken_pipe from None
+            if isinstance(exc, LaminaeError):
+                _fail(exc, exc.exit_code, debug)
+            _fail(exc, 1, debug)  # anything unexpected is still one line
+
+
+def _broken_pipe(exc: BaseException) -> BrokenPipeError | None:
+    """The ``BrokenPipeError`` behind ``exc`` (the API keeps it as ``__cause__``), if any."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, BrokenPipeError):
+            return current
+        current = current.__cause__
+    return None
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def _key_values(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        pairs[key] = value
+    return pairs
+
+
+@attrs.frozen
+class _Settings:
+    """The global options, and how to open the store from them."""
+
+    root: Path | None
+    runroot: Path | None
+    driver: str | None
+    config_path: Path | None
+    storage_opts: Mapping[str, str]
+
+    def config(self) -> StoreConfig:
+        return load_config(self.config_path)
+
+    def open_store(self, ctx: click.Context) -> Store:
+        store = open_store(
+            self.root,
+            runroot=self.runroot,
+            driver=self.driver,
+            driver_options=self.storage_opts or None,
+            config=self.config(),
+        )
+        # Closed by _LaminaeGroup.invoke when the command is done.
+        return ctx.find_root().with_resource(store)
+
+
+def _with_store(command: Callable[Concatenate[Store, _P], _R]) -> Callable[_P, _R]:
+    """Call ``command(store, ...)`` with the store opened from the global options."""
+
+    @functools.wraps(command)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        ctx = click.get_current_context()
+        settings = ctx.find_object(_Settings)
+        assert settings is not None, "the top group sets it"
+        return command(settings.open_store(ctx), *args, **kwargs)
+
+    return wrapper
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@click.group(cls=_LaminaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", type=click.Path(path_type=Path), help="Store root (graphroot).")
+@click.option("--runroot", type=click.Path(path_type=Path), help="Run directory (mounts).")
+@click.option("--driver", help="Storage driver name.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="storage.toml to read instead of the search path.",
+)
+@click.option(
+    "--storage-opt",
+    "storage_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_key_values,
+    help="Driver option; repeatable.",
+)
+@click.option("--debug", is_flag=True, help="Print the traceback of an error.")
+@click.version_option(package_name="laminae")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    root: Path | None,
+    runroot: Path | None,
+    driver: str | None,
+    config_path: Path | None,
+    storage_opts: dict[str, str],
+    debug: bool,
+) -> None:
+    """Store container-image layers through pluggable storage drivers."""
+    ctx.obj = _Settings(root, runroot, driver, config_path, storage_opts)
+
+
+@cli.command()
+@_json_option
+@_with_store
+def info(store: Store, as_json: bool) -> None:
+    """Show the store: where it is, its driver and what it holds."""
+    result = store.info()
+    if as_json:
+        _print_json(result)
+    else:
+        _print_record(result)
+
+
+@attrs.frozen
+class _DriverStatus:
+    """One row of ``laminae drivers``; ``unavailable`` is the probe's reason, ``None`` if usable."""
+
+    name: str
+    priority: int
+    origin: str
+    capabilities: Capabilities
+    home: Path
+    unavailable: str | None
+
+
+@cli.command()
+@_json_option
+@click.pass_obj
+def drivers(settings: _Settings, as_json: bool) -> None:
+    """List every installed driver and what its probe says for the store's root.
+
+    Works without a store: nothing is created, the probe only looks.
+    """
+    config = settings.config()
+    root = (settings.root or config.graphroot).absolute()
+    statuses = []
+    for entry in sorted(available_drivers().values(), key=lambda e: (-e.priority, e.name)):
+        options = dict(config.driver_options.get(entry.name, {}))
+        if entry.name == (settings.driver or config.driver):
+            options.update(settings.storage_opts)
+        # The driver's home inside a store is <root>/<driver name> (Store.driver_home).
+        home = root / entry.name
+        statuses.append(
+            _DriverStatus(
+                entry.name,
+                entry.priority,
+                entry.origin,
+                entry.capabilities,
+                home,
+                entry.probe(home, options),
+            )
+        )
+    if as_json:
+        _print_json(statuses, list[_DriverStatus])
+        return
+    _print_table(
+        ("DRIVER", "PRIORITY", "ORIGIN", "PROBE"),
+        ((s.name, s.priority, s.origin, s.unavailable or "ok") for s in statuses),
+    )
+
+
+@cli.group()
+def layer() -> None:
+    """Create, import, inspect, mount and remove layers."""
+
+
+@layer.command("create")
+@click.option("--parent", metavar="REF", help="Committed layer to start from.")
+@click.option(
+    "--view", is_flag=True, help="Read-only view of the parent instead of a writable layer."
+)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=_key_values)
+@click.argument("key", required=False)
+@_with_store
+def layer_create(
+    store: Store,
+    parent: str | None,
+    view: bool,
+    labels: dict[str, str],
+    key: str | None,
+) -> None:
+    """Create an active (writable) layer, or a view with --view; print its id."""
+    click.echo(store.create_layer(key, parent, view=view, labels=labels or None).id)
+
+
+@layer.command("apply")
+@click.option("--parent", metavar="REF", help="Committed layer the tar applies onto.")
+@click.option("--name", "names", multiple=True, help="Name for the layer; repeatable.")
+@click.option("--diff-id", metavar="DIGEST", help="Expected DiffID (uncompressed digest).")
+@click.option("--digest", metavar="DIGEST", help="Expected digest of the file as given.")
+@click.argument("tar", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
+@_with_store
+def layer_apply(
+    store: Store,
+    parent: str | None,
+    names: tuple[str, ...],
+    diff_id: str | None,
+    digest: str | None,
+    tar: str,
+) -> None:
+    """Import a layer tar (plain, gzip or zstd; - for stdin); print its id (the ChainID)."""
+    source: BinaryIO | Path = sys.stdin.buffer if tar == "-" else Path(tar)
+    result = store.apply_layer(source, parent, diff_id=diff_id, digest=digest, names=names)
+    click.echo(result.id)
+
+
+_KINDS = [kind.value for kind in LayerKind]
+
+
+@layer.command("ls")
+@click.option("--kind", type=click.Choice(_KINDS), help="Only layers of this kind.")
+@_json_option
+@_with_store
+def layer_ls(store: Store, kind: str | None, as_json: bool) -> None:
+    """List layers: id, kind, parent, names, size, created, mount count."""
+    layers = store.layers(kind=LayerKind(kind) if kind else None)
+    if as_json:
+        _print_json(layers, list[Layer])
+        return
+    _print_table(
+        ("ID", "KIND", "PARENT", "NAMES", "SIZE", "CREATED", "MOUNTS"),
+        (
+            (
+                _short(item.id),
+                item.kind.value,
+                _short(item.parent),
+                item.names,
+                item.size,
+                item.created,
+                item.mount_count,
+            )
+            for item in layers
+        ),
+    )
+
+
+@layer.command("inspect")
+@click.argument("ref")
+@_json_option
+@_with_store
+def layer_inspect(store: Store, ref: str, as_json: bool) -> None:
+    """Show everything the store knows about one layer."""
+    result = store.layer(ref)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_record(result)
+
+
+@layer.command("rm")
+@click.argument("refs", metavar="REF...", nargs=-1, required=True)
+@_with_store
+def layer_rm(store: Store, refs: tuple[str, ...]) -> None:
+    """Remove layers, in the order given; print each id removed. Stops at the first error."""
+    for ref in refs:
+        layer_id = store.layer(ref).id
+        store.remove_layer(ref)
+        click.echo(layer_id)
+
+
+@layer.command("mount")
+@click.argument("ref")
+@click.option("--readonly", is_flag=True, help="Mount read-only (committed layers always are).")
+@_with_store
+def layer_mount(store: Store, ref: str, readonly: bool) -> None:
+    """Mount a layer and print the path; the mount stays until `layer unmount`."""
+    click.echo(str(store.mount(ref, readonly=readonly)))
+
+
+@layer.command("unmount")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Unmount whatever the count says.")
+@_with_store
+def layer_unmount(store: Store, ref: str, force: bool) -> None:
+    """Release one mount of a layer; the last one really unmounts."""
+    store.unmount(ref, force=force)
+
+
+_CHANGE_LETTERS = {ChangeKind.ADDED: "A", ChangeKind.MODIFIED: "C", ChangeKind.DELETED: "D"}
+
+
+@layer.command("changes")
+@click.argument("ref")
+@_json_option
+@_with_store
+def layer_changes(store: Store, ref: str, as_json: bool) -> None:
+    """List what a layer changed against its parent: A added, C changed, D deleted."""
+    changes = store.changes(ref)
+    if as_json:
+        _print_json(changes, list[Change])
+        return
+    for change in changes:
+        click.echo(f"{_CHANGE_LETTERS[change.kind]} {change.path}")
+
+
+def _tar_output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o/--output`` and ``--compression``, for the commands that write a layer tar."""
+    command = click.option(
+        "--compression",
+        type=click.Choice([c.value for c in Compression]),
+        default=Compression.NONE.value,
+        show_default=True,
+    )(command)
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+        default="-",
+        show_default=True,
+        help="File to write; - for stdout.",
+    )(command)
+
+
+@layer.command("export")
+@click.argument("ref")
+@_tar_output_options
+@_with_store
+def layer_export(store: Store, ref: str, output: str, compression: str) -> None:
+    """Write a layer's changes as an OCI layer tar.
+
+    With -o FILE, print the DiffID, the digest of what was written and its size.
+    """
+    _write_tar(output, compression, lambda out, how: store.diff(ref, out, compression=how))
+
+
+def _write_tar(
+    output: str, compression: str, write: Callable[[BinaryIO, Compression], DiffResult]
+) -> None:
+    """Run ``write`` into ``output`` (``-o``; never a terminal); with a file, print what
+    was written."""
+    if output == "-" and _stdout_is_terminal():
+        raise InvalidArgument(
+            "refusing to write a tar to a terminal: redirect stdout or use -o FILE"
+        )
+    with _open_output(output) as out:
+        result = write(out, Compression(compression))
+    if output != "-":
+        _print_table(("DIFF ID", "DIGEST", "SIZE"), [(result.diff_id, result.digest, result.size)])
+
+
+@cli.command()
+@_json_option
+@_with_store
+def check(store: Store, as_json: bool) -> None:
+    """Look for orphans, missing storage and stale mounts; exit 8 if any is found."""
+    report = store.check()
+    if as_json:
+        _print_json(report)
+    else:
+        for problem in report.problems():
+            click.echo(problem)
+    if not report.ok:
+        count = len(report.problems())
+        raise CorruptLayer(f"{count} problem(s) found; `laminae repair` fixes them")
+
+
+@cli.command()
+@_json_option
+@_with_store
+def repair(store: Store, as_json: bool) -> None:
+    """Fix what `check` finds; print one line per thing fixed."""
+    fixed = store.repair()
+    if as_json:
+        _print_json(fixed)
+    else:
+        for problem in fixed.problems():
+            click.echo(problem)
+
+
+def main(args: Sequence[str] | None = None) -> NoReturn:
+    """Run ``laminae`` with ``args`` (default: ``sys.argv[1:]``) and exit."""
+    cli.main(args, prog_name="laminae")
+    sys.exit(0)  # click exits itself; this keeps the NoReturn promise for the type checker
