@@ -57,7 +57,7 @@ from laminae.archive._apply import _clean, _Tree
 from laminae.kernel import _linux
 
 if TYPE_CHECKING:
-    from laminae._store import Store
+    from laminae.containers._store import ContainerStore
     from laminae.images._image import ImageConfig
 
 __all__ = [
@@ -187,7 +187,7 @@ class BundleMarker:
 
 
 def make_bundle(
-    store: Store,
+    store: ContainerStore,
     container: str,
     directory: Path | str,
     *,
@@ -260,7 +260,7 @@ def make_bundle(
     return Bundle(where, found.id, rootfs, runtime)
 
 
-def remove_bundle(store: Store, directory: Path | str) -> None:
+def remove_bundle(store: ContainerStore, directory: Path | str) -> None:
     """Unmount the container of the bundle in ``directory`` and remove what :func:`make_bundle`
     wrote (``config.json``, the marker, and the directory itself if it made it and it is empty).
 
@@ -272,7 +272,7 @@ def remove_bundle(store: Store, directory: Path | str) -> None:
     _unbundle(store, Path(directory).absolute(), keep_directory=False)
 
 
-def _unbundle(store: Store, where: Path, *, keep_directory: bool) -> BundleMarker:
+def _unbundle(store: ContainerStore, where: Path, *, keep_directory: bool) -> BundleMarker:
     """:func:`remove_bundle`; ``keep_directory`` keeps it even if made for the bundle."""
     marker = read_marker(where)
     if marker.store_root != store.root:
@@ -313,7 +313,7 @@ def read_marker(directory: Path | str) -> BundleMarker:
     return BundleMarker.from_json(data, what=str(path))
 
 
-def _take_over(store: Store, where: Path) -> bool:
+def _take_over(store: ContainerStore, where: Path) -> bool:
     """Make ``where`` ready for a new bundle: unbundle one of ours, refuse anyone else's.
 
     :returns: whether the bundle unbundled here had made the directory.
