@@ -18,8 +18,8 @@ Transport: TLS, always, unless the host is listed in ``RegistryOptions.insecure_
 plain HTTP): the system's CAs plus ``certs_dir/<host[:port]>/*.crt`` (and a client
 certificate ``*.cert`` with its ``*.key``), the layout of containers' ``certs.d``.
 
-Auth (the Docker token flow, REFERENCE.md 6.3): requests go out anonymous until the registry
-answers 401. Its ``WWW-Authenticate`` says how to authenticate: ``Basic`` sends the
+Auth (the Docker token flow; docs/architecture.md, "Registries"): requests go out anonymous
+until the registry answers 401. Its ``WWW-Authenticate`` says how to authenticate: ``Basic`` sends the
 credentials; ``Bearer`` fetches a token from the realm for the service and the scope
 (``repository:<name>:pull`` or ``pull,push``), with the credentials as Basic auth when there
 are some. Tokens are cached per (realm, service, scope) until they expire, and once a host has
