@@ -19,13 +19,13 @@ plain HTTP): the system's CAs plus ``certs_dir/<host[:port]>/*.crt`` (and a clie
 certificate ``*.cert`` with its ``*.key``), the layout of containers' ``certs.d``.
 
 Auth (the Docker token flow; docs/architecture.md, "Registries"): requests go out anonymous
-until the registry answers 401. Its ``WWW-Authenticate`` says how to authenticate: ``Basic`` sends the
-credentials; ``Bearer`` fetches a token from the realm for the service and the scope
-(``repository:<name>:pull`` or ``pull,push``), with the credentials as Basic auth when there
-are some. Tokens are cached per (realm, service, scope) until they expire, and once a host has
+until the registry answers 401. Its ``WWW-Authenticate`` says how to authenticate: ``Basic``
+sends the credentials; ``Bearer`` fetches a token from the realm for the service and the scope
+(``repository:<name>:pull`` or ``pull,push``), with the credentials as Basic auth when there are
+some. Tokens are cached per (realm, service, scope) until they expire, and once a host has
 challenged, later requests authenticate up front, so a blob upload is never sent twice.
-Credentials are the explicit ones, else the first auth file that has the host (or the host
-and a repository prefix): ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+Credentials are the explicit ones, else the first auth file that has the host (or the host and a
+repository prefix): ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
 ``~/.config/containers/auth.json``, ``~/.docker/config.json``.
 
 Errors: an unreachable host, a failed TLS handshake, a timeout or a 5xx is
