@@ -72,13 +72,8 @@ from laminae.images._progress import (
     Progress,
     RichProgress,
 )
-from laminae.images._reference import (
-    ImageLocation,
-    Reference,
-    local_name,
-    parse_location,
-    parse_reference,
-)
+from laminae.images._reference import Reference, local_name, parse_reference
+from laminae.images._transports import ImageLocation, parse_location
 from laminae.store._records import (
     CheckReport,
     Container,

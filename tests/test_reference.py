@@ -9,14 +9,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from laminae._exceptions import InvalidArgument
-from laminae.images._reference import (
-    TRANSPORTS,
-    ImageLocation,
-    Reference,
-    local_name,
-    parse_location,
-    parse_reference,
-)
+from laminae.images._reference import Reference, local_name, parse_reference
+from laminae.images._transports import ImageLocation, built_in_transports, parse_location
 
 HEX = "0123456789abcdef" * 4
 DIGEST = f"sha256:{HEX}"
@@ -305,7 +299,7 @@ def test_unknown_transport_lists_the_known_ones() -> None:
         parse_location("foo:bar")
     message = str(info.value)
     assert "'foo:bar'" in message
-    for transport in TRANSPORTS:
+    for transport in built_in_transports():
         assert f"{transport}:" in message
 
 

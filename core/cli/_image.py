@@ -47,8 +47,8 @@ from laminae.images._progress import (
     Progress,
     RichProgress,
 )
-from laminae.images._reference import ImageLocation, parse_location
 from laminae.images._registry import RegistryOptions
+from laminae.images._transports import ImageLocation, built_in_transports, parse_location
 from laminae.store._records import Image
 
 __all__ = ["image", "pull", "push"]
@@ -193,6 +193,16 @@ _names_option = click.option(
 )
 
 
+def _locations_help(first: str) -> str:
+    """``first``, then one line per built-in transport from the transport table (a plugin's
+    transports would need the plugin manager, which a help text does not load)."""
+    transports = built_in_transports().values()
+    width = max(len(t.usage) for t in transports) + 2
+    # "\b" keeps click from rewrapping the table.
+    rows = "\n".join(f"  {t.usage:<{width}}{t.summary}" for t in transports)
+    return f"{first}\n\n\b\n{rows}"
+
+
 def _location(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> ImageLocation | None:
@@ -220,7 +230,7 @@ def image() -> None:
     """Import, export, list, inspect, tag and remove images."""
 
 
-@image.command("import")
+@image.command("import", help=_locations_help("Import an image from SOURCE. Locations:"))
 @click.argument("source", callback=_location)
 @_names_option
 @_platform_option
@@ -235,9 +245,7 @@ def image_import(
     jobs: int | None,
     transfer: _Transfer,
 ) -> None:
-    """Import an image from SOURCE: oci:DIR[:REF], oci-archive:FILE[:REF],
-    docker-archive:FILE[:NAME|@N] or docker://REFERENCE.
-    """
+    """Import an image from SOURCE; the help lists the locations."""
     with transfer.progress() as progress:
         result = store.import_image(
             source,
@@ -250,7 +258,7 @@ def image_import(
     _image_result("Loaded", result, transfer)
 
 
-@image.command("export")
+@image.command("export", help=_locations_help("Write IMAGE to DEST; print its digest. Locations:"))
 @click.argument("ref", metavar="IMAGE")
 @click.argument("destination", metavar="DEST", callback=_location)
 @_compression_option
@@ -265,7 +273,7 @@ def image_export(
     jobs: int | None,
     transfer: _Transfer,
 ) -> None:
-    """Write IMAGE to DEST (oci:, oci-archive:, docker-archive: or docker://); print its digest."""
+    """Write IMAGE to DEST; print its digest (the help lists the locations)."""
     with transfer.progress() as progress:
         digest = store.export_image(
             ref,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, final
 
@@ -23,6 +23,7 @@ __all__ = [
     "DriverEntry",
     "DriverRegistry",
     "available_drivers",
+    "collect_transports",
     "hookimpl",
     "hookspec",
     "plugin_manager",
@@ -128,6 +129,15 @@ class _Hooks:
     def laminae_register_drivers(self, register: DriverRegistry) -> None:
         """Register driver classes: ``register(MyDriver, priority=10)``."""
 
+    @hookspec
+    def laminae_register_transports(self, register: Callable[[Any], None]) -> None:
+        """Register image transports: ``register(Transport(...))``.
+
+        ``Transport`` is the row of the transport table (``laminae.images._transports``, whose
+        docstring says how to write one). A name already taken, by a built-in transport or
+        another plugin's, is refused.
+        """
+
     @hookspec(firstresult=True)
     def laminae_conformance_home(
         self, driver_name: str, base: Path
@@ -176,6 +186,32 @@ def available_drivers(pm: pluggy.PluginManager | None = None) -> dict[str, Drive
                 f"driver plugin {impl.plugin_name!r} failed to register: {exc}"
             ) from exc
     return registry.entries
+
+
+def collect_transports(
+    register_for: Callable[[str], Callable[[Any], None]], pm: pluggy.PluginManager | None = None
+) -> None:
+    """Call every plugin's ``laminae_register_transports``, in the order they were registered.
+
+    :param register_for: the ``register`` callable to hand the plugins of ``origin`` (the
+        distribution, ``"name version"``), so that a refusal can name who registered what.
+    :raises LaminaeError: a plugin's hook failed, naming the plugin; a :class:`LaminaeError`
+        from ``register`` (a refused transport) passes unchanged.
+    """
+    pm = pm or plugin_manager()
+    origins = {id(plugin): _origin(dist) for plugin, dist in pm.list_plugin_distinfo()}
+    # Registration order (pluggy calls the last registered first): the first plugin to take a
+    # name keeps it, and the refusal names the later one.
+    for impl in pm.hook.laminae_register_transports.get_hookimpls():
+        origin = origins.get(id(impl.plugin), f"plugin {impl.plugin_name}")
+        try:
+            impl.function(register=register_for(origin))
+        except LaminaeError:
+            raise
+        except Exception as exc:  # a broken third-party plugin must name itself
+            raise LaminaeError(
+                f"transport plugin {impl.plugin_name!r} failed to register: {exc}"
+            ) from exc
 
 
 def conformance_home(

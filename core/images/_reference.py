@@ -1,4 +1,4 @@
-"""Image references (Docker's name grammar) and image locations (skopeo's transport spelling).
+"""Image references: Docker's name grammar, normalised as distribution/reference does.
 
 A **reference** names an image in a registry. The grammar is distribution/reference's, and
 ``parse_reference`` normalises as its ``ParseNormalizedNamed`` does::
@@ -22,41 +22,20 @@ A **reference** names an image in a registry. The grammar is distribution/refere
   at most 255 characters; 64 hex characters alone are an image id, not a name.
 - Both a tag and a digest may be given; the digest then decides what is fetched.
 
-A **location** says where an image is read from or written to, in the spelling of
-containers-transports(5) that skopeo, podman and buildah share::
-
-    oci:PATH[:REF]              an OCI image layout directory; REF is an OCI ref name
-    oci-archive:PATH[:REF]      a tar of such a directory
-    docker-archive:PATH[:REF]   a ``docker save`` tar; REF is name[:tag] or "@N" (N-th image)
-    docker://REFERENCE          a registry
-
-PATH ends at the first ":" after the transport, as containers/image splits it
-(``strings.SplitN(details, ":", 2)``): ``oci:dir:ref:with:colons`` is the directory "dir" and the
-ref "ref:with:colons" (OCI ref names may hold ":", "@" and "+"). So a PATH holding ":" cannot be
-written at all, and ``ImageLocation`` refuses one, which keeps ``parse_location(str(loc)) == loc``.
-A plain reference is not a location: the transport is never guessed.
+Where an image is read from or written to (``oci:DIR:REF``, ``docker://REFERENCE``) is a
+*location*: :mod:`laminae.images._transports` parses those.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Final, final
 
 import attrs
 
 from laminae._exceptions import InvalidArgument
 
-__all__ = [
-    "TRANSPORTS",
-    "ImageLocation",
-    "Reference",
-    "local_name",
-    "parse_location",
-    "parse_reference",
-]
-
-TRANSPORTS: Final = ("oci", "oci-archive", "docker-archive", "docker")
+__all__ = ["Reference", "local_name", "parse_reference"]
 
 _DOCKER_HUB: Final = "docker.io"
 _DOCKER_HUB_LEGACY: Final = "index.docker.io"
@@ -72,11 +51,6 @@ _DOMAIN: Final = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[A-Fa-f0-9:]+\])(?::
 _PATH_COMPONENT: Final = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 _TAG: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _LOWER_HEX: Final = re.compile(r"[a-f0-9]+")
-# The image-spec's org.opencontainers.image.ref.name: alphanumeric runs joined by one of
-# "-._:@+" or by "--", in "/"-separated components (containers/image's refRegexp).
-_OCI_COMPONENT: Final = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
-_OCI_REF: Final = re.compile(rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*")
-_ARCHIVE_INDEX: Final = re.compile(r"@[0-9]+")
 
 
 @final
@@ -183,101 +157,3 @@ def local_name(text: str) -> str:
     """
     ref = parse_reference(text)
     return text if ref.tag is not None or ref.digest is not None else f"{text}:latest"
-
-
-@final
-@attrs.frozen
-class ImageLocation:
-    """Where an image is read or written: a transport and its path or reference.
-
-    ``str(loc)`` spells it as :func:`parse_location` reads it. The constructor checks the
-    fields, so every value is one that can be written down.
-
-    :raises InvalidArgument: an unknown transport, a path for "docker" or none for the others,
-        a path holding ":", or a reference the transport does not accept.
-    """
-
-    transport: str  #: one of :data:`TRANSPORTS`
-    path: Path | None = None  #: the layout directory or archive file; None for "docker"
-    #: oci / oci-archive: the ref name; docker-archive: "name[:tag]" or "@N"; docker: the
-    #: reference as typed (give it to :func:`parse_reference`); None: none given.
-    reference: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        def invalid(why: str) -> InvalidArgument:
-            return InvalidArgument(f"invalid image location {str(self)!r}: {why}")
-
-        if self.transport not in TRANSPORTS:
-            raise invalid(f"unknown transport (known: {', '.join(TRANSPORTS)})")
-        if self.reference == "":
-            raise invalid("the reference is empty (leave it out instead)")
-        if self.transport == "docker":
-            if self.path is not None:
-                raise invalid("a registry location has no path")
-            if self.reference is None:
-                raise invalid("it names no image")
-            try:
-                parse_reference(self.reference)
-            except InvalidArgument as err:
-                raise invalid(str(err)) from err
-            return
-        if self.path is None:
-            raise invalid(f"{self.transport} needs a path")
-        if ":" in str(self.path):
-            raise invalid("the path holds ':', which the location syntax cannot express")
-        if self.reference is None:
-            return
-        if self.transport == "docker-archive":
-            if _ARCHIVE_INDEX.fullmatch(self.reference):
-                return
-            try:
-                ref = parse_reference(self.reference)
-            except InvalidArgument as err:
-                raise invalid(f"{err} (or give an image index as '@N')") from err
-            if ref.digest is not None:
-                raise invalid("a docker-archive reference names a tag, not a digest")
-        elif not _OCI_REF.fullmatch(self.reference):
-            raise invalid(f"{self.reference!r} is not an OCI ref name")
-
-    def __str__(self) -> str:
-        if self.transport == "docker":
-            return f"docker://{self.reference}"
-        text = f"{self.transport}:{self.path}"
-        return text if self.reference is None else f"{text}:{self.reference}"
-
-
-def parse_location(text: str) -> ImageLocation:
-    """Parse a location in skopeo's spelling (see the module docstring).
-
-    :param text: e.g. ``oci:/srv/layout:v1``, ``docker-archive:/x.tar:@0``,
-        ``docker://localhost:5000/ns/img:tag``.
-    :raises InvalidArgument: naming ``text``: no or an unknown transport (a plain image
-        reference gets a hint to write ``docker://``), "docker:" without "//", an empty path
-        or reference, or a reference the transport does not accept.
-    """
-    transport, colon, details = text.partition(":")
-    if not colon or transport not in TRANSPORTS:
-        known = ", ".join(f"{name}:" for name in TRANSPORTS)
-        why = "names no transport" if not colon else f"has an unknown transport {transport!r}"
-        hint = ""
-        try:
-            parse_reference(text)
-            hint = f"; for an image in a registry write 'docker://{text}'"
-        except InvalidArgument:
-            pass
-        raise InvalidArgument(f"image location {text!r} {why} (known: {known}){hint}")
-    if transport == "docker":
-        if not details.startswith("//"):
-            raise InvalidArgument(
-                f"image location {text!r}: a registry location is 'docker://REFERENCE'"
-            )
-        if not details[2:]:
-            raise InvalidArgument(f"image location {text!r} names no image")
-        return ImageLocation("docker", None, details[2:])
-    # containers/image splits at the first ":", so a path can never hold one.
-    path, colon, reference = details.partition(":")
-    if not path:
-        raise InvalidArgument(f"image location {text!r} has an empty path")
-    if colon and not reference:
-        raise InvalidArgument(f"image location {text!r} has an empty reference after ':'")
-    return ImageLocation(transport, Path(path), reference or None)

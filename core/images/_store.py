@@ -24,7 +24,8 @@ from laminae._exceptions import (
 from laminae.archive._compression import Compression, DigestWriter
 from laminae.driverkit._contract import Committer, Feature
 from laminae.images._image import ImageConfig, Manifest
-from laminae.images._reference import ImageLocation, local_name
+from laminae.images._reference import local_name
+from laminae.images._transports import ImageLocation
 from laminae.store._graph import LayerRow
 from laminae.store._layers import LayerStore
 from laminae.store._records import (
@@ -350,7 +351,7 @@ class ImageStore(LayerStore):
         :param jobs: layers fetched and applied at once (3).
         :raises CorruptLayer: a digest, size or DiffID does not match (names the blob).
         """
-        from laminae.images._transports import import_from
+        from laminae.images._by_location import import_from
 
         self._check_open()
         return import_from(self, source, names, platform, registry, progress, jobs)
@@ -371,7 +372,7 @@ class ImageStore(LayerStore):
         :param compression: of the layers (gzip by default; a docker-archive is plain).
         :returns: the digest of the manifest written.
         """
-        from laminae.images._transports import export_to
+        from laminae.images._by_location import export_to
 
         self._check_open()
         return export_to(self, ref, destination, compression, registry, progress, jobs)
