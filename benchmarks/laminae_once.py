@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import laminae
+from laminae import driverkit
 from laminae.kernel import _linux
 
 PAGE = 4096
@@ -136,8 +137,8 @@ def run_changes(
                 try:
                     layer_root = store.mount(key, readonly=True)
                     try:
-                        changes = list(laminae.naive_changes(parent_root, layer_root))
-                        laminae.write_changes_tar(layer_root, changes, sink)
+                        changes = list(driverkit.naive_changes(parent_root, layer_root))
+                        driverkit.write_changes_tar(layer_root, changes, sink)
                     finally:
                         store.unmount(key)
                 finally:

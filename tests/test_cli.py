@@ -572,7 +572,7 @@ def test_mount_readonly(invoke: Invoke, base: str) -> None:
 
 def test_json_converter_writes_paths_enums_and_datetimes() -> None:
     value = {"p": Path("/a/b"), "k": laminae.LayerKind.VIEW, "t": datetime(2026, 1, 2, 3, 4, 5)}
-    assert json.loads(_cli.JSON.dumps(value)) == {
+    assert json.loads(_cli._json().dumps(value)) == {
         "p": "/a/b",
         "k": "view",
         "t": "2026-01-02T03:04:05",

@@ -25,6 +25,7 @@ from tarbuild import make_tar
 from terminal import run_in_pty
 
 import laminae
+from laminae import images
 from laminae.cli._main import cli
 
 pytestmark = pytest.mark.root
@@ -80,7 +81,7 @@ def invoke(store_args: list[str]) -> Invoke:
 @pytest.fixture
 def image(invoke: Invoke, tmp_path: Path) -> str:
     """An image named base:latest (Cmd and Env in its config); its id."""
-    write_layout(tmp_path / "layout", [BASE, TOP], platform=str(laminae.Platform.host()))
+    write_layout(tmp_path / "layout", [BASE, TOP], platform=str(images.Platform.host()))
     invoke("image", "import", "-q", "--name", "base", f"oci:{tmp_path / 'layout'}:v1")
     return str(json.loads(invoke("image", "inspect", "base").stdout)["Id"])
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import attrs
 
 import laminae
-from laminae import _linux
+from laminae import _linux, driverkit
 from laminae.drivers.vfs._driver import VfsDriver
 
 
@@ -70,8 +70,8 @@ class WhiteoutIgnoringVfs(VfsDriver):
     )
 
     def apply(self, id, parents, tar, limits):
-        laminae.apply_tar(
-            _root(self, id, parents), tar, limits=limits, whiteouts=laminae.WhiteoutMode.OVERLAY
+        driverkit.apply_tar(
+            _root(self, id, parents), tar, limits=limits, whiteouts=driverkit.WhiteoutMode.OVERLAY
         )
 
 
@@ -101,7 +101,7 @@ class UnavailableVfs(VfsDriver):
         raise laminae.DriverUnavailable("needs a host this is not")
 
 
-@laminae.hookimpl
+@driverkit.hookimpl
 def laminae_register_drivers(register):
     for cls in (
         XattrDroppingVfs,

@@ -24,6 +24,7 @@ from tarbuild import make_tar
 from trees import contents, image_read
 
 import laminae
+from laminae import driverkit, images
 
 pytestmark = pytest.mark.root
 
@@ -62,7 +63,7 @@ def store(each_driver_store: laminae.Store) -> laminae.Store:
 @pytest.fixture
 def image(store: laminae.Store, tmp_path: Path) -> laminae.Image:
     """A two-layer image, ``base:latest``, whose config has a Cmd and an Env."""
-    write_layout(tmp_path / "layout", [BASE, TOP], platform=str(laminae.Platform.host()))
+    write_layout(tmp_path / "layout", [BASE, TOP], platform=str(images.Platform.host()))
     return store.import_image(f"oci:{tmp_path / 'layout'}:v1", names=["base"])
 
 
@@ -286,8 +287,8 @@ def test_commit_of_a_container_without_image_makes_a_config(
     (store.mount_container(container.id) / "only").write_bytes(b"1")
     store.unmount_container(container.id)
     committed = store.commit_container(container.id, "scratch")
-    config = laminae.parse_config(committed.config or b"", what="test")
-    assert config.platform == laminae.Platform.host()
+    config = images.parse_config(committed.config or b"", what="test")
+    assert config.platform == images.Platform.host()
     assert len(config.diff_ids) == len(config.history) == 1
     store.export_image("scratch", f"oci:{tmp_path / 'out'}:s")
     assert store.container_config(container.id) is None
@@ -316,7 +317,7 @@ def test_export_applied_onto_the_image_gives_the_container_tree(
     }[compression](data)
     assert result.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
     target = copy_of_image(store, "base", tmp_path / "copy")
-    laminae.apply_tar(target, io.BytesIO(plain))  # whiteouts delete
+    driverkit.apply_tar(target, io.BytesIO(plain))  # whiteouts delete
     assert contents(target) == container_tree(store, container.id)
 
 

@@ -29,6 +29,7 @@ from tools import require_tool, run_skopeo
 from trees import Tree, image_read, read_tree
 
 import laminae
+from laminae import images
 from laminae.conformance._tree import Entry, describe_differences
 from laminae.images._registry import RegistryClient, RegistryOptions
 
@@ -561,7 +562,7 @@ def test_docker_v2_manifests_and_a_manifest_list_are_pulled(
                 {
                     **entry,
                     "platform": {
-                        "architecture": laminae.Platform.host().architecture,
+                        "architecture": images.Platform.host().architecture,
                         "os": "linux",
                     },
                 },

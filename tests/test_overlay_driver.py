@@ -39,8 +39,13 @@ from laminae import (
     FailedPrecondition,
     Feature,
     InvalidArgument,
-    MountSpec,
     NotFound,
+)
+from laminae.driverkit import (
+    DetachedApplier,
+    MountSpec,
+    ParentsNeeded,
+    Unsettled,
     naive_changes,
     write_changes_tar,
 )
@@ -1220,7 +1225,7 @@ def apply_detached(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
     def detached(number: int) -> object:
         try:
             return driver.apply_detached(ids[number], io.BytesIO(tars[number]), laminae.Limits())
-        except (laminae.ParentsNeeded, InvalidArgument) as exc:
+        except (ParentsNeeded, InvalidArgument) as exc:
             return exc
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(tars)) as pool:
@@ -1232,8 +1237,8 @@ def apply_detached(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
         try:
             if isinstance(state, InvalidArgument):
                 raise state
-            if not isinstance(state, laminae.ParentsNeeded):
-                assert isinstance(state, laminae.Unsettled)
+            if not isinstance(state, ParentsNeeded):
+                assert isinstance(state, Unsettled)
                 outcome.recorded.update(
                     whiteouts=len(state.whiteouts),
                     opaque=len(state.opaque),
@@ -1242,9 +1247,9 @@ def apply_detached(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
                 try:
                     driver.settle(id, parents, state)
                     outcome.ways.append("detached")
-                except laminae.ParentsNeeded:
+                except ParentsNeeded:
                     state = None
-            if isinstance(state, laminae.ParentsNeeded) or state is None:
+            if isinstance(state, ParentsNeeded) or state is None:
                 driver.remove(id)
                 driver.create(id, parents, writable=True)
                 driver.apply(id, parents, io.BytesIO(tars[number]), laminae.Limits())
@@ -1279,7 +1284,7 @@ def compare_chains(tmp_path: Path, tars: list[bytes]) -> ChainOutcome:
 def test_overlay_declares_detached_apply(driver: OverlayDriver) -> None:
     caps = OverlayDriver.capabilities
     assert Feature.APPLY_DETACHED in caps.features and caps.independent_layers
-    assert isinstance(driver, laminae.DetachedApplier)
+    assert isinstance(driver, DetachedApplier)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -1456,9 +1461,9 @@ def test_parents_needed_is_raised_by_the_detached_apply(driver: OverlayDriver) -
         (Layer().file("nowhere/.wh.x"), "a whiteout in 'nowhere'"),
         (Layer().file("nowhere/.wh..wh..opq"), "an opaque marker in 'nowhere'"),
     ):
-        with pytest.raises(laminae.ParentsNeeded, match=reason):
+        with pytest.raises(ParentsNeeded, match=reason):
             driver.apply_detached("l0", io.BytesIO(tar.bytes()), laminae.Limits())
-    with pytest.raises(laminae.ParentsNeeded, match="limit max_entries"):
+    with pytest.raises(ParentsNeeded, match="limit max_entries"):
         driver.apply_detached(
             "l0",
             io.BytesIO(Layer().file("a/b/c/d", b"").bytes()),
@@ -1473,7 +1478,7 @@ def test_a_base_layer_applied_detached_has_nothing_to_settle(driver: OverlayDriv
         io.BytesIO(Layer().dir("a").file("a/.wh.b").file("c/d", b"").bytes()),
         laminae.Limits(),
     )
-    assert isinstance(pending, laminae.Unsettled) and not pending.settled_already
+    assert isinstance(pending, Unsettled) and not pending.settled_already
     assert pending.whiteouts == (b"a/b",) and [m.path for m in pending.implicit] == [b"c"]
     driver.settle("l0", [], pending)
     with pytest.raises(InvalidArgument, match="is not what apply_detached returned"):

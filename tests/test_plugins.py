@@ -1,7 +1,12 @@
-"""The driver registry: pluggy hooks, contract checks at registration, auto-selection."""
+"""The driver registry: pluggy hooks, contract checks at registration, auto-selection, and
+which drivers are loaded for a store (a built-in one alone, or every installed one)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -9,6 +14,7 @@ import pluggy
 import pytest
 
 import laminae
+from laminae import driverkit
 from laminae.driverkit import _plugins
 from laminae.drivers.vfs._driver import VfsDriver
 
@@ -26,8 +32,8 @@ class Registers:
         self.classes = classes
         self.priority = priority
 
-    @laminae.hookimpl
-    def laminae_register_drivers(self, register: laminae.DriverRegistry) -> None:
+    @driverkit.hookimpl
+    def laminae_register_drivers(self, register: driverkit.DriverRegistry) -> None:
         for cls in self.classes:
             register(cls, priority=self.priority)
 
@@ -75,8 +81,8 @@ def test_same_name_twice_is_refused() -> None:
 
 def test_misspelt_hook_fails_loudly() -> None:
     class Typo:
-        @laminae.hookimpl
-        def laminae_register_driver(self, register: laminae.DriverRegistry) -> None: ...
+        @driverkit.hookimpl
+        def laminae_register_driver(self, register: driverkit.DriverRegistry) -> None: ...
 
     pm = manager_with(Typo())
     with pytest.raises(pluggy.PluginValidationError, match="laminae_register_driver"):
@@ -101,3 +107,108 @@ def test_auto_selection_skips_drivers_that_cannot_run(tmp_path: Path) -> None:
         _select_driver(drivers, tmp_path, None, None, ("unavailable",), {})
     with pytest.raises(laminae.DriverUnavailable, match="needs a pony"):
         _select_driver(drivers, tmp_path, "unavailable", None, (), {})
+
+
+# -- which drivers are loaded ------------------------------------------------------------------
+
+
+def test_built_in_name_loads_that_driver_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_scan() -> None:
+        raise AssertionError("read every distribution's entry points")
+
+    monkeypatch.setattr(importlib.metadata, "distributions", no_scan)
+    monkeypatch.setattr(_plugins, "plugin_manager", no_scan)
+    assert _plugins.built_in_drivers() == {"vfs", "overlay", "btrfs"}
+    drivers = _plugins.find_drivers("vfs")
+    assert list(drivers) == ["vfs"]
+    assert drivers["vfs"].cls is VfsDriver
+    monkeypatch.undo()  # the version of laminae is looked up only now
+    assert drivers["vfs"].origin == f"laminae {importlib.metadata.version('laminae')}"
+
+
+def test_other_names_and_auto_selection_load_every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Extra(VfsDriver):
+        name = "extra"
+
+    monkeypatch.setattr(_plugins, "plugin_manager", lambda: manager_with(Registers(Extra)))
+    assert list(_plugins.find_drivers("extra")) == ["extra"]
+    assert list(_plugins.find_drivers(None)) == ["extra"]
+
+
+THIRD_PARTY = """
+from laminae import driverkit
+from laminae.drivers.vfs import VfsDriver
+
+
+class Mine(VfsDriver):
+    name = {name!r}
+
+
+@driverkit.hookimpl
+def laminae_register_drivers(register):
+    register(Mine, priority=100)
+"""
+
+CHECK = """
+import sys
+import laminae
+
+root, run, name = sys.argv[1:]
+for driver in ("vfs", name):
+    try:
+        with laminae.open_store(root + driver, runroot=run + driver, driver=driver) as store:
+            print(driver, "opens:", store.info().driver_origin)
+    except laminae.LaminaeError as exc:
+        print(driver, "fails:", exc)
+try:
+    print("all:", sorted(laminae.available_drivers()))
+except laminae.LaminaeError as exc:
+    print("all fails:", exc)
+"""
+
+
+def third_party(tmp_path: Path, entry_point: str, name: str) -> list[str]:
+    """What a process sees with distribution ``thirdparty`` installed: a module that registers
+    driver ``name``, declared as ``entry_point`` of group laminae.drivers."""
+    site = tmp_path / "site"
+    info = site / "thirdparty-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[laminae.drivers]\n{entry_point} = thirdparty\n")
+    (site / "thirdparty.py").write_text(textwrap.dedent(THIRD_PARTY.format(name=name)))
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, str(tmp_path / "root-"), str(tmp_path / "run-"), name],
+        env={"PYTHONPATH": str(site), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+def test_third_party_driver_is_found_by_its_entry_point(tmp_path: Path) -> None:
+    version = importlib.metadata.version("laminae")
+    assert third_party(tmp_path, "mine", "mine") == [
+        f"vfs opens: laminae {version}",
+        "mine opens: thirdparty 1.0",
+        "all: ['btrfs', 'mine', 'overlay', 'vfs']",
+    ]
+
+
+def test_third_party_driver_cannot_take_a_built_in_name(tmp_path: Path) -> None:
+    # Registering a class named vfs: the registry refuses the second one. A store asking for
+    # vfs by name loads laminae's alone, so it still opens with laminae's.
+    lines = third_party(tmp_path, "mine", "vfs")
+    assert lines[0] == f"vfs opens: laminae {importlib.metadata.version('laminae')}"
+    assert "driver 'vfs' registered twice: by " in lines[2]
+    assert "thirdparty 1.0" in lines[2]
+
+
+def test_third_party_entry_point_cannot_take_a_built_in_name(tmp_path: Path) -> None:
+    # pluggy alone would load whichever distribution came first on sys.path under that name.
+    lines = third_party(tmp_path, "vfs", "vfs")
+    assert lines[0] == f"vfs opens: laminae {importlib.metadata.version('laminae')}"
+    assert lines[2] == (
+        "all fails: thirdparty 1.0: entry point 'vfs' of group 'laminae.drivers' takes the name "
+        "of a driver built into laminae; rename it"
+    )

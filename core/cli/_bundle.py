@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from laminae._exceptions import InvalidArgument
-from laminae._store import Store, open_store
 from laminae.cli._main import _json_option, _print_json, _Settings, _with_store
-from laminae.containers._bundle import BindMount, make_bundle, read_marker, remove_bundle
+
+if TYPE_CHECKING:
+    from laminae._store import Store
+    from laminae.containers._bundle import BindMount
 
 __all__ = ["bundle", "unbundle"]
 
@@ -30,6 +33,8 @@ __all__ = ["bundle", "unbundle"]
 def _bind_mounts(
     ctx: click.Context, param: click.Parameter, values: Sequence[str]
 ) -> list[BindMount]:
+    from laminae.containers._bundle import BindMount
+
     try:
         return [BindMount.parse(value) for value in values]
     except InvalidArgument as exc:
@@ -73,6 +78,8 @@ def bundle(
     with `crun run --bundle DIR ID` or `runc run --bundle DIR ID`; `laminae unbundle DIR`
     unmounts the container and removes the files.
     """
+    from laminae.containers._bundle import make_bundle
+
     made = make_bundle(
         store,
         container,
@@ -93,6 +100,9 @@ def bundle(
 @click.pass_context
 def unbundle(ctx: click.Context, directory: Path) -> None:
     """Unmount the container of the bundle in DIR and remove what `laminae bundle` wrote."""
+    from laminae._store import open_store
+    from laminae.containers._bundle import read_marker, remove_bundle
+
     marker = read_marker(directory)
     settings = ctx.find_object(_Settings)
     assert settings is not None, "the top group sets it"

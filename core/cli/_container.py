@@ -3,23 +3,22 @@ commit|export``, as ``docker`` spells them.
 
 They follow the conventions of :mod:`laminae.cli._main` (one error line and the error's exit code,
 ``--json`` on listings, full ids off a terminal). The top group loads this module only when
-``container`` is named (see ``_LaminaeGroup.get_command``).
+``container`` is named (see ``_LaminaeGroup.get_command``); the store and container code load
+only when a command runs.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
 
 from laminae._exceptions import NotFound
-from laminae._store import Store
-from laminae.archive._changes import Change
 from laminae.cli._main import (
-    _CHANGE_LETTERS,
+    _change_line,
     _json_option,
     _key_values,
     _print_json,
@@ -29,8 +28,10 @@ from laminae.cli._main import (
     _with_store,
     _write_tar,
 )
-from laminae.containers._containers import image_config
-from laminae.store._records import Container
+
+if TYPE_CHECKING:
+    from laminae._store import Store
+    from laminae.store._records import Container
 
 __all__ = ["container"]
 
@@ -113,6 +114,8 @@ def container_ls(store: Store, as_json: bool) -> None:
 
 
 def _inspect_fields(store: Store, item: Container) -> dict[str, Any]:
+    from laminae.containers._containers import image_config
+
     row = _row(store, item)
     config = None
     if item.image is not None:
@@ -177,12 +180,14 @@ def container_unmount(store: Store, ref: str, force: bool) -> None:
 def container_diff(store: Store, ref: str, as_json: bool) -> None:
     """List what a container changed against its image, as `docker diff` does:
     A added, C changed, D deleted, one path a line, sorted by path."""
+    from laminae.archive._changes import Change
+
     changes = store.container_changes(ref)
     if as_json:
         _print_json(changes, list[Change])
         return
     for change in changes:
-        click.echo(f"{_CHANGE_LETTERS[change.kind]} {change.path}")
+        click.echo(_change_line(change))
 
 
 @container.command("commit")

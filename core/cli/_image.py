@@ -22,14 +22,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
-import rich.console
 
 from laminae._exceptions import InvalidArgument, NotFound
-from laminae._store import Store
 from laminae.archive._compression import Compression
 from laminae.cli._main import (
     _json_option,
@@ -39,17 +37,15 @@ from laminae.cli._main import (
     _short,
     _with_store,
 )
-from laminae.images._image import ImageConfig, parse_config
-from laminae.images._progress import (
-    JsonProgress,
-    LineProgress,
-    NullProgress,
-    Progress,
-    RichProgress,
-)
-from laminae.images._registry import RegistryOptions
+from laminae.images._image import parse_config
 from laminae.images._transports import ImageLocation, built_in_transports, parse_location
-from laminae.store._records import Image
+
+if TYPE_CHECKING:
+    from laminae._store import Store
+    from laminae.images._credentials import RegistryOptions
+    from laminae.images._image import ImageConfig
+    from laminae.images._progress import Progress
+    from laminae.store._records import Image
 
 __all__ = ["image", "pull", "push"]
 
@@ -68,12 +64,18 @@ class _Transfer:
     @contextmanager
     def progress(self) -> Iterator[Progress]:
         """The reporter these flags ask for, closed when the transfer ends (or fails)."""
+        from laminae.images._progress import JsonProgress, LineProgress, NullProgress
+
         reporter: Progress
         if self.quiet:
             reporter = NullProgress()
         elif self.as_json:
             reporter = JsonProgress(sys.stdout)
         elif sys.stderr.isatty():
+            import rich.console
+
+            from laminae.images._progress import RichProgress
+
             reporter = RichProgress(rich.console.Console(stderr=True))
         else:
             reporter = LineProgress(sys.stderr)
@@ -112,6 +114,8 @@ def _registry_options(
 ) -> RegistryOptions:
     """The flags over ``base``, the config file's ``[registries]``: insecure hosts add up,
     the other flags replace the file's value."""
+    from laminae.images._credentials import RegistryOptions
+
     base = base or RegistryOptions()
     return attrs.evolve(
         base,

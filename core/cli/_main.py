@@ -7,6 +7,10 @@ rich table when stdout is a terminal, tab-separated lines otherwise, JSON with `
 An error prints exactly one line, ``laminae: error: <message>``, on stderr and exits with the
 error's ``exit_code`` (``--debug`` prints the traceback first). The exit codes and the
 configuration are documented in ``docs/cli.md``.
+
+Defining the commands imports only click and attrs: the store, the image code, rich and cattrs
+are imported inside the commands that use them, so that ``laminae --help`` starts as fast as
+click allows and ``laminae layer ls`` pays for the store alone.
 """
 
 from __future__ import annotations
@@ -16,31 +20,25 @@ import functools
 import importlib
 import os
 import sys
-import tempfile
-import traceback
-import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Concatenate, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import attrs
 import click
-import rich.box
-import rich.console
-import rich.markup
-import rich.table
-from cattrs.preconf.json import JsonConverter
-from cattrs.preconf.json import make_converter as make_json_converter
 
-from laminae._config import StoreConfig, load_config
 from laminae._exceptions import CorruptLayer, InvalidArgument, LaminaeError, map_os_errors
-from laminae._store import Store, open_store
-from laminae.archive._changes import Change, ChangeKind
-from laminae.archive._compression import Compression
-from laminae.driverkit._contract import Capabilities
-from laminae.driverkit._plugins import available_drivers
-from laminae.store._records import DiffResult, Layer, LayerKind
+
+if TYPE_CHECKING:
+    from cattrs.preconf.json import JsonConverter
+
+    from laminae._config import StoreConfig
+    from laminae._store import Store
+    from laminae.archive._changes import Change
+    from laminae.archive._compression import Compression
+    from laminae.driverkit._contract import Capabilities
+    from laminae.store._records import DiffResult
 
 __all__ = ["cli", "main"]
 
@@ -51,8 +49,15 @@ _R = TypeVar("_R")
 # -- JSON -------------------------------------------------------------------------------------
 
 
-def _make_json() -> JsonConverter:
-    converter = make_json_converter()
+@functools.cache
+def _json() -> JsonConverter:
+    """The converter behind every ``--json``: datetimes ISO-8601, paths as strings, enums by
+    value (made on first use: cattrs is not needed without ``--json``)."""
+    import types
+
+    from cattrs.preconf.json import make_converter
+
+    converter = make_converter()
     # The preconfigured converter already writes datetimes as ISO-8601 and enums by value.
     converter.register_unstructure_hook(Path, str)
     converter.register_unstructure_hook(types.MappingProxyType, dict)
@@ -61,10 +66,6 @@ def _make_json() -> JsonConverter:
         frozenset, lambda value: sorted(converter.unstructure(item) for item in value)
     )
     return converter
-
-
-JSON: JsonConverter = _make_json()
-"""The converter behind every ``--json``: datetimes ISO-8601, paths as strings, enums by value."""
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def _plain(value: object) -> str:
 
 
 def _print_json(value: object, unstructure_as: Any = None) -> None:
-    click.echo(JSON.dumps(value, unstructure_as=unstructure_as, indent=2))
+    click.echo(_json().dumps(value, unstructure_as=unstructure_as, indent=2))
 
 
 def _print_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -99,6 +100,11 @@ def _print_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> No
         for row in rows:
             click.echo("\t".join(_plain(cell) for cell in row))
         return
+    import rich.box
+    import rich.console
+    import rich.markup
+    import rich.table
+
     cells = [[_terminal_cell(cell) for cell in row] for row in rows]
     table = rich.table.Table(box=rich.box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for index, column in enumerate(columns):
@@ -134,7 +140,7 @@ def _flatten(value: object, prefix: str = "") -> list[tuple[str, object]]:
 
 def _print_record(value: object) -> None:
     """One attrs value as ``key<TAB>value`` lines, or a two-column table on a terminal."""
-    _print_table(("KEY", "VALUE"), _flatten(JSON.unstructure(value)))
+    _print_table(("KEY", "VALUE"), _flatten(_json().unstructure(value)))
 
 
 def _short(ref: str | None) -> str | None:
@@ -155,6 +161,8 @@ def _open_output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.flush()
         yield sys.stdout.buffer
         return
+    import tempfile
+
     target = Path(path)
     with map_os_errors(f"output file {path!r}"):
         fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
@@ -176,6 +184,8 @@ def _open_output(path: str) -> Iterator[BinaryIO]:
 
 def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
     if debug:
+        import traceback
+
         traceback.print_exception(exc, file=sys.stderr)
     message = str(exc) if isinstance(exc, LaminaeError) else f"{type(exc).__name__}: {exc}"
     # Exactly one line, whatever the message holds.
@@ -184,14 +194,26 @@ def _fail(exc: BaseException, code: int, debug: bool) -> NoReturn:
     raise click.exceptions.Exit(code)
 
 
-# Commands defined in another module, loaded when named: the image commands import the
-# registry client (httpx), which the layer commands should not wait for; the container and
-# bundle commands keep their own modules for the same reason (one concept each).
-_LAZY_COMMANDS = {
-    **dict.fromkeys(("image", "pull", "push"), "laminae.cli._image"),
-    "container": "laminae.cli._container",
-    **dict.fromkeys(("bundle", "unbundle"), "laminae.cli._bundle"),
+_IMAGE, _CONTAINER, _BUNDLE = "laminae.cli._image", "laminae.cli._container", "laminae.cli._bundle"
+
+_LAZY_COMMANDS: Mapping[str, tuple[str, str]] = {
+    "bundle": (_BUNDLE, "Mount CONTAINER and write an OCI runtime bundle for it in DIR."),
+    "container": (_CONTAINER, "Create, list, mount, diff, commit and export containers."),
+    "image": (_IMAGE, "Import, export, list, inspect, tag and remove images."),
+    "pull": (_IMAGE, "Pull an image from a registry: REF with or without docker://."),
+    "push": (
+        _IMAGE,
+        "Push IMAGE to a registry: DEST, with or without docker:// (default: IMAGE's own name).",
+    ),
+    "unbundle": (
+        _BUNDLE,
+        "Unmount the container of the bundle in DIR and remove what `laminae bundle` wrote.",
+    ),
 }
+"""Commands defined in another module, loaded when named, and the first paragraph of their
+help, which ``laminae --help`` lists without loading them (tests/test_api.py checks that it is
+the command's own). The image commands need the image pipeline, the container and bundle
+commands theirs; the layer commands should wait for none of them."""
 
 
 class _LaminaeGroup(click.Group):
@@ -201,12 +223,29 @@ class _LaminaeGroup(click.Group):
         return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        module = _LAZY_COMMANDS.get(cmd_name)
-        if module is None:
+        if cmd_name not in _LAZY_COMMANDS:
             return super().get_command(ctx, cmd_name)
+        module = _LAZY_COMMANDS[cmd_name][0]
         command = getattr(importlib.import_module(module), cmd_name)
         assert isinstance(command, click.Command), f"{module}.{cmd_name} is a click command"
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click's own listing asks every command for its short help, which would load every
+        # lazy module (and the store and image code they use) to print one line each.
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in _LAZY_COMMANDS:
+                # A stand-in with the command's help, shortened as the command's own would be.
+                command = click.Command(name, help=_LAZY_COMMANDS[name][1])
+            else:
+                command = self.commands[name]
+            if not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
@@ -255,6 +294,24 @@ def _key_values(
     return pairs
 
 
+class _LazyChoice(click.Choice[str]):
+    """A ``click.Choice`` whose values are asked for when a command parses or shows its
+    options, not when it is defined: the values are an enum's, and importing the enum's module
+    (the store's records, the compression codecs) would make every ``--help`` pay for it.
+
+    :param values: returns the choices, importing what it needs.
+    """
+
+    def __init__(self, values: Callable[[], Iterable[str]]) -> None:
+        # Not click.Choice.__init__: it would set the choices, which are read only on demand.
+        self.case_sensitive = True
+        self._values = values
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._values())
+
+
 @attrs.frozen
 class _Settings:
     """The global options, and how to open the store from them."""
@@ -266,9 +323,13 @@ class _Settings:
     storage_opts: Mapping[str, str]
 
     def config(self) -> StoreConfig:
+        from laminae._config import load_config
+
         return load_config(self.config_path)
 
     def open_store(self, ctx: click.Context) -> Store:
+        from laminae._store import open_store
+
         store = open_store(
             self.root,
             runroot=self.runroot,
@@ -365,6 +426,8 @@ def drivers(settings: _Settings, as_json: bool) -> None:
 
     Works without a store: nothing is created, the probe only looks.
     """
+    from laminae.driverkit._plugins import available_drivers
+
     config = settings.config()
     root = (settings.root or config.graphroot).absolute()
     statuses = []
@@ -385,7 +448,9 @@ def drivers(settings: _Settings, as_json: bool) -> None:
             )
         )
     if as_json:
-        _print_json(statuses, list[_DriverStatus])
+        # As dicts: cattrs would resolve the annotations, and Capabilities is not imported
+        # at module level (see the module docstring).
+        _print_json([attrs.asdict(status, recurse=False) for status in statuses])
         return
     _print_table(
         ("DRIVER", "PRIORITY", "ORIGIN", "PROBE"),
@@ -438,15 +503,20 @@ def layer_apply(
     click.echo(result.id)
 
 
-_KINDS = [kind.value for kind in LayerKind]
+def _layer_kinds() -> list[str]:
+    from laminae.store._records import LayerKind
+
+    return [kind.value for kind in LayerKind]
 
 
 @layer.command("ls")
-@click.option("--kind", type=click.Choice(_KINDS), help="Only layers of this kind.")
+@click.option("--kind", type=_LazyChoice(_layer_kinds), help="Only layers of this kind.")
 @_json_option
 @_with_store
 def layer_ls(store: Store, kind: str | None, as_json: bool) -> None:
     """List layers: id, kind, parent, names, size, created, mount count."""
+    from laminae.store._records import Layer, LayerKind
+
     layers = store.layers(kind=LayerKind(kind) if kind else None)
     if as_json:
         _print_json(layers, list[Layer])
@@ -510,7 +580,12 @@ def layer_unmount(store: Store, ref: str, force: bool) -> None:
     store.unmount(ref, force=force)
 
 
-_CHANGE_LETTERS = {ChangeKind.ADDED: "A", ChangeKind.MODIFIED: "C", ChangeKind.DELETED: "D"}
+def _change_line(change: Change) -> str:
+    """``A path`` (added), ``C path`` (changed) or ``D path`` (deleted), as ``docker diff``."""
+    from laminae.archive._changes import ChangeKind
+
+    letters = {ChangeKind.ADDED: "A", ChangeKind.MODIFIED: "C", ChangeKind.DELETED: "D"}
+    return f"{letters[change.kind]} {change.path}"
 
 
 @layer.command("changes")
@@ -519,21 +594,26 @@ _CHANGE_LETTERS = {ChangeKind.ADDED: "A", ChangeKind.MODIFIED: "C", ChangeKind.D
 @_with_store
 def layer_changes(store: Store, ref: str, as_json: bool) -> None:
     """List what a layer changed against its parent: A added, C changed, D deleted."""
+    from laminae.archive._changes import Change
+
     changes = store.changes(ref)
     if as_json:
         _print_json(changes, list[Change])
         return
     for change in changes:
-        click.echo(f"{_CHANGE_LETTERS[change.kind]} {change.path}")
+        click.echo(_change_line(change))
+
+
+def _compressions() -> list[str]:
+    from laminae.archive._compression import Compression
+
+    return [compression.value for compression in Compression]
 
 
 def _tar_output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``-o/--output`` and ``--compression``, for the commands that write a layer tar."""
     command = click.option(
-        "--compression",
-        type=click.Choice([c.value for c in Compression]),
-        default=Compression.NONE.value,
-        show_default=True,
+        "--compression", type=_LazyChoice(_compressions), default="none", show_default=True
     )(command)
     return click.option(
         "-o",
@@ -566,6 +646,8 @@ def _write_tar(
         raise InvalidArgument(
             "refusing to write a tar to a terminal: redirect stdout or use -o FILE"
         )
+    from laminae.archive._compression import Compression
+
     with _open_output(output) as out:
         result = write(out, Compression(compression))
     if output != "-":

@@ -57,6 +57,7 @@ def driver_class_name(entry: laminae.DriverEntry) -> str:
 def _ensure_driver(name: str, class_name: str | None) -> None:
     if name in laminae.available_drivers() or class_name is None:
         return
+    from laminae import driverkit
     from laminae.driverkit import _plugins
 
     module_name, _, qualname = class_name.partition(":")
@@ -65,8 +66,8 @@ def _ensure_driver(name: str, class_name: str | None) -> None:
         target = getattr(target, part)
 
     class _Registers:
-        @laminae.hookimpl
-        def laminae_register_drivers(self, register: laminae.DriverRegistry) -> None:
+        @driverkit.hookimpl
+        def laminae_register_drivers(self, register: driverkit.DriverRegistry) -> None:
             register(target)
 
     _plugins.plugin_manager().register(_Registers())

@@ -22,6 +22,7 @@ import pytest
 import zstandard
 
 import laminae
+from laminae import driverkit
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, mounted
 from laminae.conformance._tars import LayerTar
@@ -498,8 +499,9 @@ class TestApply:
 
         home = scratch / "detached"
         driver_entry.cls.probe(home, {})
-        driver: laminae.Driver = driver_entry.cls(home, {})
-        assert isinstance(driver, laminae.DetachedApplier) and isinstance(driver, laminae.Applier)
+        driver: driverkit.Driver = driver_entry.cls(home, {})
+        assert isinstance(driver, driverkit.DetachedApplier)
+        assert isinstance(driver, driverkit.Applier)
         ids = [f"{n:02x}" * 8 for n in range(len(tars))]
         chains = [list(reversed(ids[:n])) for n in range(len(ids))]
         try:
@@ -509,18 +511,18 @@ class TestApply:
             def detached(n: int) -> object:
                 try:
                     return driver.apply_detached(ids[n], io.BytesIO(tars[n]), laminae.Limits())
-                except laminae.ParentsNeeded as exc:
+                except driverkit.ParentsNeeded as exc:
                     return exc
 
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(tars)) as pool:
                 pending = list(pool.map(detached, range(len(tars))))
             for n, (id, parents) in enumerate(zip(ids, chains, strict=True)):
                 state = pending[n]
-                if not isinstance(state, laminae.ParentsNeeded):
+                if not isinstance(state, driverkit.ParentsNeeded):
                     try:
                         driver.settle(id, parents, state)
                         continue
-                    except laminae.ParentsNeeded:
+                    except driverkit.ParentsNeeded:
                         pass
                 driver.remove(id)
                 driver.create(id, parents, True)

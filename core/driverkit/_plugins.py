@@ -2,13 +2,24 @@
 
 Hooks register; they do not dispatch (the tox and llm pattern): a driver package's hookimpl
 hands its driver class to :class:`DriverRegistry`, and from then on the store calls the class.
-Built-in drivers are found through the ``laminae.drivers`` entry points like anybody else's.
+A built-in driver registers through the same hook as anybody else's; laminae finds its own
+drivers as the packages of ``laminae.drivers`` and every other distribution's through the
+``laminae.drivers`` entry points.
+
+Reading every installed distribution's entry points is the slowest part of opening a store (it
+imports :mod:`importlib.metadata`, which costs as much as starting Python, and reads a file per
+distribution), so a store that names a built-in driver loads that driver alone
+(:func:`find_drivers`); the scan happens only when all drivers are wanted
+(:func:`available_drivers`, auto-selection) or the name is not a built-in one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, final
@@ -23,7 +34,9 @@ __all__ = [
     "DriverEntry",
     "DriverRegistry",
     "available_drivers",
+    "built_in_drivers",
     "collect_transports",
+    "find_drivers",
     "hookimpl",
     "hookspec",
     "plugin_manager",
@@ -31,6 +44,8 @@ __all__ = [
 
 PROJECT = "laminae"
 ENTRY_POINT_GROUP = "laminae.drivers"
+BUILT_IN_PACKAGE = "laminae.drivers"
+"""The drivers that ship with laminae: one subpackage each, named as the driver."""
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -55,13 +70,21 @@ class DriverEntry:
     :param name: what ``--driver`` and ``storage.toml`` call it.
     :param cls: the driver class.
     :param priority: auto-selection tries higher priorities first.
-    :param origin: the distribution that registered it, ``"name version"``.
+    :param origin: the distribution that registered it, ``"name version"``; ``None`` for a
+        driver built into laminae, whose version is looked up only when :attr:`origin` is
+        read (opening a store does not need it, and the lookup imports
+        :mod:`importlib.metadata`).
     """
 
     name: str
     cls: Any = attrs.field(repr=False)
     priority: int
-    origin: str
+    _origin: str | None = attrs.field(alias="origin")
+
+    @property
+    def origin(self) -> str:
+        """The distribution that registered the driver, ``"name version"``."""
+        return _origin_text(self._origin)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -86,7 +109,7 @@ class DriverRegistry:
 
     def __init__(self) -> None:
         self.entries: dict[str, DriverEntry] = {}
-        self._current_origin = "unknown"
+        self._current_origin: str | None = "unknown"
 
     def __call__(self, cls: Any, *, priority: int = 0) -> None:
         """Register ``cls`` as driver ``cls.name``.
@@ -113,7 +136,7 @@ class DriverRegistry:
         if name in self.entries:
             raise InvalidArgument(
                 f"driver {name!r} registered twice: by {self.entries[name].origin} "
-                f"and by {self._current_origin}"
+                f"and by {_origin_text(self._current_origin)}"
             )
         self.entries[name] = DriverEntry(name, cls, priority, self._current_origin)
 
@@ -149,22 +172,106 @@ class _Hooks:
         """
 
 
-def _origin(dist: Any) -> str:
-    """``"name version"`` of a pluggy ``DistFacade`` (it wraps importlib's Distribution)."""
-    return f"{dist.metadata['Name']} {dist.version}"
+@functools.cache
+def _laminae_origin() -> str:
+    import importlib.metadata  # here only: see DriverEntry's origin
+
+    try:
+        return f"laminae {importlib.metadata.version('laminae')}"
+    except importlib.metadata.PackageNotFoundError:  # imported from a checkout
+        return "laminae (not installed)"
+
+
+def _origin_text(origin: str | None) -> str:
+    return _laminae_origin() if origin is None else origin
+
+
+@functools.cache
+def built_in_drivers() -> frozenset[str]:
+    """The names of the drivers that ship with laminae: the packages of ``laminae.drivers``.
+
+    Found by listing a directory; no distribution's metadata is read.
+    """
+    spec = importlib.util.find_spec(BUILT_IN_PACKAGE)
+    if spec is None or spec.submodule_search_locations is None:
+        return frozenset()
+    found = pkgutil.iter_modules(spec.submodule_search_locations)
+    return frozenset(m.name for m in found if m.ispkg and not m.name.startswith("_"))
+
+
+@final
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager with laminae's hooks, remembering where each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT)
+        self.add_hookspecs(_Hooks)
+        self.origins: dict[str, str | None] = {}
+        """Plugin name: its distribution, ``"name version"``, or ``None`` for laminae's own."""
+
+    def register_built_in(self, name: str) -> None:
+        self.register(importlib.import_module(f"{BUILT_IN_PACKAGE}.{name}"), name=name)
+        self.origins[name] = None
+
+
+def _origin(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str | None:
+    """Where the plugin of ``impl`` came from (see :attr:`_PluginManager.origins`); a plugin
+    registered by hand (a test, a conftest) is ``"plugin NAME"``."""
+    fallback = f"plugin {impl.plugin_name}"
+    if not isinstance(pm, _PluginManager):
+        return fallback
+    return pm.origins.get(impl.plugin_name, fallback)
 
 
 @functools.cache
 def plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, with every installed driver package loaded.
+    """The process-wide plugin manager: laminae's own drivers, then every installed
+    distribution's ``laminae.drivers`` entry points.
 
-    A misspelt hook in a plugin fails here (``check_pending``), not silently later.
+    laminae's drivers are registered first and by name, so that another distribution's entry
+    point of the same name cannot stand in for one of them (pluggy alone keeps whichever
+    distribution comes first on ``sys.path``, silently): it is refused. A misspelt hook in a
+    plugin fails here (``check_pending``), not silently later.
+
+    :raises InvalidArgument: another distribution's entry point takes a built-in driver's name.
     """
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(_Hooks)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    import importlib.metadata  # here only: see the module docstring
+
+    pm = _PluginManager()
+    built_in = built_in_drivers()
+    for name in sorted(built_in):
+        pm.register_built_in(name)
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+            origin = f"{dist.metadata['Name']} {dist.version}"
+            if ep.name in built_in:
+                if ep.module != f"{BUILT_IN_PACKAGE}.{ep.name}":
+                    raise InvalidArgument(
+                        f"{origin}: entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r} "
+                        f"takes the name of a driver built into laminae; rename it"
+                    )
+                continue  # laminae's own entry point: registered above
+            if pm.has_plugin(ep.name):
+                continue  # first on sys.path wins, as with pluggy's own loader
+            pm.register(ep.load(), name=ep.name)
+            pm.origins[ep.name] = origin
     pm.check_pending()
     return pm
+
+
+def find_drivers(name: str | None) -> dict[str, DriverEntry]:
+    """The drivers a store picks from when ``name`` is the driver it was asked for or made by.
+
+    A built-in ``name`` gives that driver alone, loaded without looking at anything else that
+    is installed (see the module docstring). Any other name, or none (auto-selection), gives
+    :func:`available_drivers`.
+    """
+    if name is None or name not in built_in_drivers():
+        return available_drivers()
+    pm = _PluginManager()
+    pm.register_built_in(name)
+    pm.check_pending()
+    return available_drivers(pm)
 
 
 def available_drivers(pm: pluggy.PluginManager | None = None) -> dict[str, DriverEntry]:
@@ -174,9 +281,8 @@ def available_drivers(pm: pluggy.PluginManager | None = None) -> dict[str, Drive
     """
     pm = pm or plugin_manager()
     registry = DriverRegistry()
-    origins = {id(plugin): _origin(dist) for plugin, dist in pm.list_plugin_distinfo()}
     for impl in reversed(pm.hook.laminae_register_drivers.get_hookimpls()):
-        registry._current_origin = origins.get(id(impl.plugin), f"plugin {impl.plugin_name}")
+        registry._current_origin = _origin(pm, impl)
         try:
             impl.function(register=registry)
         except LaminaeError:
@@ -199,11 +305,10 @@ def collect_transports(
         from ``register`` (a refused transport) passes unchanged.
     """
     pm = pm or plugin_manager()
-    origins = {id(plugin): _origin(dist) for plugin, dist in pm.list_plugin_distinfo()}
     # Registration order (pluggy calls the last registered first): the first plugin to take a
     # name keeps it, and the refusal names the later one.
     for impl in pm.hook.laminae_register_transports.get_hookimpls():
-        origin = origins.get(id(impl.plugin), f"plugin {impl.plugin_name}")
+        origin = _origin_text(_origin(pm, impl))
         try:
             impl.function(register=register_for(origin))
         except LaminaeError:

@@ -57,7 +57,7 @@ from laminae.driverkit._contract import (
     Usage,
 )
 from laminae.driverkit._mount import mount_all, mounted, unmount_all
-from laminae.driverkit._plugins import DriverEntry, available_drivers
+from laminae.driverkit._plugins import DriverEntry, find_drivers
 from laminae.kernel import _linux
 from laminae.kernel._locks import StoreLock, claim, is_claimed
 from laminae.store._graph import Graph, LayerRow, now
@@ -155,7 +155,12 @@ class LayerStore:
             with self._lock.held():
                 recorded = self._graph.meta("driver")
                 entry = _select_driver(
-                    available_drivers(), root, driver, recorded, priority, options
+                    find_drivers(driver if driver is not None else recorded),
+                    root,
+                    driver,
+                    recorded,
+                    priority,
+                    options,
                 )
                 home = root / entry.name
                 with map_os_errors(f"create driver home {home}"):
