@@ -1,8 +1,10 @@
 """The store: layers, images and containers in one root, stored by one driver.
 
-:class:`Store` is built in three layers, one module each: ``_layerstore.py`` (the graph, the
-driver, applying, committing, mounting, checking), ``_store_images.py`` (image records and the
-staged layers the image pipeline commits) and ``_store_containers.py`` (containers).
+:class:`Store` is built in three layers, one class each: the layers
+(:class:`laminae.store._layers.LayerStore`: the graph, the driver, applying, committing,
+mounting, checking), the images (:class:`laminae.images._store.ImageStore`) and the containers
+(:class:`laminae.containers._store.ContainerStore`). The pipelines that move images and
+commits in get the store's :class:`~laminae.store._staging.Staging`, not the store.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import final
 
 from laminae._config import StoreConfig, load_config
 from laminae._exceptions import InvalidArgument, map_os_errors
-from laminae.archive._apply import Limits
+from laminae.archive._limits import Limits
 from laminae.containers._store import ContainerStore
 
 __all__ = ["Store", "open_store"]

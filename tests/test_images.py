@@ -310,7 +310,7 @@ def test_layers_that_need_their_parents_still_import(store: laminae.Store, tmp_p
 def test_spool_files_a_killed_process_left_are_swept_at_open(tmp_path: Path) -> None:
     root, run = tmp_path / "root", tmp_path / "run"
     with laminae.open_store(root, runroot=run, driver="vfs") as store:
-        with store._scratch() as live:
+        with store._staging.scratch() as live:
             (live / "blob-0").write_bytes(b"x" * 10)
             dead = root / "tmp" / "0123456789abcdef"
             dead.mkdir()

@@ -13,7 +13,7 @@ import pytest
 from tarbuild import make_tar
 
 import laminae
-from laminae.kernel import _linux
+from laminae.kernel import _mountinfo, _mounts
 from laminae.store._graph import Graph, LayerRow, now
 
 
@@ -127,14 +127,13 @@ def test_labels_are_replaced_and_names_unique(store: laminae.Store) -> None:
     assert store.remove_names(base.id, ["n1"]).names == ()
 
 
-def test_depth_beyond_the_driver_maximum_is_refused(tmp_path: Path) -> None:
+def test_depth_beyond_the_driver_maximum_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with laminae.open_store(tmp_path / "r", runroot=tmp_path / "run", driver="vfs") as store:
-        store._entry = laminae.DriverEntry(  # a driver that declares a shallow maximum
-            "vfs",
-            type("Shallow", (), {"capabilities": laminae.Capabilities(max_depth=2)}),
-            0,
-            "test",
-        )
+        # The driver declares a shallow maximum (and nothing else) from now on.
+        shallow = laminae.Capabilities(max_depth=2)
+        monkeypatch.setattr(type(store.driver), "capabilities", shallow)
         parent = None
         for i in range(3):
             parent = store.apply_layer(io.BytesIO(make_tar({f"f{i}": b"x"})), parent).id
@@ -211,21 +210,21 @@ def test_missing_storage_is_repaired_by_dropping_the_layer(store: laminae.Store)
 def test_mounts_are_counted_and_reconciled(store: laminae.Store) -> None:
     store.create_layer("c")
     path = store.mount("c")
-    assert str(path) in _linux.mount_points()
+    assert str(path) in _mountinfo.mount_points()
     (path / "file").write_text("x")
     assert store.mount("c") == path
     assert store.layer("c").mount_count == 2
     with pytest.raises(laminae.FailedPrecondition, match="mounted"):
         store.remove_layer("c")
     store.unmount("c")
-    assert str(path) in _linux.mount_points()
+    assert str(path) in _mountinfo.mount_points()
     store.unmount("c")
-    assert str(path) not in _linux.mount_points()
+    assert str(path) not in _mountinfo.mount_points()
     with pytest.raises(laminae.FailedPrecondition, match="not mounted"):
         store.unmount("c")
     # Unmounted behind the store's back: the count is found stale, then reset.
     store.mount("c")
-    _linux.umount(str(path), _linux.MNT_DETACH)
+    _mounts.umount(str(path), _mounts.MNT_DETACH)
     assert store.check().stale_counts == ("c",)
     store.repair()
     assert store.layer("c").mount_count == 0
@@ -297,7 +296,7 @@ def test_mounts_a_crash_left_behind_are_found_and_removed(tmp_path: Path) -> Non
         # and a layer mount the graph never counted.
         for target in (run / "tmp" / "0123abcd", run / "mounts" / layer.storage_id):
             target.mkdir(parents=True)
-            _linux.bind_mount(str(store.driver_home), str(target))
+            _mounts.bind_mount(str(store.driver_home), str(target))
         report = store.check()
         assert set(report.orphan_mounts) == {
             str(run / "tmp" / "0123abcd"),
@@ -305,7 +304,7 @@ def test_mounts_a_crash_left_behind_are_found_and_removed(tmp_path: Path) -> Non
         }
     with laminae.open_store(root, runroot=run) as store:
         assert store.check().ok
-        points = _linux.mount_points()
+        points = _mountinfo.mount_points()
         assert not [p for p in points if p.startswith(str(run))]
 
 

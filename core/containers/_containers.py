@@ -11,8 +11,10 @@ What ``docker commit`` does, with the same rules:
 - an unmodified container still gives a layer (the empty tar), so that ``diff_ids`` and the
   non-empty ``history`` entries keep matching one to one.
 
-The tar is spooled through a file in the store's scratch directory: a layer is never held in
-memory, and the diff's read of the container's tree ends before the apply's write begins.
+:meth:`laminae.Store.commit_container` runs the steps (diff, apply, record the image); this
+module holds what they follow: the new image's config (:func:`commit_config`), and the
+container's changes as ``docker diff`` lists them (:func:`with_parent_dirs`). It knows nothing
+of the store.
 """
 
 from __future__ import annotations
@@ -20,21 +22,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from laminae._exceptions import InvalidArgument, map_os_errors
 from laminae.archive._changes import Change, ChangeKind
 from laminae.images._image import ImageConfig, Platform, encode_json, parse_config
-from laminae.images._reference import local_name
-from laminae.store._records import Image, check_key
-
-if TYPE_CHECKING:
-    from laminae.containers._store import ContainerStore
+from laminae.store._records import Image
 
 __all__ = [
     "COMMIT_CREATED_BY",
     "commit_config",
-    "commit_container",
     "image_config",
     "with_parent_dirs",
 ]
@@ -123,53 +119,3 @@ def image_config(image: Image) -> ImageConfig | None:
     if image.config is None:
         return None
     return parse_config(image.config, what=f"config of image {image.id}")
-
-
-def commit_container(
-    store: ContainerStore,
-    ref: str,
-    name: str | None,
-    *,
-    message: str | None,
-    author: str | None,
-) -> Image:
-    """:meth:`Store.commit_container`: see the module docstring.
-
-    :raises NotFound: no container ``ref``.
-    :raises InvalidArgument: ``name`` is no valid image name.
-    """
-    names = [] if name is None else [check_key("image name", local_name(name))]
-    for what, value in (("commit message", message), ("commit author", author)):
-        if value is not None and not isinstance(value, str):
-            raise InvalidArgument(f"{what} {value!r}: must be a string")
-    container = store.container(ref)
-    parent_image = None if container.image is None else store.image(container.image)
-    parent_config = None if parent_image is None else image_config(parent_image)
-    base = (
-        ()
-        if parent_image is None
-        else tuple(str(layer.diff_id) for layer in store.image_layers(parent_image.id))
-    )
-    top = store.layer(container.layer).parent
-    with store._scratch() as scratch:
-        with map_os_errors(f"spool the changes of container {ref!r}"):
-            out = open(scratch / "changes.tar", "w+b")  # noqa: SIM115 (closed below)
-        with out:
-            written = store.diff(container.layer, out)
-            out.seek(0)
-            layer = store.apply_layer(out, top, diff_id=written.diff_id)
-    config = commit_config(
-        parent_config,
-        base,
-        written.diff_id,
-        created=datetime.now(UTC),
-        message=message,
-        author=author,
-    )
-    try:
-        return store.create_image(layer.id, names=names, config=config)
-    except BaseException:
-        # The layer may be shared (an equal commit made it before): collection keeps it then.
-        with store._lock.held():
-            store._collect(layer.id)
-        raise

@@ -1,50 +1,38 @@
 """The store's containers: an image's top layer with a writable layer on it, and its changes.
 
-Part of :class:`~laminae.Store` (``_layerstore.py`` has the layers); commit and export
-are in ``_containers.py``.
+Part of :class:`~laminae.Store` (:mod:`laminae.store._layers` has the layers,
+:mod:`laminae.images._store` the images). What a commit makes of a container's changes (the
+new image's config) and how its changes are listed are in :mod:`laminae.containers._containers`.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from laminae._exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from laminae._exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, map_os_errors
 from laminae.archive._changes import Change
 from laminae.archive._compression import Compression
+from laminae.containers._containers import commit_config, image_config, with_parent_dirs
 from laminae.images._image import ImageConfig
+from laminae.images._reference import local_name
 from laminae.images._store import ImageStore
-from laminae.store._records import Container, DiffResult, Image, check_key, parse_time
+from laminae.store._lookup import (
+    container_record,
+    resolve_container,
+    resolve_image,
+    resolve_layer,
+)
+from laminae.store._records import Container, DiffResult, Image, check_key
 
 __all__ = ["ContainerStore"]
 
 
 class ContainerStore(ImageStore):
     """An image store with containers: create, look up, mount, diff, commit, export, remove."""
-
-    # -- containers ------------------------------------------------------------------------
-
-    def _to_container(self, row: Any) -> Container:
-        return Container(
-            id=row["id"],
-            name=row["name"],
-            image=row["image"],
-            layer=row["layer"],
-            created=parse_time(row["created"]),
-        )
-
-    def _resolve_container(self, ref: str) -> Any:
-        if not isinstance(ref, str) or not ref:
-            raise InvalidArgument(f"container reference {ref!r}: empty or not a string")
-        row = self._graph.container(ref)
-        if row is None:
-            named = self._graph.container_for_name(ref)
-            row = None if named is None else self._graph.container(named)
-        if row is None:
-            raise NotFound(f"container {ref!r}: no such container")
-        return row
 
     def create_container(
         self,
@@ -59,7 +47,7 @@ class ContainerStore(ImageStore):
             check_key("container name", name)
             if self._graph.container_for_name(name) is not None:
                 raise AlreadyExists(f"container name {name!r}: already in use")
-        image_row = None if image is None else self._resolve_image(image)
+        image_row = None if image is None else resolve_image(self._graph, image)
         container_id = secrets.token_hex(32)
         top = None if image_row is None else image_row["top_layer"]
         layer = self.create_layer(container_id, top, labels=labels)
@@ -78,12 +66,12 @@ class ContainerStore(ImageStore):
     def container(self, ref: str) -> Container:
         """The container ``ref`` names (id or name). :raises NotFound: none does."""
         self._check_open()
-        return self._to_container(self._resolve_container(ref))
+        return container_record(resolve_container(self._graph, ref))
 
     def containers(self) -> list[Container]:
         """Every container, oldest first."""
         self._check_open()
-        return [self._to_container(r) for r in self._graph.all_containers()]
+        return [container_record(r) for r in self._graph.all_containers()]
 
     def remove_container(self, ref: str, *, force: bool = False) -> None:
         """Remove a container and its layer.
@@ -93,10 +81,10 @@ class ContainerStore(ImageStore):
         """
         self._check_open()
         with self._lock.held():
-            row = self._resolve_container(ref)
-            layer = self._resolve(row["layer"])
-            self._reconcile_row(layer)
-            if self._resolve(row["layer"]).mount_count:
+            row = resolve_container(self._graph, ref)
+            layer = resolve_layer(self._graph, row["layer"])
+            self._mounts.reconcile_row(layer)
+            if resolve_layer(self._graph, row["layer"]).mount_count:
                 if not force:
                     raise FailedPrecondition(
                         f"cannot remove container {ref!r}: its layer is mounted"
@@ -113,7 +101,7 @@ class ContainerStore(ImageStore):
         :raises NotFound: no container ``ref``.
         """
         self._check_open()
-        return self.mount(self._resolve_container(ref)["layer"])
+        return self.mount(resolve_container(self._graph, ref)["layer"])
 
     def unmount_container(self, ref: str, *, force: bool = False) -> None:
         """Drop one mount of container ``ref``; the last one unmounts. ``force`` drops all.
@@ -122,9 +110,9 @@ class ContainerStore(ImageStore):
         """
         self._check_open()
         with self._lock.held():
-            layer = self._resolve(self._resolve_container(ref)["layer"])
-            self._reconcile_row(layer)
-            if force and not self._resolve(layer.id).mount_count:
+            layer = resolve_layer(self._graph, resolve_container(self._graph, ref)["layer"])
+            self._mounts.reconcile_row(layer)
+            if force and not resolve_layer(self._graph, layer.id).mount_count:
                 return  # nothing to drop (and no mount point to remove)
             self.unmount(layer.id, force=force)
 
@@ -135,10 +123,8 @@ class ContainerStore(ImageStore):
         too, whichever driver found the changes
         (:func:`laminae.containers._containers.with_parent_dirs`).
         """
-        from laminae.containers._containers import with_parent_dirs
-
         self._check_open()
-        return with_parent_dirs(self.changes(self._resolve_container(ref)["layer"]))
+        return with_parent_dirs(self.changes(resolve_container(self._graph, ref)["layer"]))
 
     def export_container(
         self, ref: str, out: BinaryIO, *, compression: Compression = Compression.NONE
@@ -147,7 +133,7 @@ class ContainerStore(ImageStore):
         asked (``docker export`` writes the whole tree; this writes the layer, as
         :meth:`diff` does)."""
         self._check_open()
-        return self.diff(self._resolve_container(ref)["layer"], out, compression=compression)
+        return self.diff(resolve_container(self._graph, ref)["layer"], out, compression=compression)
 
     def commit_container(
         self,
@@ -161,17 +147,54 @@ class ContainerStore(ImageStore):
 
         The container keeps its layer and may stay mounted; the parent image is untouched.
         The new image's config is the parent's with one more DiffID and history entry
-        (``comment`` is ``message``); see :mod:`laminae.containers._containers`.
+        (``comment`` is ``message``); see :mod:`laminae.containers._containers` for the rules.
+
+        The changes are spooled through a file in the store's scratch directory, then applied
+        as a layer on the image's top layer: a layer is never held in memory, the read of the
+        container's tree ends before the write begins, and the new layer has a tar-split
+        record, so it exports to the very tar whose DiffID the config names.
 
         :param name: the new image's name (``x`` is ``x:latest``), moved from another image
             that had it.
         :raises NotFound: no container ``ref``.
         :raises InvalidArgument: ``name`` is no valid image name.
         """
-        from laminae.containers._containers import commit_container
-
         self._check_open()
-        return commit_container(self, ref, name, message=message, author=author)
+        names = [] if name is None else [check_key("image name", local_name(name))]
+        for what, value in (("commit message", message), ("commit author", author)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgument(f"{what} {value!r}: must be a string")
+        container = self.container(ref)
+        parent_image = None if container.image is None else self.image(container.image)
+        parent_config = None if parent_image is None else image_config(parent_image)
+        base = (
+            ()
+            if parent_image is None
+            else tuple(str(layer.diff_id) for layer in self.image_layers(parent_image.id))
+        )
+        top = self.layer(container.layer).parent
+        with self._staging.scratch() as scratch:
+            with map_os_errors(f"spool the changes of container {ref!r}"):
+                out = open(scratch / "changes.tar", "w+b")  # noqa: SIM115 (closed below)
+            with out:
+                written = self.diff(container.layer, out)
+                out.seek(0)
+                layer = self.apply_layer(out, top, diff_id=written.diff_id)
+        config = commit_config(
+            parent_config,
+            base,
+            written.diff_id,
+            created=datetime.now(UTC),
+            message=message,
+            author=author,
+        )
+        try:
+            return self.create_image(layer.id, names=names, config=config)
+        except BaseException:
+            # The layer may be shared (an equal commit made it before): collection keeps it.
+            with self._staging.locked():
+                self._staging.collect(layer.id)
+            raise
 
     def container_config(self, ref: str) -> ImageConfig | None:
         """The config of container ``ref``'s image (Env, Cmd, WorkingDir... for a bundle);
@@ -179,8 +202,6 @@ class ContainerStore(ImageStore):
 
         :raises NotFound: no container ``ref``.
         """
-        from laminae.containers._containers import image_config
-
         self._check_open()
-        image = self._resolve_container(ref)["image"]
+        image = resolve_container(self._graph, ref)["image"]
         return None if image is None else image_config(self.image(image))

@@ -22,7 +22,7 @@ from laminae.store._records import Image, check_key
 if TYPE_CHECKING:
     from laminae.archive._compression import Compression
     from laminae.images._progress import Progress
-    from laminae.images._store import ImageStore
+    from laminae.store._staging import Staging
 
 __all__ = ["export_to", "import_from"]
 
@@ -36,7 +36,7 @@ def _location(value: str | ImageLocation) -> ImageLocation:
 
 
 def import_from(
-    store: ImageStore,
+    store: Staging,
     source: str | ImageLocation,
     names: Sequence[str],
     platform: str | None,
@@ -68,7 +68,7 @@ def import_from(
 
 
 def export_to(
-    store: ImageStore,
+    store: Staging,
     ref: str,
     destination: str | ImageLocation,
     compression: Compression | None,

@@ -24,6 +24,9 @@ afterwards; other drivers (vfs, btrfs) need the parent's files first and apply i
 Export regenerates each layer's exact tar (its tar-split record, else its diff), checks it
 against the layer's DiffID, compresses it as the sink wants, and hands the sink blobs, then the
 manifest.
+
+Both see the store only through its :class:`~laminae.store._staging.Staging`: staging,
+recording, applying and committing layers, reading them back, and its scratch directory.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, cast
+from typing import Any, BinaryIO, Final, cast
 
 import attrs
 
@@ -76,11 +79,9 @@ from laminae.images._image import (
     select_manifest,
 )
 from laminae.images._progress import NullProgress, Progress
+from laminae.store._graph import LayerRow
 from laminae.store._records import Image, chain_id
-
-if TYPE_CHECKING:
-    from laminae.images._store import ImageStore
-    from laminae.store._graph import LayerRow
+from laminae.store._staging import StagedLayer, Staging, VerifiedLayer
 
 __all__ = ["export_image", "import_image"]
 
@@ -265,30 +266,29 @@ class _Queued(io.RawIOBase):
 
 @attrs.define
 class _Staged:
-    """One layer of the import: its plan, and once staged, its incomplete row."""
+    """One layer of the import: its plan, and once staged, its incomplete layer."""
 
     index: int
     desc: Descriptor
     diff_id: str
     chain_id: str
-    row: LayerRow | None = None
-    parents: list[str] = attrs.Factory(list)
+    layer: StagedLayer | None = None
     size: int = 0
     pending: object = None
 
 
 class _Importer:
-    """One import into ``store``; see the module docstring for the steps."""
+    """One import into a store (its ``staging``); see the module docstring for the steps."""
 
     def __init__(
         self,
-        store: ImageStore,
+        staging: Staging,
         source: ImageSource,
         progress: Progress,
         jobs: int,
         prefetch: bool,
     ) -> None:
-        self.store = store
+        self.staging = staging
         self.source = source
         self.progress = progress
         self.jobs = jobs
@@ -308,7 +308,7 @@ class _Importer:
         ]
         first = len(plan)
         for i, cid in enumerate(chain):
-            if not self.store._has_committed(cid):
+            if not self.staging.has_committed(cid):
                 first = i
                 break
         for staged in plan[:first]:
@@ -318,16 +318,18 @@ class _Importer:
         todo = plan[first:]
         base = chain[first - 1] if first else None
         with contextlib.ExitStack() as stack:
-            self.spool = stack.enter_context(self.store._scratch())
-            parent = None if base is None else self.store._committed_row(base)
+            self.spool = stack.enter_context(self.staging.scratch())
+            parent = None if base is None else self.staging.committed_parent(base)
             if todo:
                 self._apply(todo, parent, stack)
-            return self.store._commit_import(
-                [(s.row, s.diff_id, s.size, s.desc.digest) for s in todo if s.row],
+            return self.staging.commit_image(
+                [VerifiedLayer(s.layer, s.diff_id, s.size, s.desc.digest) for s in todo if s.layer],
                 base,
-                manifest,
-                config,
-                names,
+                image_id=config.digest,
+                manifest_digest=manifest.digest,
+                config=config.raw,
+                manifest=manifest.raw,
+                names=names,
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -371,8 +373,12 @@ class _Importer:
 
     # -- applying ----------------------------------------------------------------------------
 
-    def _stage(self, staged: _Staged, parent: LayerRow | None, stack: contextlib.ExitStack) -> None:
-        staged.row, staged.parents = stack.enter_context(self.store._stage_layer(parent))
+    def _stage(
+        self, staged: _Staged, parent: LayerRow | None, stack: contextlib.ExitStack
+    ) -> LayerRow:
+        """Stage ``staged`` on ``parent``, for as long as ``stack`` lasts; its row."""
+        staged.layer = stack.enter_context(self.staging.stage(parent))
+        return staged.layer.row
 
     def _apply(
         self, todo: list[_Staged], base: LayerRow | None, stack: contextlib.ExitStack
@@ -401,10 +407,9 @@ class _Importer:
                     spools[staged.index] = fetches.submit(self._fetch, staged)
             try:
                 parent = base
-                if Feature.APPLY_DETACHED in self.store.capabilities.features:
+                if Feature.APPLY_DETACHED in self.staging.capabilities.features:
                     for staged in todo:
-                        self._stage(staged, parent, stack)
-                        parent = staged.row
+                        parent = self._stage(staged, parent, stack)
                     applies.extend(pool.submit(self._apply_one, s, spools, True) for s in todo)
                     for staged, future in zip(todo, applies, strict=True):
                         future.result()
@@ -414,8 +419,7 @@ class _Importer:
                         done.add(staged.index)
                 else:
                     for staged in todo:
-                        self._stage(staged, parent, stack)
-                        parent = staged.row
+                        parent = self._stage(staged, parent, stack)
                         self._apply_one(staged, spools, False)
                         self._drop_spool(staged, spools)
                         self.progress.finish(self._key(staged), "applied")
@@ -447,25 +451,26 @@ class _Importer:
         self, staged: _Staged, spools: dict[int, concurrent.futures.Future[Path]], detached: bool
     ) -> None:
         spooled = spools[staged.index].result() if staged.index in spools else None
-        assert staged.row is not None
+        layer = staged.layer
+        assert layer is not None
         what = f"blob {staged.desc.digest}"
         with self._blob(staged, spooled) as (stream, reader):
             try:
                 plain = DigestReader(
-                    open_decompressed(stream, max_bytes=self.store.limits.max_bytes), what=what
+                    open_decompressed(stream, max_bytes=self.staging.limits.max_bytes), what=what
                 )
                 # Decompression, both digests and the tar-split record run in the producer
                 # thread; the applier in this one only writes files.
-                with self.store._recording(staged.row, plain) as recorded:
+                with self.staging.recording(layer, plain) as recorded:
                     tar = cast(BinaryIO, _Queued(recorded, f"decompress {staged.desc.digest[:19]}"))
                     try:
                         if detached:
                             try:
-                                staged.pending = self.store._apply_detached(staged.row, tar)
+                                staged.pending = self.staging.apply_detached(layer, tar)
                             except ParentsNeeded:
                                 staged.pending = ParentsNeeded
                         else:
-                            self.store._apply_recorded(staged.row, staged.parents, tar)
+                            self.staging.apply(layer, tar)
                         while tar.read(_CHUNK):
                             pass
                     finally:
@@ -488,22 +493,22 @@ class _Importer:
         staged.size = plain.size
 
     def _settle(self, staged: _Staged, spools: dict[int, concurrent.futures.Future[Path]]) -> None:
-        assert staged.row is not None
+        assert staged.layer is not None
         if staged.pending is not ParentsNeeded:
             try:
-                self.store._settle_detached(staged.row, staged.parents, staged.pending)
+                self.staging.settle(staged.layer, staged.pending)
                 return
             except ParentsNeeded:
                 pass
         # The tar needs its parents' files (a root opaque marker, a hard link to a lower
         # file, a directory that inherits from the lowers): start the layer over, now that
         # they are there.
-        self.store._reset_staged(staged.row, staged.parents)
+        self.staging.reset(staged.layer)
         self._apply_one(staged, spools, False)
 
 
 def import_image(
-    store: ImageStore,
+    staging: Staging,
     source: ImageSource,
     *,
     names: Sequence[str],
@@ -512,12 +517,13 @@ def import_image(
     jobs: int | None,
     prefetch: bool,
 ) -> Image:
-    """Import the image ``source`` names into ``store``; see the module docstring."""
+    """Import the image ``source`` names into the store of ``staging``; see the module
+    docstring."""
     if jobs is not None and jobs < 1:
         raise InvalidArgument(f"jobs {jobs!r}: must be at least 1")
     progress = progress or NullProgress()
     resolved = resolve_image(source, platform)
-    importer = _Importer(store, source, progress, jobs or DEFAULT_JOBS, prefetch)
+    importer = _Importer(staging, source, progress, jobs or DEFAULT_JOBS, prefetch)
     return importer.run(resolved, names)
 
 
@@ -525,13 +531,13 @@ def import_image(
 
 
 def _layer_blob(
-    store: ImageStore, layer_id: str, compression: Compression, path: Path, progress: Progress
+    staging: Staging, layer_id: str, compression: Compression, path: Path, progress: Progress
 ) -> tuple[str, int]:
     """Write ``layer_id``'s tar, compressed, to ``path``; its digest and size."""
     with open(path, "wb") as out:
         blob = DigestWriter(out)
         with open_compressor(blob, compression) as compressor:
-            store._write_layer_tar(layer_id, compressor)
+            staging.write_layer_tar(layer_id, compressor)
         progress.advance(layer_id, blob.size)
         out.flush()
         os.fsync(out.fileno())
@@ -539,7 +545,7 @@ def _layer_blob(
 
 
 def export_image(
-    store: ImageStore,
+    staging: Staging,
     ref: str,
     sink: ImageSink,
     *,
@@ -547,13 +553,14 @@ def export_image(
     progress: Progress | None,
     jobs: int | None,
 ) -> str:
-    """Write image ``ref`` of ``store`` to ``sink``; the digest of the manifest written."""
+    """Write image ``ref`` of the store of ``staging`` to ``sink``; the digest of the manifest
+    written."""
     progress = progress or NullProgress()
-    image = store.image(ref)
+    image = staging.image(ref)
     if image.config is None:
         raise FailedPrecondition(f"image {ref!r}: has no config, so it cannot be exported")
     config = parse_config(image.config, what=f"config of image {ref!r}")
-    layers = store.image_layers(ref)
+    layers = staging.image_layers(ref)
     if [layer.diff_id for layer in layers] != list(config.diff_ids):
         raise CorruptLayer(f"image {ref!r}: its layers do not match its config's DiffIDs")
     if sink.layer_compression is not None:
@@ -565,7 +572,7 @@ def export_image(
     def one(layer_id: str, spool: Path) -> Descriptor:
         path = spool / f"layer-{secrets.token_hex(8)}"
         progress.start(layer_id, f"layer {layer_id.partition(':')[2][:12]}", None)
-        digest, size = _layer_blob(store, layer_id, compression, path, progress)
+        digest, size = _layer_blob(staging, layer_id, compression, path, progress)
         desc = Descriptor(media_type, digest, size)
         if sink.has_blob(desc):
             progress.finish(layer_id, "exists")
@@ -577,7 +584,7 @@ def export_image(
 
     # Spool files live in a scratch directory of the store: gone at the end, and swept by
     # the next open if this process is killed.
-    with store._scratch() as spool, map_os_errors(f"export image {ref!r} to {sink.describe()}"):
+    with staging.scratch() as spool, map_os_errors(f"export image {ref!r} to {sink.describe()}"):
         with concurrent.futures.ThreadPoolExecutor(jobs or DEFAULT_JOBS) as pool:
             descriptors = list(pool.map(one, [layer.id for layer in layers], repeat(spool)))
         config_type = MEDIA_DOCKER_CONFIG if sink.docker_media_types else MEDIA_OCI_CONFIG
