@@ -334,38 +334,55 @@ def test_an_import_killed_midway_leaves_nothing_after_the_next_open(
     layout = tmp_path / "layout"
     top = make_tar({f"big/{i}": os.urandom(4096) for i in range(200)})
     built = write_layout(layout, [BASE, MIDDLE, top], compression="none")
-    # The top blob becomes a FIFO: the import blocks inside it, half applied, where it dies.
-    blob = blob_path(layout, built.layer_digests[2])
-    data = blob.read_bytes()
-    blob.unlink()
-    os.mkfifo(blob)
+    # The child reads half of the top blob, then blocks in the read: the import stops there,
+    # half applied, and dies. (A FIFO blob would do the same, but a layout refuses one.)
+    stall = (
+        "import contextlib, io, sys, threading, laminae\n"
+        "from laminae.images import _layout\n"
+        "class Stall(io.RawIOBase):\n"
+        "    def __init__(self, raw, left):\n"
+        "        self.raw, self.left = raw, left\n"
+        "    def readable(self):\n"
+        "        return True\n"
+        "    def readinto(self, b):\n"
+        "        if self.left <= 0:\n"
+        "            threading.Event().wait()\n"
+        "        n = self.raw.readinto(memoryview(b)[: self.left])\n"
+        "        self.left -= n\n"
+        "        return n\n"
+        "opened = _layout._LayoutSource.open_blob\n"
+        "@contextlib.contextmanager\n"
+        "def open_blob(self, desc):\n"
+        "    with opened(self, desc) as stream:\n"
+        "        if desc.digest != sys.argv[5]:\n"
+        "            yield stream\n"
+        "        else:\n"
+        "            yield io.BufferedReader(Stall(stream, desc.size // 2))\n"
+        "_layout._LayoutSource.open_blob = open_blob\n"
+        "with laminae.open_store(sys.argv[1], runroot=sys.argv[2], driver=sys.argv[3]) as s:\n"
+        "    s.import_image(sys.argv[4])\n"
+    )
     root, run, driver = store.root, store.runroot, store.driver_name
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, laminae\n"
-            "with laminae.open_store(sys.argv[1], runroot=sys.argv[2], driver=sys.argv[3]) as s:\n"
-            "    s.import_image(sys.argv[4])\n",
+            stall,
             str(root),
             str(run),
             driver,
             f"oci:{layout}:v1",
+            built.layer_digests[2],
         ]
     )
     try:
-        with open(blob, "wb") as fifo:  # opens once the child reads the blob
-            fifo.write(data[: len(data) // 2])
-            fifo.flush()
-            deadline = time.monotonic() + 30
-            while (
-                not list(root.glob("tar-split/*.tsz"))
-                or len(list(root.glob("tar-split/*.tsz"))) < 3
-            ):
-                assert time.monotonic() < deadline, "the import never reached its top layer"
-                time.sleep(0.05)
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while len(list(root.glob("tar-split/*.tsz"))) < 3:
+            assert child.poll() is None, "the import ended before its top layer"
+            assert time.monotonic() < deadline, "the import never reached its top layer"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
