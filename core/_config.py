@@ -54,7 +54,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, override
 
 from laminae._exceptions import InvalidArgument
-from laminae.archive._apply import Limits
+from laminae.archive._limits import Limits
 from laminae.images._credentials import RegistryOptions
 
 __all__ = ["StoreConfig", "load_config", "parse_size"]

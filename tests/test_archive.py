@@ -25,10 +25,13 @@ import pytest
 from tarbuild import CAPABILITY, END, Layer, gnu_long, header, member, pax, tar
 
 from laminae._exceptions import InvalidArgument, LimitExceeded
-from laminae.archive._apply import ApplyResult, Limits, WhiteoutMode, apply_tar, write_changes_tar
+from laminae.archive._apply import ApplyResult, WhiteoutMode, apply_tar
 from laminae.archive._changes import Change, ChangeKind, naive_changes
-from laminae.archive._tarstream import EntryType, TarReader
-from laminae.kernel import _linux, _xattrs
+from laminae.archive._limits import Limits
+from laminae.archive._tarheader import EntryType
+from laminae.archive._tarstream import TarReader
+from laminae.archive._write import write_changes_tar
+from laminae.kernel import _paths, _xattrs
 
 NS = 1_700_000_000_123_456_789
 
@@ -37,9 +40,9 @@ NS = 1_700_000_000_123_456_789
 def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through openat2, and again through the component walk that stands in."""
     if request.param == "walk":
-        monkeypatch.setattr(_linux, "openat2_available", lambda: False)
+        monkeypatch.setattr(_paths, "openat2_available", lambda: False)
     else:
-        assert _linux.openat2_available()
+        assert _paths.openat2_available()
     return str(request.param)
 
 

@@ -12,7 +12,7 @@ import pytest
 from laminae import _config
 from laminae._config import StoreConfig, load_config, parse_size
 from laminae._exceptions import InvalidArgument
-from laminae.archive._apply import Limits
+from laminae.archive._limits import Limits
 from laminae.images._registry import RegistryOptions
 
 EXAMPLE = """\

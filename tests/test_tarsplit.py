@@ -7,26 +7,21 @@ import io
 import os
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tarbuild import END, gnu_long, header, make_tar, member, pad, pax, tar
 
-from laminae._exceptions import CorruptLayer, InvalidArgument, LimitExceeded
-from laminae.archive._apply import apply_tar, write_changes_tar
+from laminae._exceptions import CorruptLayer, InvalidArgument, LaminaeError, LimitExceeded
+from laminae.archive._apply import apply_tar
 from laminae.archive._changes import naive_changes
-from laminae.archive._tarsplit import (
-    Region,
-    TarFramer,
-    TarSplitRecorder,
-    TarSplitWriter,
-    _RecordWriter,
-    replay_tar,
-)
-from laminae.archive._tarstream import Limits
+from laminae.archive._limits import Limits
+from laminae.archive._tarsplit import TarSplitRecorder, _RecordWriter, replay_tar
+from laminae.archive._tarstream import TarReader
+from laminae.archive._write import write_changes_tar
 
 MiB = 1 << 20
 
@@ -49,6 +44,66 @@ def _replay(record: bytes, root: Path) -> bytes:
     out = io.BytesIO()
     replay_tar(io.BytesIO(record), root, out)
     return out.getvalue()
+
+
+def _passed(data: bytes, size: int = MiB, limits: Limits | None = None) -> bytes:
+    """Pass ``data`` through a recorder, reading ``size`` bytes at a time: the record."""
+    out = io.BytesIO()
+    recorder = TarSplitRecorder(io.BytesIO(data), out, limits or Limits())
+    pieces = []
+    while piece := recorder.read(size):
+        pieces.append(piece)
+    recorder.finish()
+    assert b"".join(pieces) == data
+    return out.getvalue()
+
+
+Op = tuple[str, bytes | int, int]
+
+
+def _ops(record: bytes) -> list[Op]:
+    """The operations of a record, decoded by the format the module docstring gives:
+    ``("data", bytes, 0)``, ``("file", path, size)``, ``("stale", path, 0)``, ``("end", total,
+    0)``."""
+    assert record[:8] == b"LTSPLIT\x01"
+    body = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(record[8:])).read()
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = body[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    def take(size: int) -> bytes:
+        nonlocal pos
+        pos += size
+        return body[pos - size : pos]
+
+    ops: list[Op] = []
+    while True:
+        op = take(1)[0]
+        if op == 0x01:
+            ops.append(("data", take(varint()), 0))
+        elif op == 0x02:
+            path = take(varint())
+            ops.append(("file", path, varint()))
+        elif op == 0x03:
+            ops.append(("stale", take(varint()), 0))
+        else:
+            assert op == 0x00
+            ops.append(("end", varint(), 0))
+            assert pos == len(body)
+            return ops
+
+
+def _references(record: bytes) -> list[tuple[bytes, int]]:
+    return [(path, size) for kind, path, size in _ops(record) if kind == "file"]  # type: ignore[misc]
 
 
 def _roundtrip(data: bytes, root: Path) -> bytes:
@@ -103,14 +158,11 @@ def test_hand_built_entries_round_trip(tmp_path: Path) -> None:
     )
     record = _roundtrip(data, tmp_path / "root")
     assert (tmp_path / "root" / ("k" * 120)).read_bytes() == b"named by the long name"
-    sink = _Events()
-    framer = TarFramer(sink, Limits())
-    framer.feed(data)
-    framer.finish()
-    assert (b"k" * 120, 22) in sink.references
-    assert (b"pax/" + b"p" * 200 + b"/" + b"q" * 100, 11) in sink.references
-    assert (b"abs/file", 8) in sink.references and (b"up", 9) in sink.references
-    assert not any(path.startswith(b".wh.") for path, _ in sink.references)
+    references = _references(record)
+    assert (b"k" * 120, 22) in references
+    assert (b"pax/" + b"p" * 200 + b"/" + b"q" * 100, 11) in references
+    assert (b"abs/file", 8) in references and (b"up", 9) in references
+    assert not any(path.startswith(b".wh.") for path, _ in references)
     assert len(record) < len(data)
 
 
@@ -185,75 +237,33 @@ def test_gnu_tar_with_devices_round_trips(tmp_path: Path, format: str) -> None:
 def test_gnu_sparse_payload_is_stored_verbatim(tmp_path: Path) -> None:
     _tree(tmp_path / "src", format="gnu", devices=False)
     data = _gnu_tar(tmp_path / "src", tmp_path / "layer.tar", "gnu")
-    sink = _Events()
-    framer = TarFramer(sink, Limits())
-    framer.feed(data)
-    framer.finish()
-    referenced = {path for path, _ in sink.references}
+    referenced = {path for path, _ in _references(_passed(data))}
     assert b"sparse" not in referenced
     assert {b"small", b"big", b"xattr"} <= referenced
     assert b"empty" not in referenced and b".wh.gone" not in referenced
 
 
-# --- the framer ---------------------------------------------------------------------------
+# --- the record, whatever the reads ------------------------------------------------------
 
 
-class _Events:
-    """A FrameSink that keeps what it is told, adjacent pieces of one kind merged."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, bytearray | tuple[bytes, int]]] = []
-        self.references: list[tuple[bytes, int]] = []
-        self.stale_paths: list[bytes] = []
-
-    def _add(self, kind: str, data: memoryview) -> None:
-        if self.events and self.events[-1][0] == kind:
-            previous = self.events[-1][1]
-            assert isinstance(previous, bytearray)
-            previous += data
-        else:
-            self.events.append((kind, bytearray(data)))
-
-    def verbatim(self, data: memoryview) -> None:
-        self._add("verbatim", data)
-
-    def reference(self, path: bytes, size: int) -> None:
-        self.events.append(("reference", (path, size)))
-        self.references.append((path, size))
-
-    def payload(self, data: memoryview) -> None:
-        self._add("payload", data)
-
-    def stale(self, path: bytes) -> None:
-        self.stale_paths.append(path)
-
-
-def _frame(data: bytes, pieces: Iterator[int]) -> _Events:
-    sink = _Events()
-    framer = TarFramer(sink, Limits())
-    pos = 0
-    for size in pieces:
-        framer.feed(data[pos : pos + size])
-        pos += size
-        if pos >= len(data):
-            break
-    framer.feed(data[pos:])
-    framer.finish()
-    return sink
-
-
-def _fixed(size: int) -> Iterator[int]:
-    while True:
-        yield size
-
-
-def _rebuild(sink: _Events) -> bytes:
-    return b"".join(data for _, data in sink.events if isinstance(data, bytearray))
+def test_record_operations() -> None:
+    data = make_tar({"f": b"x" * 600}) + b"tail"
+    ops = _ops(_passed(data))
+    assert [(kind, size) for kind, _, size in ops] == [
+        ("data", 0),
+        ("file", 600),
+        ("data", 0),
+        ("end", 0),
+    ]
+    assert ops[0][1] == data[:512]
+    assert ops[1][1] == b"f"
+    assert ops[2][1] == data[1112:]
+    assert ops[3][1] == len(data)
 
 
 @pytest.fixture(scope="module")
 def gnu_tars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    base = tmp_path_factory.mktemp("framer")
+    base = tmp_path_factory.mktemp("recorder")
     tars = {}
     for format in ("pax", "gnu", "ustar"):
         source = base / f"src-{format}"
@@ -263,23 +273,22 @@ def gnu_tars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("format", ["pax", "gnu", "ustar"])
-def test_framer_events_do_not_depend_on_chunk_size(gnu_tars: dict[str, bytes], format: str) -> None:
+def test_record_does_not_depend_on_read_sizes(gnu_tars: dict[str, bytes], format: str) -> None:
     data = gnu_tars[format]
-    whole = _frame(data, _fixed(len(data)))
-    assert _rebuild(whole) == data
-    assert (b"big", 3 * MiB + 17) in whole.references
+    whole = _passed(data, len(data))
+    assert (b"big", 3 * MiB + 17) in _references(whole)
     for size in (7, 512, 513, MiB):
-        assert _frame(data, _fixed(size)).events == whole.events, size
+        assert _passed(data, size) == whole, size
 
 
-def test_framer_events_with_one_byte_chunks(gnu_tars: dict[str, bytes]) -> None:
+def test_record_with_one_byte_reads() -> None:
     data = make_tar({"a": b"x" * 1000, "b/" + "c" * 120: b"yz"}, dirs=["b"]) + b"tail"
-    assert _frame(data, _fixed(1)).events == _frame(data, _fixed(len(data))).events
+    assert _passed(data, 1) == _passed(data, len(data))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.integers(min_value=0, max_value=9 * 1024), min_size=1, max_size=40))
-def test_framer_any_split(cuts: list[int]) -> None:
+def test_record_any_reads(cuts: list[int]) -> None:
     data = tar(
         pax([(b"path", b"p" * 300), (b"SCHILY.xattr.user.a", b"b")]),
         member(b"x", b"pax named file " * 40),
@@ -288,103 +297,103 @@ def test_framer_any_split(cuts: list[int]) -> None:
         member(b"z", b""),
         member(b"w", b"w" * 2000),
     )
-    points = sorted({min(c, len(data)) for c in cuts})
-    sizes = [b - a for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    assert _frame(data, iter(sizes)).events == _frame(data, _fixed(len(data))).events
+    out = io.BytesIO()
+    recorder = TarSplitRecorder(io.BytesIO(data), out, Limits())
+    pieces = [recorder.read(size) for size in cuts]
+    recorder.finish()
+    assert recorder.bytes_read == len(data)
+    assert b"".join(pieces) == data[: len(b"".join(pieces))]
+    assert out.getvalue() == _passed(data)
 
 
-def test_framer_knows_each_byte() -> None:
-    data = make_tar({"f": b"x" * 600}) + b"tail"
-    sink = _Events()
-    framer = TarFramer(sink, Limits())
-    regions = []
-    for i in range(len(data)):
-        regions.append(framer.region)
-        framer.feed(data[i : i + 1])
-    framer.finish()
-    assert set(regions[:512]) == {Region.HEADER}
-    assert set(regions[512:1112]) == {Region.PAYLOAD}
-    assert set(regions[1112:1536]) == {Region.PADDING}
-    # The first end block reads as a header until it is whole; then everything is the end.
-    assert set(regions[1536:2048]) == {Region.HEADER}
-    assert set(regions[2048:]) == {Region.END}
-
-
-def test_framer_marks_unreferenced_data() -> None:
+def test_whiteout_data_is_verbatim() -> None:
     data = tar(member(b".wh.x", b"whiteout data"), member(b"f", b"1"))
-    sink = _Events()
-    framer = TarFramer(sink, Limits())
-    framer.feed(data[:512])
-    assert framer.region is Region.DATA
-    framer.feed(data[512:])
-    framer.finish()
-    assert sink.references == [(b"f", 1)]
+    assert _references(_passed(data)) == [(b"f", 1)]
 
 
-def test_framer_bounds_extension_headers() -> None:
-    data = tar(pax([(b"comment", b"c" * 5000)]), member(b"f", b"x"))
-    framer = TarFramer(_Events(), Limits(max_header_bytes=4096))
-    with pytest.raises(LimitExceeded, match="max_header_bytes"):
-        framer.feed(data[:512])
+# --- the limits: the reader's, enforced once -----------------------------------------------
 
 
-def test_framer_bounds_entries() -> None:
-    data = tar(member(b"a", b"1"), member(b"b", b"2"))
-    framer = TarFramer(_Events(), Limits(max_entries=1))
-    with pytest.raises(LimitExceeded, match="max_entries"):
-        framer.feed(data)
+def _reader_error(data: bytes, limits: Limits) -> LaminaeError:
+    with pytest.raises(LaminaeError) as caught:
+        for entry in TarReader(io.BytesIO(data), limits):
+            for _ in entry.chunks():
+                pass
+    return caught.value
 
 
-def test_framer_refuses_a_bad_checksum() -> None:
+def test_recorder_refuses_more_entries_than_max_entries_with_the_readers_error(
+    tmp_path: Path,
+) -> None:
+    data = tar(member(b"a", b"1"), member(b"b", b"2"), member(b"c", b"3"))
+    limits = Limits(max_entries=2)
+    expected = _reader_error(data, limits)
+    assert isinstance(expected, LimitExceeded) and "max_entries" in str(expected)
+    recorder = TarSplitRecorder(io.BytesIO(data), io.BytesIO(), limits)
+    with pytest.raises(LimitExceeded) as caught:
+        recorder.read()
+    assert str(caught.value) == str(expected)
+    # Through the store's path: the applier reads the recorder, whose reader refuses first.
+    recorder = TarSplitRecorder(io.BytesIO(data), io.BytesIO(), limits)
+    with pytest.raises(LimitExceeded) as caught:
+        apply_tar(tmp_path, recorder, limits=Limits())
+    assert str(caught.value) == str(expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "match"),
+    [
+        (
+            tar(pax([(b"comment", b"c" * 5000)]), member(b"f", b"x")),
+            Limits(max_header_bytes=4096),
+            "max_header_bytes",
+        ),
+        (make_tar({"f": b"x" * 5000}), Limits(max_bytes=4096), "max_bytes"),
+        (make_tar({"p" * 300: b"x"}), Limits(max_path_bytes=200), "max_path_bytes"),
+        (
+            make_tar({"f": b"x"}) + b"trailing garbage" * 1000,
+            Limits(max_bytes=10240 + 100),
+            "max_bytes",
+        ),
+    ],
+    ids=["header-bytes", "bytes", "path-bytes", "bytes-after-the-end"],
+)
+def test_recorder_enforces_the_readers_limits(data: bytes, limits: Limits, match: str) -> None:
+    expected = _reader_error(data, limits)
+    recorder = TarSplitRecorder(io.BytesIO(data), io.BytesIO(), limits)
+    with pytest.raises(LimitExceeded, match=match) as caught:
+        recorder.finish()
+    assert str(caught.value) == str(expected)
+
+
+def test_recorder_refuses_a_bad_checksum() -> None:
     block = bytearray(header(b"f", size=1))
     block[0] ^= 1
-    framer = TarFramer(_Events(), Limits())
+    recorder = TarSplitRecorder(io.BytesIO(bytes(block) + bytes(511) + END), io.BytesIO(), Limits())
     with pytest.raises(InvalidArgument, match="checksum"):
-        framer.feed(bytes(block))
+        recorder.read(512)
 
 
 @pytest.mark.parametrize("cut", [100, 512, 700])
-def test_framer_refuses_a_truncated_tar(cut: int) -> None:
+def test_recorder_refuses_a_truncated_tar(cut: int) -> None:
     data = tar(member(b"f", b"x" * 1000))
-    framer = TarFramer(_Events(), Limits())
-    framer.feed(data[:cut])
+    recorder = TarSplitRecorder(io.BytesIO(data[:cut]), io.BytesIO(), Limits())
     with pytest.raises(InvalidArgument, match="truncated"):
-        framer.finish()
-
-
-def test_recorder_passes_bytes_through_every_read_method(tmp_path: Path) -> None:
-    data = make_tar({"a": b"a" * 5000, "b": b"b"}) + b"end"
-    out = io.BytesIO()
-    recorder = TarSplitRecorder(io.BytesIO(data), out, Limits())
-    pieces = [recorder.read(100), recorder.read1(1000)]
-    buffer = bytearray(3000)
-    count = recorder.readinto(buffer)
-    pieces += [bytes(buffer[:count]), recorder.read()]
-    recorder.finish()
-    assert b"".join(pieces) == data
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "a").write_bytes(b"a" * 5000)
-    (root / "b").write_bytes(b"b")
-    assert _replay(out.getvalue(), root) == data
+        recorder.finish()
 
 
 # --- laminae's own writer -----------------------------------------------------------------
 
 
-def test_writer_around_write_changes_tar(tmp_path: Path) -> None:
+def test_record_of_write_changes_tar(tmp_path: Path) -> None:
     root = tmp_path / "layer"
     _tree(root, format="pax", devices=False)
     tar_out = io.BytesIO()
-    record = io.BytesIO()
-    writer = TarSplitWriter(tar_out, record)
-    write_changes_tar(root, naive_changes(None, root), writer)
-    writer.finish()
-    assert writer.exact
+    write_changes_tar(root, naive_changes(None, root), tar_out)
     data = tar_out.getvalue()
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         assert "big" in archive.getnames()
-    assert _replay(record.getvalue(), root) == data
+    assert _replay(_passed(data), root) == data
 
 
 # --- replay refuses what it cannot rebuild ------------------------------------------------

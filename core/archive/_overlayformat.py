@@ -57,28 +57,19 @@ from typing import BinaryIO, Final
 import attrs
 
 from laminae._exceptions import InvalidArgument, LaminaeError, ParentsNeeded, map_os_errors
-from laminae.archive._apply import (
-    _O_LIST_DIR,
-    _O_PATH_DIR,
-    _OPAQUE,
-    ApplyResult,
-    WhiteoutMode,
-    _Applier,
-    _Dir,
-    _dir_key,
-    _is_whiteout,
-    _set_xattr,
-    _set_xattrs,
-    _text,
-    apply_entries,
-    hidden_name,
-)
-from laminae.archive._tarstream import Limits, TarEntry, TarReader
+from laminae.archive._apply import Applier, ApplyResult, WhiteoutMode, apply_entries
+from laminae.archive._layerxattrs import set_layer_xattr, set_layer_xattrs
+from laminae.archive._limits import Limits
+from laminae.archive._lowers import Lowers
+from laminae.archive._tarheader import printable
+from laminae.archive._tarstream import TarEntry, TarReader
+from laminae.archive._tree import O_LIST_DIR, O_PATH_DIR, Dir, Tree, dir_key
+from laminae.archive._whiteouts import OPAQUE_MARKER, OPAQUE_XATTRS, hidden_name, is_whiteout
 from laminae.kernel._xattrs import read_xattrs, remove_xattr
 
 __all__ = ["ImplicitDir", "Unsettled", "apply_tar_detached", "settle_detached"]
 
-_O_PATH_NOFOLLOW_DIR: Final = _O_PATH_DIR | os.O_NOFOLLOW
+_O_PATH_NOFOLLOW_DIR: Final = O_PATH_DIR | os.O_NOFOLLOW
 _DEFAULT_ACL: Final = b"system.posix_acl_default"
 _DEFAULT_LIMITS: Final = Limits()
 
@@ -143,8 +134,13 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
-class _DetachedApplier(_Applier):
-    """OVERLAY mode without lowers: write every marker, record what the lowers decide."""
+class _DetachedApplier(Applier):
+    """OVERLAY mode without lowers: write every marker, record what the lowers decide.
+
+    Built on the hooks the applier offers a subclass (listed in
+    :class:`~laminae.archive._apply.Applier`): where the sequential apply would read the
+    lowers, this one writes the marker or directory anyway and records the path.
+    """
 
     def __init__(self, root: Path, limits: Limits, userxattr: bool) -> None:
         super().__init__(root, limits, WhiteoutMode.OVERLAY, (), userxattr)
@@ -207,7 +203,8 @@ class _DetachedApplier(_Applier):
                         return None
                     if exc.errno == errno.ENOENT:
                         raise ParentsNeeded(
-                            f"{what} in '{_text(path)}', a directory this tar does not make first"
+                            f"{what} in '{printable(path)}', a directory this tar does not "
+                            "make first"
                         ) from None
                     raise
                 os.close(fd)
@@ -221,7 +218,7 @@ class _DetachedApplier(_Applier):
     def _flag(self, fd: int, path: bytes) -> None:
         """Directory ``fd`` at ``path`` hides what is below it: flag it unless shadowed."""
         if not self._shadowed(path, inclusive=False):
-            _set_xattr(fd, self._opaque_xattr, b"y")
+            set_layer_xattr(fd, self.opaque_xattr, b"y")
             self._opaque[path] = None
             self._count()
         self._shadows.add(path)
@@ -232,22 +229,20 @@ class _DetachedApplier(_Applier):
         self._entry_name = entry.name
         super().apply(entry)
 
-    def parent(self, path: bytes) -> _Dir:
+    def parent(self, path: bytes) -> Dir:
         self._wanted = path
         return super().parent(path)
 
     def make_parent(self, dir_fd: int, name: bytes, resolved: list[bytes]) -> bool:
-        if not self._creating:
+        if not self.creating:
             return False
         os.mkdir(name, 0o755, dir_fd=dir_fd)
-        fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
+        fd = os.open(name, O_LIST_DIR, dir_fd=dir_fd)
         try:
             os.fchmod(fd, 0o755)  # mkdir's mode went through the umask
             path = b"/".join([*resolved, name])
             if not self._shadowed(path, inclusive=False):
-                made = _Made(
-                    path, _dir_key(fd), self._entry_name, self._wanted, len(self._dir_times)
-                )
+                made = _Made(path, dir_key(fd), self._entry_name, self._wanted, len(self.dir_times))
                 self._made.append(made)
                 self._live[made.key] = made
                 self._count()
@@ -258,11 +253,11 @@ class _DetachedApplier(_Applier):
     def make_parent_over(
         self, dir_fd: int, name: bytes, st: os.stat_result, resolved: list[bytes]
     ) -> bool:
-        if not (self._creating and _is_whiteout(st)):
+        if not (self.creating and is_whiteout(st)):
             return False
         os.unlink(name, dir_fd=dir_fd)
         os.mkdir(name, 0o755, dir_fd=dir_fd)
-        fd = os.open(name, _O_LIST_DIR, dir_fd=dir_fd)
+        fd = os.open(name, O_LIST_DIR, dir_fd=dir_fd)
         try:
             os.fchmod(fd, 0o755)
             self._flag(fd, b"/".join([*resolved, name]))
@@ -270,39 +265,39 @@ class _DetachedApplier(_Applier):
             os.close(fd)
         return True
 
-    def _replaced_dir(self, fd: int, path: bytes) -> None:
+    def replaced_dir(self, fd: int, path: bytes) -> None:
         if not self._is_real(fd, path):
             raise ParentsNeeded(
-                f"directory '{_text(path)}' replaces a non-directory through a symlink"
+                f"directory '{printable(path)}' replaces a non-directory through a symlink"
             )
         self._flag(fd, path)
 
-    def _kept_dir(self, key: int) -> None:
-        super()._kept_dir(key)
+    def kept_dir(self, key: int) -> None:
+        super().kept_dir(key)
         made = self._live.get(key)
         if made is not None:
             made.explicit = True
 
-    def _dir_removed(self, fd: int) -> None:
-        made = self._live.pop(_dir_key(fd), None)
+    def dir_removed(self, fd: int) -> None:
+        made = self._live.pop(dir_key(fd), None)
         if made is not None:
             made.live = False
 
-    def _symlink(self, entry: TarEntry, dir_fd: int, name: bytes) -> None:
+    def symlink(self, entry: TarEntry, dir_fd: int, name: bytes) -> None:
         self._symlinks = True
-        super()._symlink(entry, dir_fd, name)
+        super().symlink(entry, dir_fd, name)
 
-    def _link_target(self, parent_path: bytes, name: bytes) -> tuple[_Dir, int] | None:
-        found = super()._link_target(parent_path, name)
+    def link_target(self, parent_path: bytes, name: bytes) -> tuple[Dir, int] | None:
+        found = super().link_target(parent_path, name)
         if found is not None and stat.S_ISLNK(found[1]):
             self._symlinks = True  # the link is one more symlink
         return found
 
-    def _copy_up(self, path: bytes) -> None:
-        raise ParentsNeeded(f"a hard link to '{_text(path)}', which this tar does not hold")
+    def copy_up(self, path: bytes) -> None:
+        raise ParentsNeeded(f"a hard link to '{printable(path)}', which this tar does not hold")
 
-    def _whiteout(self, entry: TarEntry, parent_path: bytes, name: bytes) -> None:
-        if name == _OPAQUE:
+    def whiteout(self, entry: TarEntry, parent_path: bytes, name: bytes) -> None:
+        if name == OPAQUE_MARKER:
             self._opaque_marker(parent_path)
             return
         hidden = hidden_name(name)
@@ -312,7 +307,7 @@ class _DetachedApplier(_Applier):
         if fd is None:
             return
         try:
-            self._make_whiteout(fd, hidden, entry.uid, entry.gid)
+            self.make_whiteout(fd, hidden, entry.uid, entry.gid)
         finally:
             os.close(fd)
         self._whiteouts[_join(parent_path, hidden)] = None
@@ -327,7 +322,7 @@ class _DetachedApplier(_Applier):
         if fd is None:
             return
         try:
-            self._set_opaque(fd)  # also drops the whiteouts below: they hide nothing now
+            self.set_opaque(fd)  # also drops the whiteouts below: they hide nothing now
         finally:
             os.close(fd)
         self._opaque[path] = None
@@ -338,7 +333,7 @@ class _DetachedApplier(_Applier):
         # As the sequential apply, plus: which directory each made parent's times would go
         # to, and whether a directory entry for that one comes later (its times win).
         last: dict[int, int] = {}
-        for position, (path, atime, mtime) in enumerate(self._dir_times):
+        for position, (path, atime, mtime) in enumerate(self.dir_times):
             key = self.set_dir_times(path, atime, mtime)
             if key is not None:
                 last[key] = position
@@ -413,17 +408,27 @@ def apply_tar_detached(
     return applier.unsettled(result)
 
 
-class _Settler(_Applier):
+class _Settler(Tree):
     """Reads the lowers as overlayfs does, and fixes the records of one detached apply."""
 
     def __init__(self, root: Path, parent_roots: Sequence[Path], userxattr: bool) -> None:
-        super().__init__(root, _DEFAULT_LIMITS, WhiteoutMode.OVERLAY, parent_roots, userxattr)
+        super().__init__(root)
+        self._opaque_xattr = OPAQUE_XATTRS[userxattr]
+        try:
+            self._lowers = Lowers(self.root_path, parent_roots, self._opaque_xattr)
+        except BaseException:
+            super().close()
+            raise
         self._shown: dict[bytes, os.stat_result | None] = {}
+
+    def close(self) -> None:
+        self._lowers.close()
+        super().close()
 
     def shown(self, path: bytes) -> os.stat_result | None:
         """What the lowers alone show at ``path`` (overlayfs's lookup), remembered."""
         if path not in self._shown:
-            found = self._lower_entry(path, upper=False)
+            found = self._lowers.shown(path, upper=False)
             self._shown[path] = None if found is None else found[1]
         return self._shown[path]
 
@@ -446,7 +451,7 @@ class _Settler(_Applier):
                     raise
                 os.close(fd)
                 fd = next_fd
-            return os.open(".", _O_LIST_DIR, dir_fd=fd), name
+            return os.open(".", O_LIST_DIR, dir_fd=fd), name
         finally:
             os.close(fd)
 
@@ -457,8 +462,8 @@ class _Settler(_Applier):
             st = self.shown(made.path)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise InvalidArgument(
-                    f"layer tar entry '{_text(made.entry)}': a component of "
-                    f"'{_text(made.wanted)}' is not a directory"
+                    f"layer tar entry '{printable(made.entry)}': a component of "
+                    f"'{printable(made.wanted)}' is not a directory"
                 )
 
     def drop_whiteout(self, path: bytes) -> None:
@@ -472,7 +477,7 @@ class _Settler(_Applier):
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 return
-            if not _is_whiteout(st):
+            if not is_whiteout(st):
                 return  # this layer's own entry replaced it
             times = os.fstat(fd)
             os.unlink(name, dir_fd=fd)
@@ -499,7 +504,7 @@ class _Settler(_Applier):
             return None
         fd, name = found
         try:
-            return os.open(name, _O_LIST_DIR, dir_fd=fd)
+            return os.open(name, O_LIST_DIR, dir_fd=fd)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
@@ -513,9 +518,9 @@ class _Settler(_Applier):
         if fd is None:
             return
         try:
-            found = self._lower_entry(made.path, upper=False)
+            found = self._lowers.shown(made.path, upper=False)
             assert found is not None
-            source = os.open(self._lower_path(found[0], made.path), _O_LIST_DIR)
+            source = os.open(self._lowers.path(found[0], made.path), O_LIST_DIR)
             try:
                 st = os.fstat(source)
                 xattrs = read_xattrs(source)
@@ -524,7 +529,7 @@ class _Settler(_Applier):
             inherited = stat.S_ISGID & st.st_mode or _DEFAULT_ACL in xattrs
             if inherited and os.listdir(fd):
                 raise ParentsNeeded(
-                    f"parent directory '{_text(made.path)}' takes a setgid bit or a default "
+                    f"parent directory '{printable(made.path)}' takes a setgid bit or a default "
                     "ACL from the parents, and what was made in it would have inherited it"
                 )
             if made.explicit:
@@ -535,13 +540,13 @@ class _Settler(_Applier):
             else:
                 os.fchown(fd, st.st_uid, st.st_gid)
                 os.fchmod(fd, stat.S_IMODE(st.st_mode))
-            _set_xattrs(fd, xattrs, regular_or_dir=True)
+            set_layer_xattrs(fd, xattrs, regular_or_dir=True)
         finally:
             os.close(fd)
 
     def lend_times(self, implicit: Sequence[ImplicitDir]) -> None:
         """Set the lowers' times where the sequential apply's last word on a directory's
-        times is a made parent's (see :meth:`_Applier.finish`)."""
+        times is a made parent's (see :meth:`Applier.finish`)."""
         last: dict[int, ImplicitDir] = {}
         for made in implicit:
             if made.times_target is not None and self.shows_dir(made.path):
@@ -589,5 +594,4 @@ def settle_detached(
                     settler.lend_attributes(made)
             settler.lend_times(unsettled.implicit)
         finally:
-            settler.release()
             settler.close()

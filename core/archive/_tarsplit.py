@@ -1,29 +1,27 @@
 """Tar-split: rebuild the exact bytes of an applied layer tar from the layer's files.
 
 A layer's DiffID is the sha256 of its uncompressed tar, and the tar is gone once applied: the
-same files written out again by :func:`~laminae.archive._apply.write_changes_tar` give another tar
-(other header fields, order, padding, PAX records), so another DiffID. Like containers'
+same files written out again by :func:`~laminae.archive._write.write_changes_tar` give another
+tar (other header fields, order, padding, PAX records), so another DiffID. Like containers'
 ``tar-split`` (what Moby and containers/storage keep for the same reason), this module records
 everything in the tar that is *not* the content of a regular file, byte for byte, and each
 regular file's content as a reference ``(path, size)``, while the tar streams past. Replaying
 the record against the layer's tree gives the very same bytes.
 
-* :class:`TarFramer` is the incremental parser: fed the tar in chunks of any size, it knows at
-  every byte whether it is in a header, a file's payload, an entry's other data, padding, or
-  after the end of the archive. It decodes headers with :mod:`laminae.archive._tarstream`'s own
-  decoders (:class:`~laminae.archive._tarstream.HeaderDecoder`), so it frames a tar exactly as
-  :class:`~laminae.archive._tarstream.TarReader` reads it, within the same :class:`Limits`.
 * :class:`TarSplitRecorder` is a read-through stream (wrap the tar handed to
-  :func:`~laminae.archive._apply.apply_tar`); :class:`TarSplitWriter` a write-through one, for a tar
-  laminae writes itself.
+  :func:`~laminae.archive._apply.apply_tar`). It frames the tar with the one tar reader,
+  :class:`~laminae.archive._tarstream.TarReader`, a step ahead of its consumer: the reader
+  enforces every limit, and says where each entry's headers end and its data begins
+  (:attr:`~laminae.archive._tarstream.TarReader.offset`); the recorder keeps the bytes the
+  reader took from the stream and records them, verbatim or as a reference.
 * :func:`replay_tar` writes the tar back.
 
 **What is a reference.** An entry's payload is recorded as a reference only when the entry is
-a plain regular file (type ``0``, ``\\0`` or ``7``; not an old-GNU ``S`` sparse file and
-without ``GNU.sparse.*`` PAX records), with a size above zero, and a name that cleans (as the
-applier cleans it: no leading ``/`` or ``./``, ``..`` collapsed) to a path whose last component
-does not start with ``.wh.``. Every other byte (headers, extension headers, padding, the data
-of other entries, the end blocks and whatever follows them) is stored verbatim.
+a plain regular file (type ``0``, ``\\0`` or ``7``; not a sparse file, old-GNU ``S`` or PAX
+``GNU.sparse.*`` with a map), with a size above zero, and a name that cleans (as the applier
+cleans it: no leading ``/`` or ``./``, ``..`` collapsed) to a path whose last component does
+not start with ``.wh.``. Every other byte (headers, extension headers, padding, the data of
+other entries, the end blocks and whatever follows them) is stored verbatim.
 
 **A replaced file.** When a later entry of the same tar replaces a referenced path (the same
 path again, or a non-directory where a referenced file's ancestor directory was), the file on
@@ -52,42 +50,25 @@ DATA runs are at most 1 MiB, so a reader needs no more memory than that.
 
 from __future__ import annotations
 
-import enum
+import collections
 import errno
 import io
 import os
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol, final
+from typing import BinaryIO, Final, cast, final
 
 import zstandard
 
 from laminae._exceptions import CorruptLayer, InvalidArgument
-from laminae.archive._apply import _O_READ_FILE, _clean, _text, _Tree
-from laminae.archive._tarstream import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
-    EntryType,
-    HeaderDecoder,
-    Limits,
-    PendingHeaders,
-    check_checksum,
-    effective_name,
-    entry_data_size,
-    entry_type,
-    header_size,
-    pax_int,
-    ustar_name,
-)
+from laminae.archive._limits import Limits
+from laminae.archive._tarheader import EntryType, printable
+from laminae.archive._tarstream import CHUNK_SIZE, TarEntry, TarReader
+from laminae.archive._tree import O_READ_FILE, Tree, clean_name
+from laminae.archive._whiteouts import WHITEOUT_PREFIX
 
-__all__ = [
-    "FrameSink",
-    "Region",
-    "TarFramer",
-    "TarSplitRecorder",
-    "TarSplitWriter",
-    "replay_tar",
-]
+__all__ = ["TarSplitRecorder", "replay_tar"]
 
 MAGIC: Final = b"LTSPLIT"
 VERSION: Final = 1
@@ -98,17 +79,8 @@ _OP_DATA: Final = 0x01
 _OP_FILE: Final = 0x02
 _OP_STALE: Final = 0x03
 
-_ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
-_META_TYPES: Final = frozenset(b"xgLK")
-_PAX: Final = ord("x")
-_PAX_GLOBAL: Final = ord("g")
-_GNU_SPARSE: Final = ord("S")
-_GNU_MAGIC: Final = b"ustar "
-_PLAIN_FILE_FLAGS: Final = frozenset({0, ord("0"), ord("7")})
 _REGULAR: Final = EntryType.REGULAR.value
 _DIRECTORY: Final = EntryType.DIRECTORY.value
-_WHITEOUT: Final = b".wh."
-_SPARSE_KEY: Final = b"GNU.sparse."
 
 _RUN_MAX: Final = CHUNK_SIZE
 """Largest DATA operation written, and so the most a replay holds of one."""
@@ -119,372 +91,8 @@ _PATH_MAX: Final = 1 << 16
 """Largest path a replay accepts from a record (the tar's own bound is Limits.max_path_bytes)."""
 _ZSTD_LEVEL: Final = 3
 _ZSTD_WINDOW_MAX: Final = 1 << 27
-
-
-class Region(enum.Enum):
-    """What a byte of a tar is, to the framer."""
-
-    HEADER = "header"
-    """A header block, an extension header (PAX, GNU long name/link) with its data and
-    padding, or an old-GNU sparse extension block."""
-    PAYLOAD = "payload"
-    """The content of a regular file that the record refers to by path."""
-    DATA = "data"
-    """Any other entry's data (a sparse file, a whiteout's, an unknown type's): verbatim."""
-    PADDING = "padding"
-    """Zeros after an entry's data, up to the next block."""
-    END = "end"
-    """The end-of-archive zero blocks and anything after them."""
-
-
-class FrameSink(Protocol):
-    """Where :class:`TarFramer` sends what it found, in tar order."""
-
-    def verbatim(self, data: memoryview) -> None:
-        """Bytes that are not referenced payload (valid only during the call)."""
-
-    def reference(self, path: bytes, size: int) -> None:
-        """The next ``size`` bytes are the content of the regular file at clean ``path``."""
-
-    def payload(self, data: memoryview) -> None:
-        """Bytes of the payload announced by :meth:`reference` (valid only during the call)."""
-
-    def stale(self, path: bytes) -> None:
-        """A path referenced earlier (or a directory above one) was replaced by an entry."""
-
-
-# Framer states: a unit of _need bytes is being collected (a header block, an extension
-# header's data, a sparse extension block), or _left bytes are being passed over.
-_S_HEADER: Final = 0
-_S_META: Final = 1
-_S_SPARSE: Final = 2
-_S_SKIP: Final = 3
-_S_PAYLOAD: Final = 4
-_S_END: Final = 5
-
-_NO_HEADERS: Final = PendingHeaders()
-"""Stands for "no extension headers in front of this entry" (most entries)."""
-
-
-@final
-class TarFramer(HeaderDecoder):
-    """Frame a tar fed in chunks of any size; tell a :class:`FrameSink` what each byte is.
-
-    :param sink: receives verbatim runs, references and payload, in order.
-    :param limits: the same bounds :class:`~laminae.archive._tarstream.TarReader` enforces: header
-        sizes are checked before a byte of the header is kept, so memory stays bounded by
-        ``max_header_bytes`` whatever the tar says.
-    :raises InvalidArgument: from :meth:`feed` or :meth:`finish`, a malformed or truncated tar
-        (the same message ``TarReader`` gives).
-    :raises LimitExceeded: a limit was broken.
-    """
-
-    def __init__(self, sink: FrameSink, limits: Limits) -> None:
-        super().__init__(limits)
-        self._sink = sink
-        self._state = _S_HEADER
-        self._need = BLOCK_SIZE
-        self._part = bytearray()
-        self._left = 0
-        self._region = Region.HEADER
-        self._then_pad = 0
-        self._pad_region = Region.PADDING
-        self._pending = _NO_HEADERS
-        self._meta_type = 0
-        self._meta_pad = 0
-        self._sparse_name = b""
-        self._sparse_size = 0
-        self._announce: tuple[bytes, int] | None = None
-        self.bytes_fed = 0
-        """Bytes fed so far."""
-        # Hashes of referenced paths and of the directories above them, to see a later entry
-        # replace one (a hash collision only costs a false "stale", never wrong bytes).
-        self._refs: set[int] = set()
-        self._ref_dirs: set[int] = set()
-        self._last_dir = b""
-
-    @property
-    def region(self) -> Region:
-        """The region of the next byte to be fed, as far as is known before seeing it.
-
-        A block is :attr:`Region.HEADER` until it is complete; the end blocks turn to
-        :attr:`Region.END` once the first of them is complete.
-        """
-        state = self._state
-        if state == _S_SKIP:
-            return self._region
-        if state == _S_PAYLOAD:
-            return Region.PAYLOAD
-        if state == _S_END:
-            return Region.END
-        return Region.HEADER
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Frame the next ``len(data)`` bytes of the tar; payload bytes are never copied."""
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        end = len(view)
-        if not end:
-            return
-        self.bytes_fed += end
-        if self.bytes_fed > self._limits.max_bytes:
-            self._limit(
-                "the number of bytes (limit max_bytes)",
-                self.bytes_fed,
-                self._limits.max_bytes,
-                None,
-            )
-        sink = self._sink
-        pos = 0
-        mark = 0  # start of the verbatim run not yet sent
-        while pos < end:
-            state = self._state
-            if state == _S_SKIP:
-                take = min(self._left, end - pos)
-                pos += take
-                self._left -= take
-                if not self._left:
-                    self._after_skip()
-            elif state == _S_PAYLOAD:
-                if self._announce is not None:
-                    if mark < pos:
-                        sink.verbatim(view[mark:pos])
-                    sink.reference(*self._announce)
-                    self._announce = None
-                take = min(self._left, end - pos)
-                sink.payload(view[pos : pos + take])
-                pos += take
-                mark = pos
-                self._left -= take
-                if not self._left:
-                    self._after_skip()
-            elif state == _S_END:
-                pos = end
-            else:
-                need = self._need
-                part = self._part
-                if not part and end - pos >= need:
-                    unit = view[pos : pos + need].tobytes()
-                    pos += need
-                else:
-                    take = min(need - len(part), end - pos)
-                    part += view[pos : pos + take]
-                    pos += take
-                    if len(part) < need:
-                        break
-                    unit = bytes(part)
-                    part.clear()
-                if state == _S_HEADER:
-                    self._header(unit)
-                    if self._state == _S_META:
-                        # Most extension headers are wholly in the chunk: take data and padding
-                        # now rather than through two more turns of this loop.
-                        need = self._need
-                        if end - pos >= need + self._meta_pad:
-                            self._meta_data(view[pos : pos + need].tobytes())
-                            pos += need + self._meta_pad
-                            self._need = BLOCK_SIZE
-                            self._state = _S_HEADER
-                elif state == _S_META:
-                    self._meta(unit)
-                else:
-                    self._sparse_block(unit)
-        if mark < end:
-            sink.verbatim(view[mark:end])
-
-    def finish(self) -> None:
-        """Say the tar ended; raise if it ended where ``TarReader`` would refuse it.
-
-        :raises InvalidArgument: the tar ends inside a header or an entry's data, or with
-            extension headers that describe no entry.
-        """
-        state = self._state
-        if state == _S_END:
-            return
-        if state == _S_HEADER and not self._part:
-            if self._pending.headers:
-                self._index += 1
-                self._fail("extension headers without an entry at the end of the archive", None)
-            return
-        name = self._pending.name
-        if state in (_S_HEADER, _S_SPARSE):
-            self._fail("truncated header", name)
-        if state == _S_META:
-            self._fail("truncated extension header", name)
-        self._fail("truncated entry data", name)
-
-    # --- units --------------------------------------------------------------------------
-
-    def _skip(self, region: Region, count: int, pad: int) -> None:
-        """Pass over ``count`` bytes of ``region``, then ``pad`` bytes of its padding."""
-        self._then_pad = pad
-        self._pad_region = Region.HEADER if region is Region.HEADER else Region.PADDING
-        if count:
-            self._state = _S_SKIP
-            self._region = region
-            self._left = count
-        else:
-            self._after_skip()
-
-    def _after_skip(self) -> None:
-        pad = self._then_pad
-        if pad:
-            self._then_pad = 0
-            self._state = _S_SKIP
-            self._region = self._pad_region
-            self._left = pad
-            return
-        self._state = _S_HEADER
-        self._need = BLOCK_SIZE
-
-    def _header(self, block: bytes) -> None:
-        if block == _ZERO_BLOCK:
-            if self._pending.headers:
-                self._index += 1
-                self._fail("extension headers without an entry at the end of the archive", None)
-            self._state = _S_END
-            return
-        self._index += 1
-        if self._index > self._limits.max_entries:
-            self._limit(
-                "the number of entries (limit max_entries)",
-                self._index,
-                self._limits.max_entries,
-                None,
-            )
-        typeflag = block[156]
-        pending = self._pending
-        if typeflag in _META_TYPES:
-            if pending is _NO_HEADERS:
-                self._pending = pending = PendingHeaders()
-            size = self.meta_size(block, pending)
-            # An extension header describes the entry that follows, and is not one itself.
-            self._index -= 1
-            if size:
-                self._state = _S_META
-                self._need = size
-                self._meta_type = typeflag
-                self._meta_pad = -size % BLOCK_SIZE
-            else:
-                self.meta_data(typeflag, b"", pending)
-            return
-        name = ustar_name(block)
-        check_checksum(block, self, pending.name or name)
-        size = header_size(block, self, name)
-        sparse = typeflag == _GNU_SPARSE
-        if sparse:
-            if block[257:263] != _GNU_MAGIC:
-                self._fail("a GNU sparse header without the GNU magic", name)
-            if pending is _NO_HEADERS:
-                self._pending = pending = PendingHeaders()
-        if pending is not _NO_HEADERS:
-            name = effective_name(name, pending)
-            pax = pending.pax
-            if b"size" in pax:
-                size = pax_int(pax[b"size"], self, "size", name)
-            sparse = sparse or bool(pending.sparse_pairs) or any(map(_is_sparse_key, pax))
-        if len(name) > self._limits.max_path_bytes:
-            self._limit(
-                "the path length (limit max_path_bytes)",
-                len(name),
-                self._limits.max_path_bytes,
-                name[:200],
-            )
-        kind = entry_type(typeflag, name)
-        data = entry_data_size(kind, size)
-        if typeflag == _GNU_SPARSE and block[482]:
-            # The sparse map goes on in extension blocks before the data.
-            self._state = _S_SPARSE
-            self._need = BLOCK_SIZE
-            self._sparse_name = name
-            self._sparse_size = data
-            return
-        self._entry(name, kind, data, plain=typeflag in _PLAIN_FILE_FLAGS and not sparse)
-
-    def _meta(self, data: bytes) -> None:
-        self._meta_data(data)
-        self._skip(Region.HEADER, 0, self._meta_pad)
-
-    def _meta_data(self, data: bytes) -> None:
-        typeflag = self._meta_type
-        if typeflag == _PAX_GLOBAL:
-            pass  # readers ignore global records; the one these bytes go to checks them
-        elif typeflag == _PAX and not _frames(data):
-            # Most PAX headers carry only times and xattrs (GNU tar writes one per file), and
-            # parsing them again would double the cost of framing: the reader these bytes go
-            # to parses and checks them. The size was bounded before the data was kept.
-            self._pending.headers += 1
-        else:
-            self.meta_data(typeflag, data, self._pending)
-
-    def _sparse_block(self, block: bytes) -> None:
-        self.sparse_block(self._pending, self._sparse_name)
-        if block[504]:
-            return  # another extension block follows
-        self._entry(self._sparse_name, _REGULAR, self._sparse_size, plain=False)
-
-    def _entry(self, name: bytes, kind: int, data: int, *, plain: bool) -> None:
-        """An entry's headers are complete: decide what its ``data`` bytes are."""
-        self._pending = _NO_HEADERS
-        # GNU tar's "./" in front of every name sends _clean down its slow path; without it
-        # the result is the same.
-        path = _clean(name[2:] if name[:2] == b"./" else name)
-        reference = (
-            plain
-            and data > 0
-            and path != b""
-            and 0 not in path
-            and not path.rpartition(b"/")[2].startswith(_WHITEOUT)
-        )
-        if path and (self._refs or reference):
-            self._track(path, kind, reference)
-        pad = -data % BLOCK_SIZE
-        if reference:
-            self._announce = (path, data)
-            self._state = _S_PAYLOAD
-            self._left = data
-            self._then_pad = pad
-            self._pad_region = Region.PADDING
-            self._region = Region.PAYLOAD
-        else:
-            self._skip(Region.DATA, data, pad)
-
-    def _track(self, path: bytes, kind: int, reference: bool) -> None:
-        """Note a referenced path; report an entry that replaces one."""
-        key = hash(path)
-        if key in self._refs:
-            self._refs.discard(key)
-            self._sink.stale(path)
-        elif kind != _DIRECTORY and key in self._ref_dirs:
-            # The applier replaces a directory (and all it holds) by a non-directory.
-            self._sink.stale(path)
-        if not reference:
-            return
-        self._refs.add(key)
-        parent = path.rpartition(b"/")[0]
-        if parent == self._last_dir:
-            return
-        self._last_dir = parent
-        dirs = self._ref_dirs
-        while parent:
-            key = hash(parent)
-            if key in dirs:
-                break  # and so are the directories above it
-            dirs.add(key)
-            parent = parent.rpartition(b"/")[0]
-
-
-def _frames(pax: bytes) -> bool:
-    """Whether PAX data may hold a keyword that changes the framing: path, size, sparse maps.
-
-    Substrings, so a false "yes" (``linkpath``, an xattr named ``path``) only costs a parse.
-    """
-    return b"path=" in pax or b"size=" in pax or _SPARSE_KEY in pax
-
-
-def _is_sparse_key(key: bytes) -> bool:
-    return key.startswith(_SPARSE_KEY)
+_EVERYTHING: Final = 1 << 62
+"""An offset past the end of any tar (``max_bytes`` is far below it)."""
 
 
 # --- the record -----------------------------------------------------------------------------
@@ -505,7 +113,7 @@ def _varint(value: int) -> bytes:
 
 @final
 class _RecordWriter:
-    """A :class:`FrameSink` that writes the record format to ``out`` (see the module doc)."""
+    """Writes the record format to ``out`` (see the module doc), as it is told in tar order."""
 
     def __init__(self, out: BinaryIO) -> None:
         out.write(_HEAD)
@@ -549,9 +157,6 @@ class _RecordWriter:
         if len(ops) >= _OPS_FLUSH:
             self._flush()
 
-    def payload(self, data: memoryview) -> None:
-        pass
-
     def stale(self, path: bytes) -> None:
         if self.stale_path is None:
             self.stale_path = path
@@ -587,17 +192,29 @@ class _RecordWriter:
 
 
 @final
+class _Tap:
+    """The tar as the recorder's reader reads it: each read goes through ``take``, which
+    keeps the bytes for the consumer and the record."""
+
+    def __init__(self, take: Callable[[int], bytes]) -> None:
+        self.read = take
+
+
+@final
 class TarSplitRecorder(io.BufferedIOBase, BinaryIO):
     """Pass a tar through unchanged while recording its tar-split to ``out``.
 
     Hand it to the consumer in place of the tar (``apply_tar(root, TarSplitRecorder(tar, out,
-    limits))``); when the consumer is done, call :meth:`finish`. Bytes go through as the
-    consumer asks for them: no copy of the payload, one framing step per read.
+    limits))``); when the consumer is done, call :meth:`finish`. The tar is read, a little
+    ahead of the consumer, by a :class:`~laminae.archive._tarstream.TarReader` within
+    ``limits``: a tar the reader refuses fails here with the reader's error, whatever the
+    consumer does with it. Memory stays bounded by about what the reader holds (a chunk of
+    the stream and one entry's extension headers).
 
     :param stream: the uncompressed tar.
     :param out: where the record goes (left open).
     :param limits: the bounds of the tar, as the consumer applies them.
-    :raises InvalidArgument: from a read or :meth:`finish`, a malformed tar.
+    :raises InvalidArgument: from a read or :meth:`finish`, a malformed or truncated tar.
     :raises LimitExceeded: a limit was broken.
     """
 
@@ -605,7 +222,25 @@ class TarSplitRecorder(io.BufferedIOBase, BinaryIO):
         super().__init__()
         self._stream = stream
         self._record = _RecordWriter(out)
-        self._framer = TarFramer(self._record, limits)
+        self._reader = TarReader(cast(BinaryIO, _Tap(self._take)), limits, drain=False)
+        self._chunks: Iterator[tuple[int, memoryview | bytes]] | None = None
+        self._ended = False
+        """Whether the reader found the end of the archive (what follows is verbatim)."""
+        self._ready: collections.deque[bytes] = collections.deque()
+        """Bytes the reader took from the stream, not yet handed to the consumer."""
+        self._ready_size = 0
+        self._unrecorded: collections.deque[memoryview] = collections.deque()
+        """Bytes the reader took from the stream, not yet recorded; they start at
+        :attr:`_recorded`."""
+        self._recorded = 0
+        self._payload_end = 0
+        """The end of the last referenced payload: bytes before it are not recorded."""
+        self._passed = 0
+        # Hashes of referenced paths and of the directories above them, to see a later entry
+        # replace one (a hash collision only costs a false "stale", never wrong bytes).
+        self._refs: set[int] = set()
+        self._ref_dirs: set[int] = set()
+        self._last_dir = b""
 
     @property
     def exact(self) -> bool:
@@ -615,16 +250,28 @@ class TarSplitRecorder(io.BufferedIOBase, BinaryIO):
     @property
     def bytes_read(self) -> int:
         """Bytes of the tar passed through so far."""
-        return self._framer.bytes_fed
+        return self._passed
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        data = self._stream.read(-1 if size is None else size)
-        if data:
-            self._framer.feed(data)
-        return data
+        want = _EVERYTHING if size is None or size < 0 else size
+        while self._ready_size < want and self._step():
+            pass
+        ready = self._ready
+        pieces = []
+        taken = 0
+        while ready and taken < want:
+            piece = ready.popleft()
+            if taken + len(piece) > want:
+                ready.appendleft(piece[want - taken :])
+                piece = piece[: want - taken]
+            pieces.append(piece)
+            taken += len(piece)
+        self._ready_size -= taken
+        self._passed += taken
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read1(self, size: int = -1) -> bytes:
         return self.read(size if size >= 0 else CHUNK_SIZE)
@@ -642,48 +289,103 @@ class TarSplitRecorder(io.BufferedIOBase, BinaryIO):
         """
         while self.read(CHUNK_SIZE):
             pass
-        self._framer.finish()
         self._record.close()
 
+    # --- the reader's side ----------------------------------------------------------------
 
-@final
-class TarSplitWriter(io.BufferedIOBase, BinaryIO):
-    """Pass a tar being written through to ``sink`` while recording its tar-split to ``out``.
-
-    :param sink: where the tar goes (left open).
-    :param out: where the record goes (left open).
-    :param limits: bounds for the framer; the tar is laminae's own, the defaults fit.
-    """
-
-    def __init__(self, sink: BinaryIO, out: BinaryIO, limits: Limits | None = None) -> None:
-        super().__init__()
-        self._sink = sink
-        self._record = _RecordWriter(out)
-        self._framer = TarFramer(self._record, limits or Limits())
-
-    @property
-    def exact(self) -> bool:
-        """``False`` once the tar replaced a file it had referenced: replay would fail."""
-        return self._record.stale_path is None
-
-    def writable(self) -> bool:
+    def _step(self) -> bool:
+        """Let the reader take the next piece of the tar: an entry's headers, a chunk of its
+        data, or a piece of what follows the end; ``False`` at the end of the stream."""
+        reader = self._reader
+        if self._chunks is not None:
+            if next(self._chunks, None) is None:
+                self._chunks = None
+        elif not self._ended:
+            entry = reader.next()
+            if entry is None:
+                self._ended = True
+            else:
+                self._entry(entry, reader.offset)
+                if entry.buffered() is None:
+                    self._chunks = entry.chunks()
+        elif not reader.read_trailer():
+            return False
+        self._record_until(_EVERYTHING if self._ended else reader.offset)
         return True
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._sink.write(data)
-        self._framer.feed(data)
-        return len(data) if not isinstance(data, memoryview) else data.nbytes
+    def _take(self, size: int) -> bytes:
+        """What the reader asks of the stream (the reader's ``stream.read``)."""
+        data = self._stream.read(size)
+        if data:
+            self._ready.append(data)
+            self._ready_size += len(data)
+            self._unrecorded.append(memoryview(data))
+        return data
 
-    def flush(self) -> None:
-        self._sink.flush()
+    def _entry(self, entry: TarEntry, data_offset: int) -> None:
+        """An entry's headers are read and its data begins at ``data_offset``: record the
+        headers, and a reference if the data is a file's content."""
+        self._record_until(data_offset)
+        name = entry.name
+        # GNU tar's "./" in front of every name sends clean_name down its slow path; without
+        # it the result is the same.
+        path = clean_name(name[2:] if name[:2] == b"./" else name)
+        size = entry.size
+        reference = (
+            entry.type == _REGULAR
+            and entry.sparse is None
+            and size > 0
+            and path != b""
+            and 0 not in path
+            and not path.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX)
+        )
+        if path and (self._refs or reference):
+            self._track(path, entry.type, reference)
+        if reference:
+            self._record.reference(path, size)
+            self._payload_end = data_offset + size
 
-    def finish(self) -> None:
-        """Check the tar ended well and finish the record.
+    def _record_until(self, offset: int) -> None:
+        """Record the bytes taken from the stream before ``offset``: verbatim, but for a
+        referenced payload, which :meth:`_entry` recorded as a reference."""
+        unrecorded = self._unrecorded
+        while unrecorded and self._recorded < offset:
+            piece = unrecorded[0]
+            size = min(len(piece), offset - self._recorded)
+            payload = self._payload_end - self._recorded
+            if payload > 0:
+                size = min(size, payload)
+            else:
+                self._record.verbatim(piece[:size])
+            self._recorded += size
+            if size == len(piece):
+                unrecorded.popleft()
+            else:
+                unrecorded[0] = piece[size:]
 
-        :raises InvalidArgument: the tar written is truncated.
-        """
-        self._framer.finish()
-        self._record.close()
+    def _track(self, path: bytes, kind: int, reference: bool) -> None:
+        """Note a referenced path; report an entry that replaces one."""
+        key = hash(path)
+        if key in self._refs:
+            self._refs.discard(key)
+            self._record.stale(path)
+        elif kind != _DIRECTORY and key in self._ref_dirs:
+            # The applier replaces a directory (and all it holds) by a non-directory.
+            self._record.stale(path)
+        if not reference:
+            return
+        self._refs.add(key)
+        parent = path.rpartition(b"/")[0]
+        if parent == self._last_dir:
+            return
+        self._last_dir = parent
+        dirs = self._ref_dirs
+        while parent:
+            key = hash(parent)
+            if key in dirs:
+                break  # and so are the directories above it
+            dirs.add(key)
+            parent = parent.rpartition(b"/")[0]
 
 
 # --- replay ---------------------------------------------------------------------------------
@@ -761,7 +463,7 @@ def replay_tar(record: BinaryIO, root: Path, out: BinaryIO) -> None:
     outside ``root``; the last component is opened ``O_NOFOLLOW``. Contents are copied in
     pieces of at most 1 MiB. The output should be checked against the DiffID by the caller.
 
-    :param record: a record from :class:`TarSplitRecorder` or :class:`TarSplitWriter`.
+    :param record: a record from :class:`TarSplitRecorder`.
     :param root: the tree the tar was applied onto (for overlay, the layer's upper dir).
     :param out: where the tar goes.
     :raises CorruptLayer: a referenced file is missing, is not a regular file or does not
@@ -769,7 +471,7 @@ def replay_tar(record: BinaryIO, root: Path, out: BinaryIO) -> None:
         is marked stale.
     """
     reader = _RecordReader(record)
-    tree = _Tree(root)
+    tree = Tree(root)
     buffer = memoryview(bytearray(CHUNK_SIZE))
     total = 0
     try:
@@ -789,7 +491,7 @@ def replay_tar(record: BinaryIO, root: Path, out: BinaryIO) -> None:
             elif op == _OP_STALE:
                 path = reader.take(_path_size(reader))
                 raise CorruptLayer(
-                    f"tar-split record: '{_text(path)}' was replaced later in the same tar, "
+                    f"tar-split record: '{printable(path)}' was replaced later in the same tar, "
                     "so the tar cannot be rebuilt from the files"
                 )
             elif op == _OP_END:
@@ -814,18 +516,18 @@ def _path_size(reader: _RecordReader) -> int:
     return size
 
 
-def _copy_file(tree: _Tree, path: bytes, size: int, out: BinaryIO, buffer: memoryview) -> None:
+def _copy_file(tree: Tree, path: bytes, size: int, out: BinaryIO, buffer: memoryview) -> None:
     """Copy the content of regular file ``path`` (``size`` bytes) inside ``tree`` to ``out``."""
-    clean = _clean(path)
+    clean = clean_name(path)
     if not clean or 0 in clean:
-        raise CorruptLayer(f"tar-split record: invalid path '{_text(path)}'")
-    where = f"layer file '{_text(clean)}'"
+        raise CorruptLayer(f"tar-split record: invalid path '{printable(path)}'")
+    where = f"layer file '{printable(clean)}'"
     parent, _, name = clean.rpartition(b"/")
     try:
         found = tree.lookup(parent)
         if found is None:
             raise CorruptLayer(f"{where} is missing (tar-split replay)")
-        fd = os.open(name, _O_READ_FILE, dir_fd=found[0])
+        fd = os.open(name, O_READ_FILE, dir_fd=found[0])
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise CorruptLayer(f"{where} is missing (tar-split replay)") from exc
     except OSError as exc:

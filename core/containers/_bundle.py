@@ -53,7 +53,8 @@ from laminae._exceptions import (
     NotFound,
     map_os_errors,
 )
-from laminae.archive._apply import _clean, _Tree
+from laminae.archive._tree import Tree as _Tree
+from laminae.archive._tree import clean_name as _clean
 from laminae.kernel import _linux
 
 if TYPE_CHECKING:

@@ -28,7 +28,9 @@ from laminae._exceptions import (
     NotFound,
     map_os_errors,
 )
-from laminae.archive._tarstream import CHUNK_SIZE, EntryType, Limits, TarReader
+from laminae.archive._limits import Limits
+from laminae.archive._tarheader import EntryType
+from laminae.archive._tarstream import CHUNK_SIZE, TarReader
 
 __all__ = ["MAX_DOCUMENT_BYTES", "ArchiveMembers", "ArchiveWriter", "fsync_directory"]
 

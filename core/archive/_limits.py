@@ -1,0 +1,38 @@
+"""The bounds that make a hostile layer tar fail instead of filling the disk or the memory.
+
+Each bound is enforced in one place: the tar reader (:class:`~laminae.archive._tarstream.TarReader`)
+checks bytes, entries, path and link lengths, extension-header and xattr sizes, each before it
+allocates for what it checks; the applier checks the path depth, which only resolving a path
+gives meaning to. Everything that reads a layer tar (the applier, the detached apply, the
+tar-split recorder, the archive scanner) reads it through that reader.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["Limits"]
+
+
+@attrs.frozen
+class Limits:
+    """Bounds that make a hostile layer fail instead of filling the disk or the memory.
+
+    :param max_bytes: decompressed bytes of one layer tar; also the largest apparent size of a
+        sparse file.
+    :param max_entries: entries (headers) in one layer.
+    :param max_path_depth: components in one path.
+    :param max_path_bytes: bytes in one path or link target.
+    :param max_header_bytes: bytes of one PAX or GNU long-name/long-link header, and of all
+        such headers (and sparse maps) in front of one entry together, checked before the
+        header is read into memory. This also bounds the total of an entry's xattrs, which
+        travel in its PAX header.
+    :param max_xattr_bytes: bytes of one xattr value.
+    """
+
+    max_bytes: int = 1 << 40
+    max_entries: int = 4_000_000
+    max_path_depth: int = 256
+    max_path_bytes: int = 4096
+    max_header_bytes: int = 1 << 20
+    max_xattr_bytes: int = 65536
