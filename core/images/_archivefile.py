@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
 import threading
@@ -31,12 +32,12 @@ from laminae._exceptions import (
 from laminae.archive._limits import Limits
 from laminae.archive._tarheader import EntryType
 from laminae.archive._tarstream import CHUNK_SIZE, TarReader
+from laminae.images._image import MAX_MANIFEST_BYTES
 
 __all__ = ["MAX_DOCUMENT_BYTES", "ArchiveMembers", "ArchiveWriter", "fsync_directory"]
 
-MAX_DOCUMENT_BYTES: Final = 4 << 20
-"""The largest JSON document (index.json, a manifest, manifest.json) read into memory; the
-same bound containerd puts on a manifest."""
+MAX_DOCUMENT_BYTES: Final = MAX_MANIFEST_BYTES
+"""The largest JSON document (index.json, a manifest, manifest.json) read into memory."""
 
 _BLOCK: Final = 512
 _ZEROS: Final = bytes(CHUNK_SIZE)
@@ -152,10 +153,29 @@ def _member_name(raw: bytes) -> str | None:
     return name
 
 
+_KINDS: Final[dict[int, str]] = {
+    EntryType.DIRECTORY: "a directory",
+    EntryType.FIFO: "a FIFO",
+    EntryType.CHAR: "a character device",
+    EntryType.BLOCK: "a block device",
+    EntryType.REGULAR: "a sparse file",  # a plain one is a member; a sparse one is not read
+}
+
+
+def _entry_kind(entry_type: int) -> str:
+    return _KINDS.get(entry_type) or f"an entry of tar type {chr(entry_type)!r}"
+
+
 @attrs.frozen
 class _Member:
     offset: int
     size: int
+
+
+@attrs.frozen
+class _Link:
+    kind: str  # "a symbolic link", "a hard link"
+    target: str | None  # the member it names; None if it climbs out of the archive
 
 
 @final
@@ -164,12 +184,14 @@ class ArchiveMembers:
 
     Symbolic and hard links between members are followed (``docker save`` links a layer it
     writes twice); a later member of the same name replaces an earlier one, as extraction
-    would.
+    would. Nothing outside the archive is ever read: a link that leaves it, or ends at a
+    member that is no regular file (a FIFO, a device, a directory), is refused naming the
+    member.
 
-    :param path: the archive.
+    :param path: the archive, a regular file.
     :param what: how messages name the archive (``oci-archive:/x.tar``).
     :raises NotFound: ``path`` does not exist.
-    :raises InvalidArgument: not a tar, or a truncated or malformed one.
+    :raises InvalidArgument: not a regular file, not a tar, or a truncated or malformed one.
     :raises LimitExceeded: the tar breaks the reader's bounds (entries, header sizes).
     """
 
@@ -177,20 +199,27 @@ class ArchiveMembers:
         self.path = path
         self._what = what
         with map_os_errors(f"{what}: open {path}"):
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO given as the archive is refused below instead of waiting
+            # for a writer; an archive is read in place, by pread, so it is a regular file.
+            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
             with map_os_errors(f"{what}: stat {path}"):
-                size = os.fstat(self._fd).st_size
-            self._members, self._links = self._scan(size)
+                st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(
+                    f"{what}: {path} is not a regular file; an archive is read in place"
+                )
+            self._members, self._links, self._others = self._scan(st.st_size)
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _scan(self, size: int) -> tuple[dict[str, _Member], dict[str, str]]:
+    def _scan(self, size: int) -> tuple[dict[str, _Member], dict[str, _Link], dict[str, str]]:
         feed = _ScanFeed(self._fd, size, self._what)
         reader = TarReader(cast(BinaryIO, feed), Limits(max_bytes=max(size, 1)))
         members: dict[str, _Member] = {}
-        links: dict[str, str] = {}
+        links: dict[str, _Link] = {}
+        others: dict[str, str] = {}  # what the entries that are neither are, by name
         try:
             for entry in reader:
                 name = _member_name(entry.name)
@@ -198,6 +227,7 @@ class ArchiveMembers:
                     continue
                 members.pop(name, None)
                 links.pop(name, None)
+                others.pop(name, None)
                 if entry.type == EntryType.REGULAR and entry.sparse is None:
                     members[name] = _Member(feed.position, entry.size)
                     feed.elide(entry.size + -entry.size % _BLOCK)
@@ -206,11 +236,13 @@ class ArchiveMembers:
                     if entry.type == EntryType.SYMLINK and not target.startswith("/"):
                         target = posixpath.join(posixpath.dirname(name), target)
                     resolved = _member_name(target.encode("utf-8", "surrogateescape"))
-                    if resolved is not None:
-                        links[name] = resolved
+                    symbolic = entry.type == EntryType.SYMLINK
+                    links[name] = _Link("a symbolic link" if symbolic else "a hard link", resolved)
+                else:
+                    others[name] = _entry_kind(entry.type)
         except InvalidArgument as exc:
             raise type(exc)(f"{self._what}: {exc}") from exc
-        return members, links
+        return members, links, others
 
     def where(self, name: str) -> str:
         """How a message names member ``name``."""
@@ -220,45 +252,78 @@ class ArchiveMembers:
         """The regular files and links in the archive, sorted."""
         return sorted({*self._members, *self._links})
 
-    def find(self, name: str) -> tuple[int, int] | None:
-        """``(offset, size)`` of member ``name``'s data in the file, links followed."""
+    def find(self, name: str, *, label: str | None = None) -> tuple[int, int] | None:
+        """``(offset, size)`` of member ``name``'s data in the file, links followed; ``None``
+        if the archive has no member ``name`` at all.
+
+        :param label: how messages name the member (``blob sha256:...``).
+        :raises InvalidArgument: ``name`` is no regular file, or a link that leaves the
+            archive, loops, or ends at no regular file.
+        """
+        label = label or f"member {name!r}"
+        where = f"({self.where(name)})"
+        current = name
         for _ in range(_MAX_LINK_HOPS):
-            member = self._members.get(name)
+            member = self._members.get(current)
             if member is not None:
                 return member.offset, member.size
-            target = self._links.get(name)
-            if target is None:
+            link = self._links.get(current)
+            if link is None:
+                break
+            if link.target is None:
+                raise InvalidArgument(
+                    f"{self._what}: {label} is {link.kind} out of the archive {where}"
+                )
+            current = link.target
+        else:
+            raise InvalidArgument(f"{self._what}: {label} is a link in a loop {where}")
+        kind = self._others.get(current)
+        if current == name:
+            if kind is None:
                 return None
-            name = target
-        return None
+            raise InvalidArgument(f"{self._what}: {label} is {kind}, not a regular file {where}")
+        ends = f"{kind}, not a regular file" if kind else "which the archive does not hold"
+        raise InvalidArgument(f"{self._what}: {label} is a link to {current!r}, {ends} {where}")
 
-    def size(self, name: str) -> int:
-        """The size of member ``name``. :raises NotFound: the archive has no such member."""
-        return self._member(name)[1]
+    def size(self, name: str, *, label: str | None = None) -> int:
+        """The size of member ``name``.
 
-    def _member(self, name: str) -> tuple[int, int]:
-        found = self.find(name)
+        :raises NotFound: the archive has no such member.
+        :raises InvalidArgument: as for :meth:`find`.
+        """
+        return self._member(name, label)[1]
+
+    def _member(self, name: str, label: str | None) -> tuple[int, int]:
+        found = self.find(name, label=label)
         if found is None:
             raise NotFound(f"{self._what}: the archive has no member {name!r} ({self.path})")
         return found
 
-    def open(self, name: str) -> BinaryIO:
-        """A stream of member ``name``'s bytes. :raises NotFound: no such member."""
-        offset, size = self._member(name)
+    def open(self, name: str, *, label: str | None = None) -> BinaryIO:
+        """A stream of member ``name``'s bytes.
+
+        :raises NotFound: no such member.
+        :raises InvalidArgument: as for :meth:`find`.
+        """
+        offset, size = self._member(name, label)
         return _Window(self._fd, offset, size, self.where(name))
 
-    def read(self, name: str, *, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    def read(
+        self, name: str, *, limit: int = MAX_DOCUMENT_BYTES, label: str | None = None
+    ) -> bytes:
         """Member ``name`` whole; for small documents only.
 
         :raises NotFound: no such member.
+        :raises InvalidArgument: as for :meth:`find`.
         :raises LimitExceeded: it is larger than ``limit``.
         """
-        size = self.size(name)
+        size = self.size(name, label=label)
         if size > limit:
             raise LimitExceeded(
-                f"{self.where(name)}: {size} bytes, above the limit of {limit} for a document"
+                f"{self._what}: {label or f'member {name!r}'} is {size} bytes, above the "
+                f"limit of {limit} for a document ({self.where(name)})"
             )
-        with self.open(name) as stream:
+        with self.open(name, label=label) as stream:
             return stream.read()
 
     def close(self) -> None:

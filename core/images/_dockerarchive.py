@@ -40,8 +40,9 @@ import attrs
 from laminae._exceptions import FailedPrecondition, InvalidArgument, NotFound, Unsupported
 from laminae.archive._compression import Compression, detect_compression
 from laminae.archive._tarstream import CHUNK_SIZE
-from laminae.images._archivefile import MAX_DOCUMENT_BYTES, ArchiveMembers, ArchiveWriter
+from laminae.images._archivefile import ArchiveMembers, ArchiveWriter
 from laminae.images._image import (
+    MAX_MANIFEST_BYTES,
     MEDIA_DOCKER_CONFIG,
     MEDIA_DOCKER_LAYER,
     MEDIA_DOCKER_LAYER_GZIP,
@@ -50,6 +51,7 @@ from laminae.images._image import (
     Manifest,
     build_manifest,
     layer_compression,
+    load_json,
 )
 from laminae.images._reference import parse_reference
 
@@ -81,13 +83,10 @@ class _ArchiveImage:
 def _read_images(members: ArchiveMembers, what: str) -> list[_ArchiveImage]:
     where = members.where(_MANIFEST_FILE)
     try:
-        raw = members.read(_MANIFEST_FILE, limit=MAX_DOCUMENT_BYTES)
+        raw = members.read(_MANIFEST_FILE, limit=MAX_MANIFEST_BYTES)
     except NotFound as exc:
         raise NotFound(f"{what}: not a docker-archive ({where} is missing)") from exc
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{where}: not valid JSON ({exc})") from exc
+    data = load_json(raw, where)
     if not isinstance(data, list):
         raise InvalidArgument(f"{where}: not a JSON list")
     images = []
@@ -150,8 +149,8 @@ class DockerArchiveSource:
         ``None`` for the only one.
     :raises NotFound: no such file, no manifest.json, or no image for ``reference`` (the
         message lists the tags there are).
-    :raises InvalidArgument: not a tar, a malformed manifest.json, or no reference for an
-        archive of several images.
+    :raises InvalidArgument: not a tar, a malformed manifest.json (or one that is no regular
+        file), or no reference for an archive of several images.
     """
 
     def __init__(self, path: Path, reference: str | None = None) -> None:
@@ -233,6 +232,8 @@ class DockerArchiveSource:
         """A Docker v2 manifest for the image, made from its manifest.json entry.
 
         :raises NotFound: the config or a layer member is missing.
+        :raises InvalidArgument: the config or a layer member is no regular file (a FIFO, a
+            device, a link out of the archive or to no regular file); the message names it.
         :raises Unsupported: a layer compressed with something other than gzip or zstd.
         """
         manifest = self._synthesise()

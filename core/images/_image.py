@@ -17,8 +17,10 @@ small protocols, :class:`ImageSource` and :class:`ImageSink`, at the end of this
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
+import itertools
 import json
 import platform as _platform
 import re
@@ -28,12 +30,15 @@ from typing import Any, BinaryIO, Final, Protocol
 
 import attrs
 
-from laminae._exceptions import InvalidArgument, NotFound, Unsupported
+from laminae._exceptions import InvalidArgument, LimitExceeded, NotFound, Unsupported
 from laminae.archive._compression import Compression
 
 __all__ = [
     "ANNOTATION_REF_NAME",
     "MANIFEST_MEDIA_TYPES",
+    "MAX_CONFIG_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MANIFEST_BYTES",
     "MEDIA_DOCKER_CONFIG",
     "MEDIA_DOCKER_LAYER",
     "MEDIA_DOCKER_LAYER_GZIP",
@@ -57,6 +62,7 @@ __all__ = [
     "encode_json",
     "layer_compression",
     "layer_media_type",
+    "load_json",
     "load_json_object",
     "new_hash",
     "parse_config",
@@ -112,6 +118,25 @@ _DIGESTS: Final = {
     "sha256": re.compile(r"[a-f0-9]{64}"),
     "sha512": re.compile(r"[a-f0-9]{128}"),
 }
+
+MAX_MANIFEST_BYTES: Final = 4 << 20
+"""The largest manifest or index (and index.json, manifest.json) laminae parses: the bound of
+Docker's registry (distribution), which containers/image keeps too."""
+MAX_CONFIG_BYTES: Final = 16 << 20
+"""The largest image config laminae parses. Configs carry the history, so more room than a
+manifest (containers/image allows 4 MiB); the import pipeline reads no more either."""
+MAX_JSON_DEPTH: Final = 128
+"""The deepest nesting of arrays and objects in a JSON document (serde_json's default). A real
+manifest or config nests under 10; the bound keeps :func:`json.loads`, which recurses in C,
+far from Python's recursion limit."""
+# For the nesting scan: an escape in a string (a backslash and the byte after it), then a
+# string. Once escapes are gone, every quote opens or closes a string.
+_JSON_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING: Final = re.compile(rb'"[^"]*"')
+# Opening brackets to +1 and closing ones to -1 (as signed bytes); everything else dropped.
+_BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_BLOCK: Final = 1 << 16
 # Go's GOARCH spellings, which image platforms use, for what Python's platform.machine() says.
 _ARCH: Final = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 _DEFAULT_VARIANT: Final = {"arm64": "v8", "arm": "v7"}
@@ -332,12 +357,65 @@ def _string_map(value: object, what: str) -> dict[str, str]:
     return dict(value)
 
 
-def load_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """``raw`` as a JSON object. :raises InvalidArgument: not JSON, or not an object."""
+def _nested_deeper_than(raw: bytes, depth: int) -> bool:
+    """Whether the arrays and objects of the JSON text ``raw`` (UTF-8) nest deeper than
+    ``depth``, found without parsing.
+
+    Escapes go first, then strings, so a bracket in a string does not count (UTF-8 never puts
+    a quote or a backslash inside a multi-byte character, so the bytes are scanned as they
+    are); the brackets left become a run of +1 and -1 whose running sum is the depth. Every
+    step is a C loop, and a run too deep stops at its first block. In a document that is not
+    JSON the count may be off past the first error, where the parser stops anyway.
+    """
+    if b"\\" in raw:
+        raw = _JSON_ESCAPE.sub(b"", raw)
+    steps = _JSON_STRING.sub(b"", raw).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    level = 0
+    for start in range(0, len(steps), _DEPTH_BLOCK):
+        block = array.array("b", steps[start : start + _DEPTH_BLOCK])
+        if max(itertools.accumulate(block, initial=level)) > depth:
+            return True
+        level += sum(block)
+    return False
+
+
+def load_json(raw: bytes, what: str, *, limit: int = MAX_MANIFEST_BYTES) -> Any:
+    """``raw``, a JSON document in UTF-8, parsed, within bounds of size and nesting.
+
+    The nesting is measured before parsing: :func:`json.loads` recurses once per level, and a
+    document of a hundred thousand ``[`` would end in ``RecursionError``, not an answer.
+
+    :param what: the document, as messages name it (a blob's digest, a file's path).
+    :param limit: the largest document accepted, in bytes.
+    :raises LimitExceeded: larger than ``limit``, or nested deeper than
+        :data:`MAX_JSON_DEPTH`; both are :class:`InvalidArgument`.
+    :raises InvalidArgument: not UTF-8, or not JSON.
+    """
+    if len(raw) > limit:
+        raise LimitExceeded(
+            f"{what}: {len(raw)} bytes, above the limit of {limit} for a JSON document"
+        )
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # UTF-8 only, as Go's encoding/json reads (json.loads would also take UTF-16 and 32,
+        # which the nesting scan cannot see through).
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise InvalidArgument(f"{what}: not valid JSON ({exc})") from exc
+    if _nested_deeper_than(raw, MAX_JSON_DEPTH):
+        raise LimitExceeded(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and an integer of more than 4300 digits
+        raise InvalidArgument(f"{what}: not valid JSON ({exc})") from exc
+
+
+def load_json_object(raw: bytes, what: str, *, limit: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
+    """``raw`` as a JSON object, read by :func:`load_json`.
+
+    :raises InvalidArgument: not JSON, or not an object.
+    :raises LimitExceeded: too large or too deeply nested.
+    """
+    data = load_json(raw, what, limit=limit)
     if not isinstance(data, dict):
         raise InvalidArgument(f"{what}: not a JSON object")
     return data
@@ -350,6 +428,8 @@ def parse_manifest(raw: bytes, *, media_type: str | None, what: str) -> Manifest
         ``None`` if it does not know. A body whose ``mediaType`` disagrees is refused
         (distribution-spec: "reject a body whose mediaType disagrees").
     :raises InvalidArgument: malformed, naming ``what``.
+    :raises LimitExceeded: larger than :data:`MAX_MANIFEST_BYTES`, or nested deeper than
+        :data:`MAX_JSON_DEPTH` (also an :class:`InvalidArgument`).
     :raises Unsupported: a Docker schema 1 manifest, or a media type that is no image.
     """
     if media_type in _DOCKER_SCHEMA1:
@@ -390,8 +470,13 @@ def parse_manifest(raw: bytes, *, media_type: str | None, what: str) -> Manifest
 
 
 def parse_config(raw: bytes, *, what: str) -> ImageConfig:
-    """Read an image config. :raises InvalidArgument: malformed (``rootfs.type`` not "layers")."""
-    data = load_json_object(raw, what)
+    """Read an image config.
+
+    :raises InvalidArgument: malformed (``rootfs.type`` not "layers").
+    :raises LimitExceeded: larger than :data:`MAX_CONFIG_BYTES`, or nested deeper than
+        :data:`MAX_JSON_DEPTH` (also an :class:`InvalidArgument`).
+    """
+    data = load_json_object(raw, what, limit=MAX_CONFIG_BYTES)
     rootfs = data.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
         raise InvalidArgument(f"{what}: rootfs.type must be 'layers'")

@@ -17,18 +17,20 @@ file renamed over the target (:mod:`laminae.images._archivefile`).
 
 Blob paths come from digests, which come from the layout itself: every digest is checked
 (:func:`~laminae.images._image.check_blob_digest`) before it becomes a path, so ``../`` never does.
+And only regular files are read: a blob (or index.json) that is a symbolic link, a FIFO or a
+device is refused naming it, in a directory (:mod:`~laminae.images._layoutdir`, which follows
+no link) as in an archive.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import posixpath
 import shutil
-import tempfile
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol, Self, final
 
@@ -36,20 +38,15 @@ from laminae._exceptions import (
     CorruptLayer,
     FailedPrecondition,
     InvalidArgument,
-    LimitExceeded,
     NotFound,
     map_os_errors,
 )
 from laminae.archive._compression import Compression
 from laminae.archive._tarstream import CHUNK_SIZE
-from laminae.images._archivefile import (
-    MAX_DOCUMENT_BYTES,
-    ArchiveMembers,
-    ArchiveWriter,
-    fsync_directory,
-)
+from laminae.images._archivefile import ArchiveMembers, ArchiveWriter
 from laminae.images._image import (
     ANNOTATION_REF_NAME,
+    MAX_MANIFEST_BYTES,
     MEDIA_OCI_INDEX,
     Descriptor,
     ImageConfig,
@@ -60,6 +57,7 @@ from laminae.images._image import (
     load_json_object,
     sha256_digest,
 )
+from laminae.images._layoutdir import LayoutDirectory
 
 __all__ = [
     "OCIArchiveSink",
@@ -71,7 +69,7 @@ __all__ = [
 
 _LAYOUT_FILE: Final = "oci-layout"
 _INDEX_FILE: Final = "index.json"
-_LAYOUT_VERSION: Final = "1.0.0"
+_LAYOUT_DOCUMENT: Final = encode_json({"imageLayoutVersion": "1.0.0"})
 
 
 def blob_name(digest: str, *, what: str) -> str:
@@ -89,42 +87,17 @@ def blob_name(digest: str, *, what: str) -> str:
 
 
 class _LayoutFiles(Protocol):
-    """The files of a layout: in a directory or in an archive."""
+    """The files of a layout: in a directory or in an archive. Both hand out regular files
+    only (:mod:`~laminae.images._layoutdir`, :class:`ArchiveMembers`), and their messages
+    name a file by ``label``."""
 
     def where(self, name: str) -> str: ...
 
-    def read(self, name: str, *, limit: int = ...) -> bytes: ...
+    def read(self, name: str, *, limit: int, label: str | None = None) -> bytes: ...
 
-    def open(self, name: str) -> BinaryIO: ...
+    def open(self, name: str, *, label: str | None = None) -> BinaryIO: ...
 
     def close(self) -> None: ...
-
-
-@final
-class _DirectoryFiles:
-    def __init__(self, root: Path, what: str) -> None:
-        self._root = root
-        self._what = what
-
-    def where(self, name: str) -> str:
-        return str(self._root / name)
-
-    def open(self, name: str) -> BinaryIO:
-        path = self._root / name
-        with map_os_errors(f"{self._what}: open {path}"):
-            return path.open("rb")
-
-    def read(self, name: str, *, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-        with self.open(name) as stream:
-            size = os.fstat(stream.fileno()).st_size
-            if size > limit:
-                raise LimitExceeded(
-                    f"{self.where(name)}: {size} bytes, above the limit of {limit} for a document"
-                )
-            return stream.read(limit + 1)
-
-    def close(self) -> None:
-        pass
 
 
 class _LayoutSource:
@@ -145,26 +118,27 @@ class _LayoutSource:
         """The location, as ``oci:/srv/layout:v1`` or ``oci-archive:/x.tar:v1``."""
         return self._description
 
-    def _entries(self) -> list[Descriptor]:
-        what = self._description
+    def _document(self, name: str, missing: str) -> dict[str, Any]:
+        """oci-layout or index.json, read and parsed.
+
+        :param missing: what the message says when the file is missing.
+        """
+        where = self._files.where(name)
         try:
-            layout_raw = self._files.read(_LAYOUT_FILE)
+            raw = self._files.read(name, limit=MAX_MANIFEST_BYTES)
         except NotFound as exc:
-            raise NotFound(
-                f"{what}: not an OCI image layout ({self._files.where(_LAYOUT_FILE)} is missing)"
-            ) from exc
-        layout = load_json_object(layout_raw, self._files.where(_LAYOUT_FILE))
+            raise NotFound(f"{self._description}: {missing} ({where} is missing)") from exc
+        return load_json_object(raw, where)
+
+    def _entries(self) -> list[Descriptor]:
+        layout = self._document(_LAYOUT_FILE, "not an OCI image layout")
         version = layout.get("imageLayoutVersion")
         if not isinstance(version, str) or not version.startswith("1."):
             raise InvalidArgument(
                 f"{self._files.where(_LAYOUT_FILE)}: imageLayoutVersion {version!r} is not 1.x"
             )
         where = self._files.where(_INDEX_FILE)
-        try:
-            raw = self._files.read(_INDEX_FILE)
-        except NotFound as exc:
-            raise NotFound(f"{what}: the layout has no index ({where} is missing)") from exc
-        entries = load_json_object(raw, where).get("manifests")
+        entries = self._document(_INDEX_FILE, "the layout has no index").get("manifests")
         if not isinstance(entries, list):
             raise InvalidArgument(f"{where}: an index needs a manifests list")
         return [
@@ -237,11 +211,12 @@ class _LayoutSource:
         """The manifest or index blob ``desc`` names, raw (not verified).
 
         :raises NotFound: the blob is missing (the message names its path).
-        :raises LimitExceeded: it is larger than :data:`MAX_DOCUMENT_BYTES`.
+        :raises InvalidArgument: the blob is no regular file (a symbolic link, a FIFO...).
+        :raises LimitExceeded: it is larger than :data:`MAX_MANIFEST_BYTES`.
         """
         name = blob_name(desc.digest, what=self._description)
         try:
-            return self._files.read(name)
+            return self._files.read(name, limit=MAX_MANIFEST_BYTES, label=f"blob {desc.digest}")
         except NotFound as exc:
             raise NotFound(
                 f"{self._description}: blob {desc.digest} is missing ({self._files.where(name)})"
@@ -252,11 +227,12 @@ class _LayoutSource:
         """The bytes of blob ``desc`` as a stream (not verified: the caller hashes them).
 
         :raises NotFound: the blob is missing (the message names its path).
-        :raises InvalidArgument: a malformed digest.
+        :raises InvalidArgument: a malformed digest, or the blob is no regular file (a
+            symbolic link, a FIFO, a device...).
         """
         name = blob_name(desc.digest, what=self._description)
         try:
-            stream = self._files.open(name)
+            stream = self._files.open(name, label=f"blob {desc.digest}")
         except NotFound as exc:
             raise NotFound(
                 f"{self._description}: blob {desc.digest} is missing ({self._files.where(name)})"
@@ -275,18 +251,17 @@ def _describe(transport: str, path: Path, reference: str | None) -> str:
 
 @final
 class OCILayoutSource(_LayoutSource):
-    """Read an image from an OCI image layout directory.
+    """Read an image from an OCI image layout directory, held open until :meth:`close`.
 
     :param path: the layout's directory.
     :param reference: the ref name of the image (see the module docstring); ``None`` for the
         only image.
+    :raises NotFound: ``path`` is missing or no directory.
     """
 
     def __init__(self, path: Path, reference: str | None = None) -> None:
         description = _describe("oci", path, reference)
-        if not path.is_dir():
-            raise NotFound(f"{description}: no layout directory {path}")
-        super().__init__(_DirectoryFiles(path, description), reference, description)
+        super().__init__(LayoutDirectory(path, what=description), reference, description)
 
 
 @final
@@ -353,7 +328,9 @@ class OCILayoutSink:
     blob under its digest is always whole. :meth:`commit` adds the image to index.json
     (replacing an entry of the same ref name, keeping the others) by an atomic rename.
     :meth:`close` without a commit removes the blobs this sink added and the directories it
-    created, and leaves index.json as it was.
+    created, and leaves index.json as it was. Inside the layout every file is reached without
+    following a symbolic link (:class:`LayoutDirectory`): a link planted at a blob's name or at
+    index.json is replaced, never written through, and never taken for a blob that is there.
 
     :param path: the layout directory.
     :param reference: the ref name to give the image (the annotation
@@ -370,7 +347,9 @@ class OCILayoutSink:
         self._reference = reference
         self._what = _describe("oci", path, reference)
         _check_ref_name(reference, self._what)
-        self._created: list[Path] = []  # directories and blobs this sink made, in order
+        self._made_outside: list[Path] = []  # the layout directory and parents this sink made
+        self._made: list[tuple[str, bool]] = []  # (name, is a directory) made inside, in order
+        self._directory: LayoutDirectory | None = None
         self._lock = threading.Lock()
         self._entry: Descriptor | None = None
         self._done = False
@@ -381,7 +360,7 @@ class OCILayoutSink:
             # ".oci-layout.tmp-*") before its oci-layout: only files that belong to no
             # layout make the directory someone else's.
             layout_names = {_LAYOUT_FILE, _INDEX_FILE, "blobs"}
-            if not (path / _LAYOUT_FILE).exists() and any(
+            if not os.path.lexists(path / _LAYOUT_FILE) and any(
                 p.name.removeprefix(".").partition(".tmp-")[0] not in layout_names
                 for p in path.iterdir()
             ):
@@ -399,50 +378,52 @@ class OCILayoutSink:
         """The location, as ``oci:/srv/layout:v1``."""
         return self._what
 
-    def _blob_path(self, desc: Descriptor) -> Path:
-        return self._path / blob_name(desc.digest, what=self._what)
+    def _layout(self, *, create: bool) -> LayoutDirectory | None:
+        """The layout directory, open; made first with ``create`` (else ``None`` if missing)."""
+        with self._lock:
+            if self._done:
+                raise FailedPrecondition(f"{self._what}: the sink is closed")
+            if self._directory is None:
+                if create:
+                    missing = []
+                    for parent in (self._path, *self._path.parents):
+                        if parent.exists():
+                            break
+                        missing.append(parent)
+                    for directory in reversed(missing):
+                        with map_os_errors(f"{self._what}: create {directory}"):
+                            directory.mkdir(exist_ok=True)
+                        self._made_outside.append(directory)
+                elif not self._path.exists():
+                    return None
+                self._directory = LayoutDirectory(self._path, what=self._what)
+            return self._directory
 
     def has_blob(self, desc: Descriptor) -> bool:
-        """Whether the layout has the blob already (a file of the right size)."""
-        try:
-            return self._blob_path(desc).stat().st_size == desc.size
-        except FileNotFoundError:
+        """Whether the layout has the blob already (a regular file of the right size).
+
+        :raises InvalidArgument: a directory on the way to it is a symbolic link.
+        """
+        layout = self._layout(create=False)
+        if layout is None:
             return False
+        name = blob_name(desc.digest, what=self._what)
+        found = layout.lstat(name, label=f"blob {desc.digest}")
+        return found is not None and stat.S_ISREG(found.st_mode) and found.st_size == desc.size
 
-    def _make_directory(self, path: Path) -> None:
-        with self._lock:
-            missing = []
-            for parent in (path, *path.parents):
-                if parent.exists():
-                    break
-                missing.append(parent)
-            for directory in reversed(missing):
-                with map_os_errors(f"{self._what}: create {directory}"):
-                    directory.mkdir(exist_ok=True)
-                self._created.append(directory)
-
-    def _put(self, desc: Descriptor, write: Any) -> None:
+    def _put(self, desc: Descriptor, write: Callable[[BinaryIO], object]) -> None:
         """Write a blob with ``write(file)`` to a temporary name, sync it, rename it."""
-        if self._done:
-            raise FailedPrecondition(f"{self._what}: the sink is closed")
-        final = self._blob_path(desc)
+        layout = self._layout(create=True)
+        assert layout is not None
         if self.has_blob(desc):
             return
-        self._make_directory(final.parent)
-        with map_os_errors(f"{self._what}: write {final}"):
-            fd, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name[:16]}.tmp-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    write(out)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.rename(temp, final)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
-                raise
+        name = blob_name(desc.digest, what=self._what)
+        made = layout.make_directories(posixpath.dirname(name))
         with self._lock:
-            self._created.append(final)
+            self._made.extend((directory, True) for directory in made)
+        layout.write(name, write)
+        with self._lock:
+            self._made.append((name, False))
 
     def put_blob(self, desc: Descriptor, path: Path) -> None:
         """Copy the blob in file ``path`` into the layout (nothing if it is there already).
@@ -471,58 +452,42 @@ class OCILayoutSink:
         """Write oci-layout (if missing) and index.json, each by an atomic rename.
 
         :raises FailedPrecondition: no manifest was put, or the sink is closed.
-        :raises InvalidArgument: the existing index.json is malformed.
+        :raises InvalidArgument: the existing index.json is malformed, or no regular file.
         """
         if self._entry is None or self._done:
             raise FailedPrecondition(f"{self._what}: nothing to commit (no manifest put)")
-        self._make_directory(self._path)
-        index_path = self._path / _INDEX_FILE
-        with map_os_errors(f"{self._what}: write {index_path}"):
-            for directory in {p.parent for p in self._created if p.is_file()}:
-                fsync_directory(directory)
-            layout = self._path / _LAYOUT_FILE
-            if not layout.exists():
-                _replace_file(layout, encode_json({"imageLayoutVersion": _LAYOUT_VERSION}))
-            # Two writers updating one index.json would lose an entry: the layout
-            # directory's flock orders them (no lock file, so the layout gains nothing).
-            lock = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                existing = None
-                with contextlib.suppress(FileNotFoundError):
-                    existing = load_json_object(index_path.read_bytes(), str(index_path))
-                _replace_file(index_path, _updated_index(existing, self._entry))
-                os.fsync(lock)
-            finally:
-                os.close(lock)
+        layout = self._layout(create=True)
+        assert layout is not None
+        for directory in {posixpath.dirname(n) for n, is_dir in self._made if not is_dir}:
+            layout.sync(directory)
+        if layout.lstat(_LAYOUT_FILE) is None:
+            layout.write(_LAYOUT_FILE, lambda out: out.write(_LAYOUT_DOCUMENT))
+        # Two writers updating one index.json would lose an entry: the layout directory's
+        # flock orders them.
+        with layout.locked():
+            existing = None
+            with contextlib.suppress(NotFound):
+                raw = layout.read(_INDEX_FILE, limit=MAX_MANIFEST_BYTES)
+                existing = load_json_object(raw, layout.where(_INDEX_FILE))
+            index = _updated_index(existing, self._entry)
+            layout.write(_INDEX_FILE, lambda out: out.write(index))
+            layout.sync()
         self._done = True
 
     def close(self) -> None:
         """Without a commit: remove the blobs and directories this sink created."""
-        if self._done:
-            return
-        self._done = True
-        for path in reversed(self._created):
-            with contextlib.suppress(OSError):
-                if path.is_dir():
-                    path.rmdir()  # only if empty: another writer may have put blobs there
-                else:
-                    path.unlink()
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` by a synced temporary file and a rename."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+        with self._lock:
+            committed, self._done = self._done, True
+            layout, self._directory = self._directory, None
+        if layout is not None:
+            if not committed:
+                for name, _ in reversed(self._made):
+                    layout.remove(name)  # a directory only if empty: another writer's blobs
+            layout.close()
+        if not committed:
+            for path in reversed(self._made_outside):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
 
 @final
@@ -591,7 +556,7 @@ class OCIArchiveSink:
         """
         if self._entry is None:
             raise FailedPrecondition(f"{self._what}: nothing to commit (no manifest put)")
-        self._writer.add_bytes(_LAYOUT_FILE, encode_json({"imageLayoutVersion": _LAYOUT_VERSION}))
+        self._writer.add_bytes(_LAYOUT_FILE, _LAYOUT_DOCUMENT)
         self._writer.add_bytes(_INDEX_FILE, _updated_index(None, self._entry))
         self._writer.commit()
 
