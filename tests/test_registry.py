@@ -770,3 +770,40 @@ def test_source_of_a_missing_tag_is_not_found(registry: RegistryServer) -> None:
         pytest.raises(NotFound, match="manifest gone"),
     ):
         source.resolve()
+
+
+class _Nested(BaseHTTPRequestHandler):
+    """A hostile registry: every JSON body it sends is 60,000 ``[`` deep."""
+
+    status = 200
+
+    def do_GET(self) -> None:
+        body = b"[" * 60_000
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_deeply_nested_bodies_are_refused_not_recursed(status: int) -> None:
+    # A tag list (200) and an error body (503) are parsed with bounded nesting: json.loads
+    # would end in RecursionError, which no caller expects.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("N", (_Nested,), {"status": status}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with (
+            RegistryClient(host, RegistryOptions(insecure_hosts=frozenset({host}))) as client,
+            pytest.raises(Unavailable, match="malformed tag list" if status == 200 else "503"),
+        ):
+            client.tags("laminae/hello")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
