@@ -33,7 +33,7 @@ from typing import Any
 
 import laminae
 from laminae import driverkit
-from laminae.kernel import _linux
+from laminae.kernel import _mounts
 
 PAGE = 4096
 
@@ -192,12 +192,12 @@ class DoesNotFit(Exception):
 def _classic(target: str, data: str) -> None:
     if len(data) >= PAGE:  # the page holds the terminating NUL too
         raise DoesNotFit(len(data))
-    _linux.mount("overlay", target, "overlay", 0, data)
+    _mounts.mount("overlay", target, "overlay", 0, data)
 
 
 def _kernel_lowerdir_plus(home: Path, depth: int, target: str) -> int:
     lowers, _ = _stack(home, depth)
-    _linux.mount_overlay(
+    _mounts.mount_overlay(
         target,
         [str(home / lower) for lower in lowers],
         str(home / "upper/fs"),
@@ -274,7 +274,7 @@ def run_kernel(technique: str, home: str, depth: str, target: str, warm: str) ->
         try:
             entries = len(os.listdir(Path(target) / "stack"))
         finally:
-            _linux.umount(target)
+            _mounts.umount(target)
     return {
         "seconds": times[0],
         "warm_seconds": times[1:],

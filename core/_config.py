@@ -55,9 +55,10 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from laminae._exceptions import InvalidArgument
 from laminae.archive._limits import Limits
+from laminae.driverkit._sizes import parse_size
 from laminae.images._credentials import RegistryOptions
 
-__all__ = ["StoreConfig", "load_config", "parse_size"]
+__all__ = ["StoreConfig", "load_config"]
 
 SYSTEM_CONFIG: Final = Path("/etc/laminae/storage.toml")
 """The system-wide file, read when no other is found."""
@@ -100,35 +101,6 @@ class StoreConfig:
     limits: Limits = attrs.Factory(Limits)
     registries: RegistryOptions | None = None
     source: Path | None = None
-
-
-# -- sizes ------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"\s*(\d+)\s*(?:([kmgtp])(?:i?b)?|b)?\s*", re.IGNORECASE)
-_UNITS: Final = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
-def parse_size(value: str | int) -> int:
-    """Turn ``"64G"`` (or ``64``) into a positive number of bytes.
-
-    Units are binary, as in containers-storage's sizes: ``K``, ``M``, ``G``, ``T``, ``P``, each
-    optionally followed by ``B`` or ``iB`` (``64G`` = ``64GiB`` = ``64GB`` = 64 x 2**30).
-
-    :raises InvalidArgument: not a whole positive number with an optional unit.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidArgument(f'expected a size such as 4096 or "64G", got {value!r}')
-    if isinstance(value, int):
-        number = value
-    else:
-        match = _SIZE.fullmatch(value)
-        if match is None:
-            raise InvalidArgument(f'expected a size such as 4096 or "64G", got {value!r}')
-        unit = match.group(2)
-        number = int(match.group(1)) * (_UNITS[unit.lower()] if unit else 1)
-    if number <= 0:
-        raise InvalidArgument(f"expected a positive size, got {value!r}")
-    return number
 
 
 # -- the file's schema ------------------------------------------------------------------------

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from laminae.kernel import _linux
+from laminae.kernel import _filesystems
 
 
 def sync_fs(path: Path) -> None:
     """``syncfs`` the filesystem holding directory ``path`` (btrfs counts qgroups at commit)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _linux.syncfs(fd)
+        _filesystems.syncfs(fd)
     finally:
         os.close(fd)
 

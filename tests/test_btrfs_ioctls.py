@@ -1,4 +1,4 @@
-"""The btrfs ioctls of laminae.kernel._linux, against a real loop-mounted btrfs."""
+"""The btrfs ioctls of laminae.kernel._btrfs, against a real loop-mounted btrfs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fsops import sync_fs, write_mib
 
-from laminae.kernel import _btrfs, _linux
+from laminae.kernel import _btrfs, _filesystems
 
 # --- layouts and request numbers ----------------------------------------------------------------
 
@@ -61,7 +61,7 @@ def test_not_a_subvolume_off_btrfs(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_create_subvolume_off_btrfs_names_the_path(tmp_path: Path) -> None:
-    if _linux.statfs_type(str(tmp_path)) == _linux.BTRFS_SUPER_MAGIC:
+    if _filesystems.statfs_type(str(tmp_path)) == _filesystems.BTRFS_SUPER_MAGIC:
         pytest.fail("this test needs tmp_path off btrfs")
     target = tmp_path / "sub"
     with pytest.raises(OSError) as caught:

@@ -26,7 +26,7 @@ from tarbuild import make_tar
 from tools import needs
 
 import laminae
-import laminae.kernel._linux
+import laminae.kernel._paths
 from laminae.cli._main import cli
 from laminae.containers._bundle import (
     MARKER_NAME,
@@ -38,7 +38,7 @@ from laminae.containers._bundle import (
     resolve_user,
     runtime_spec,
 )
-from laminae.kernel._linux import is_mountpoint
+from laminae.kernel._mountinfo import is_mountpoint
 
 crun = needs("crun")
 
@@ -269,8 +269,8 @@ def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """Both ways of resolving inside the root: openat2 where the kernel has it, and the walk
     older kernels get (chosen by switching off openat2, which the kernel here does have)."""
     if request.param == "walk":
-        monkeypatch.setattr(laminae.kernel._linux, "openat2_available", lambda: False)
-    elif not laminae.kernel._linux.openat2_available():
+        monkeypatch.setattr(laminae.kernel._paths, "openat2_available", lambda: False)
+    elif not laminae.kernel._paths.openat2_available():
         pytest.skip("this kernel has no openat2")
     return str(request.param)
 

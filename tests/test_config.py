@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from laminae import _config
-from laminae._config import StoreConfig, load_config, parse_size
+from laminae._config import StoreConfig, load_config
 from laminae._exceptions import InvalidArgument
 from laminae.archive._limits import Limits
+from laminae.driverkit import parse_size
 from laminae.images._registry import RegistryOptions
 
 EXAMPLE = """\

@@ -26,7 +26,8 @@ from pathlib import Path
 import attrs
 
 import laminae
-from laminae import _linux, driverkit
+from laminae import driverkit
+from laminae.kernel import _mounts
 from laminae.drivers.vfs._driver import VfsDriver
 
 
@@ -88,7 +89,7 @@ class MountLeakingVfs(VfsDriver):
         super().create(id, parents, writable)
         target = self.leak_home / f"leak-{id}"
         target.mkdir()
-        _linux.mount("tmpfs", str(target), "tmpfs", 0, "size=1m")
+        _mounts.mount("tmpfs", str(target), "tmpfs", 0, "size=1m")
 
 
 class UnavailableVfs(VfsDriver):

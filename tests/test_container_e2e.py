@@ -30,7 +30,7 @@ from trees import read_tree
 import laminae
 from laminae.cli._main import cli
 from laminae.containers._bundle import BindMount, make_bundle, remove_bundle
-from laminae.kernel import _linux
+from laminae.kernel import _filesystems
 
 pytestmark = pytest.mark.root
 
@@ -95,9 +95,9 @@ def _crun_refuses_this_cgroup_layout() -> bool:
     that boot with pure v2 or pure v1 (every current distribution) never see this.
     """
     try:
-        if _linux.statfs_type("/sys/fs/cgroup") != _linux.TMPFS_MAGIC:
+        if _filesystems.statfs_type("/sys/fs/cgroup") != _filesystems.TMPFS_MAGIC:
             return False
-        if _linux.statfs_type("/sys/fs/cgroup/unified") != CGROUP2_SUPER_MAGIC:
+        if _filesystems.statfs_type("/sys/fs/cgroup/unified") != CGROUP2_SUPER_MAGIC:
             return False
         return bool(Path("/sys/fs/cgroup/unified/cgroup.controllers").read_text().split())
     except OSError:

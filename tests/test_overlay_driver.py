@@ -59,7 +59,7 @@ from laminae.drivers.overlay._driver import (
 )
 from laminae.drivers.overlay._known_failures import _contiguous_from_zero, known_failures
 from laminae.drivers.overlay._probe import check_kernel_options
-from laminae.kernel import _linux
+from laminae.kernel import _mountinfo, _mounts
 from laminae.kernel._xattrs import get_xattr, set_xattr
 
 pytestmark = pytest.mark.root
@@ -108,8 +108,8 @@ def mounted_specs(specs: list[MountSpec], target: Path) -> Iterator[Path]:
 
 
 def chain(driver: OverlayDriver, count: int, *, writable_top: bool = True) -> list[str]:
-    """Layers l0 (base) .. l<count-1>, each on the one before; parents of the top, first."""
-    ids = [f"l{n}" for n in range(count)]
+    """Layers e0 (base) .. e<count-1>, each on the one before; parents of the top, first."""
+    ids = [f"e{n}" for n in range(count)]
     for number, id in enumerate(ids):
         parents = list(reversed(ids[:number]))
         driver.create(id, parents, writable=writable_top or number < count - 1)
@@ -137,10 +137,10 @@ def test_registered_with_its_capabilities() -> None:
 
 def test_layout_of_writable_and_read_only_layers(driver: OverlayDriver, home: Path) -> None:
     driver.create("a1", [], writable=True)
-    driver.create("v2", ["a1"], writable=False)
+    driver.create("d2", ["a1"], writable=False)
     assert stat.S_IMODE(os.lstat(home).st_mode) == 0o700
     assert (home / "xattrs").read_text() == "trusted\n"
-    for id in ("a1", "v2"):
+    for id in ("a1", "d2"):
         layer = home / "layers" / id
         st = os.lstat(layer / "diff")
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
@@ -150,8 +150,8 @@ def test_layout_of_writable_and_read_only_layers(driver: OverlayDriver, home: Pa
         assert os.readlink(home / "l" / link) == f"../layers/{id}/diff"
         assert (home / "l" / link).resolve() == (layer / "diff").resolve()
     assert (home / "layers/a1/work").is_dir()
-    assert not (home / "layers/v2/work").exists()
-    assert driver.layers() == ["a1", "v2"]
+    assert not (home / "layers/d2/work").exists()
+    assert driver.layers() == ["a1", "d2"]
 
 
 def test_create_refuses_a_taken_id_a_missing_parent_and_a_bad_id(driver: OverlayDriver) -> None:
@@ -168,13 +168,13 @@ def test_create_refuses_a_taken_id_a_missing_parent_and_a_bad_id(driver: Overlay
 
 def test_remove_takes_the_layer_and_its_link(driver: OverlayDriver, home: Path) -> None:
     chain(driver, 2)
-    link = (home / "layers/l1/link").read_text().strip()
-    driver.remove("l1")
-    assert driver.layers() == ["l0"]
+    link = (home / "layers/e1/link").read_text().strip()
+    driver.remove("e1")
+    assert driver.layers() == ["e0"]
     assert not os.path.lexists(home / "l" / link)
-    assert os.listdir(home / "l") == [(home / "layers/l0/link").read_text().strip()]
+    assert os.listdir(home / "l") == [(home / "layers/e0/link").read_text().strip()]
     with pytest.raises(NotFound):
-        driver.remove("l1")
+        driver.remove("e1")
 
 
 def test_crash_leftovers_are_not_layers_and_are_swept(driver: OverlayDriver, home: Path) -> None:
@@ -196,16 +196,16 @@ def test_usage_counts_the_layers_own_dir_and_each_inode_once(
     driver: OverlayDriver, home: Path
 ) -> None:
     chain(driver, 2)
-    diff = home / "layers/l1/diff"
+    diff = home / "layers/e1/diff"
     (diff / "data").write_bytes(b"x" * 100_000)
     os.link(diff / "data", diff / "again")
     (diff / "d").mkdir()
-    usage = driver.usage("l1")
+    usage = driver.usage("e1")
     assert usage.inodes == 3  # the root, data (once), d
     assert usage.size >= 100_000
-    assert driver.usage("l0").inodes == 1
+    assert driver.usage("e0").inodes == 1
     with pytest.raises(NotFound):
-        driver.usage("nope")
+        driver.usage("dead")
 
 
 def test_close_twice_is_fine(driver: OverlayDriver) -> None:
@@ -218,63 +218,63 @@ def test_close_twice_is_fine(driver: OverlayDriver) -> None:
 
 def test_mount_descriptions(driver: OverlayDriver, home: Path) -> None:
     ids = chain(driver, 3)
-    driver.create("view", ["l1", "l0"], writable=False)
-    driver.create("view1", ["l0"], writable=False)
-    diff = {id: str(home / "layers" / id / "diff") for id in [*ids, "view"]}
+    driver.create("face", ["e1", "e0"], writable=False)
+    driver.create("face1", ["e0"], writable=False)
+    diff = {id: str(home / "layers" / id / "diff") for id in [*ids, "face"]}
 
-    assert driver.mounts("l0", [], readonly=False) == [
-        MountSpec(type="bind", source=diff["l0"], options=("rw",))
+    assert driver.mounts("e0", [], readonly=False) == [
+        MountSpec(type="bind", source=diff["e0"], options=("rw",))
     ]
-    assert driver.mounts("l0", [], readonly=True) == [
-        MountSpec(type="bind", source=diff["l0"], options=("ro",))
+    assert driver.mounts("e0", [], readonly=True) == [
+        MountSpec(type="bind", source=diff["e0"], options=("ro",))
     ]
-    writable = driver.mounts("l2", ["l1", "l0"], readonly=False)
+    writable = driver.mounts("e2", ["e1", "e0"], readonly=False)
     assert writable == [
         MountSpec(
             type="overlay",
             source="overlay",
             options=NATIVE_OPTIONS,
-            lowerdirs=(diff["l1"], diff["l0"]),
-            upperdir=diff["l2"],
-            workdir=str(home / "layers/l2/work"),
+            lowerdirs=(diff["e1"], diff["e0"]),
+            upperdir=diff["e2"],
+            workdir=str(home / "layers/e2/work"),
         )
     ]
-    assert driver.mounts("l2", ["l1", "l0"], readonly=True) == [
+    assert driver.mounts("e2", ["e1", "e0"], readonly=True) == [
         MountSpec(
             type="overlay",
             source="overlay",
             options=NATIVE_OPTIONS,
-            lowerdirs=(diff["l2"], diff["l1"], diff["l0"]),
+            lowerdirs=(diff["e2"], diff["e1"], diff["e0"]),
         )
     ]
     # A view's own dir is never written: its parents are its content.
-    assert driver.mounts("view", ["l1", "l0"], readonly=True)[0].lowerdirs == (
-        diff["l1"],
-        diff["l0"],
+    assert driver.mounts("face", ["e1", "e0"], readonly=True)[0].lowerdirs == (
+        diff["e1"],
+        diff["e0"],
     )
-    assert driver.mounts("view1", ["l0"], readonly=True) == [
-        MountSpec(type="bind", source=diff["l0"], options=("ro",))
+    assert driver.mounts("face1", ["e0"], readonly=True) == [
+        MountSpec(type="bind", source=diff["e0"], options=("ro",))
     ]
     with pytest.raises(NotFound):
-        driver.mounts("l2", ["l1", "gone"], readonly=False)
+        driver.mounts("e2", ["e1", "0bad"], readonly=False)
 
 
 def test_mounts_stack_and_write_into_the_upper(driver: OverlayDriver, home: Path) -> None:
     ids = chain(driver, 3)
-    (home / "layers/l0/diff/base").write_bytes(b"0")
-    (home / "layers/l1/diff/base").write_bytes(b"1")
-    (home / "layers/l1/diff/mid").write_bytes(b"m")
+    (home / "layers/e0/diff/base").write_bytes(b"0")
+    (home / "layers/e1/diff/base").write_bytes(b"1")
+    (home / "layers/e1/diff/mid").write_bytes(b"m")
     target = home.parent / "mnt"
-    with mounted_specs(driver.mounts("l2", parents_of(ids, "l2"), readonly=False), target) as root:
+    with mounted_specs(driver.mounts("e2", parents_of(ids, "e2"), readonly=False), target) as root:
         assert (root / "base").read_bytes() == b"1"
         (root / "top").write_bytes(b"t")
         os.unlink(root / "mid")
-        options = {m.mount_point: m.super_options for m in _linux.mountinfo()}[str(root)]
+        options = {m.mount_point: m.super_options for m in _mountinfo.mountinfo()}[str(root)]
         assert "redirect_dir=nofollow" in options
-    assert (home / "layers/l2/diff/top").read_bytes() == b"t"
-    mid = os.lstat(home / "layers/l2/diff/mid")
+    assert (home / "layers/e2/diff/top").read_bytes() == b"t"
+    mid = os.lstat(home / "layers/e2/diff/mid")
     assert stat.S_ISCHR(mid.st_mode) and mid.st_rdev == 0
-    with mounted_specs(driver.mounts("l2", parents_of(ids, "l2"), readonly=True), target) as root:
+    with mounted_specs(driver.mounts("e2", parents_of(ids, "e2"), readonly=True), target) as root:
         assert sorted(os.listdir(root)) == ["base", "top"]
         with pytest.raises(OSError) as caught:
             (root / "new").write_bytes(b"x")
@@ -287,12 +287,12 @@ def test_a_layer_with_500_parents_mounts_read_only_and_writable(
     """500 parents: writable = 500 lowers and an upper; read-only would be 501 lowers, so
     the layer's own dir is the upper of a mount made read-only."""
     ids = chain(driver, 501)
-    (home / "layers/l0/diff/base").write_bytes(b"base")
-    (home / "layers/l500/diff/top").write_bytes(b"top")
-    parents = parents_of(ids, "l500")
+    (home / "layers/e0/diff/base").write_bytes(b"base")
+    (home / "layers/e500/diff/top").write_bytes(b"top")
+    parents = parents_of(ids, "e500")
     assert len(parents) == 500
     target = home.parent / "mnt"
-    specs = driver.mounts("l500", parents, readonly=True)
+    specs = driver.mounts("e500", parents, readonly=True)
     assert len(specs[0].lowerdirs) == 500 and specs[0].upperdir is not None
     assert specs[0].readonly and "ro" in specs[0].options
     with mounted_specs(specs, target) as root:
@@ -301,10 +301,10 @@ def test_a_layer_with_500_parents_mounts_read_only_and_writable(
         with pytest.raises(OSError) as caught:
             (root / "new").write_bytes(b"x")
         assert caught.value.errno == errno.EROFS
-    assert sorted(os.listdir(home / "layers/l500/diff")) == ["top"]
-    with mounted_specs(driver.mounts("l500", parents, readonly=False), target) as root:
+    assert sorted(os.listdir(home / "layers/e500/diff")) == ["top"]
+    with mounted_specs(driver.mounts("e500", parents, readonly=False), target) as root:
         (root / "new").write_bytes(b"x")
-    assert (home / "layers/l500/diff/new").read_bytes() == b"x"
+    assert (home / "layers/e500/diff/new").read_bytes() == b"x"
 
 
 def test_501_parents_are_refused_before_mounting(driver: OverlayDriver) -> None:
@@ -312,7 +312,7 @@ def test_501_parents_are_refused_before_mounting(driver: OverlayDriver) -> None:
     with pytest.raises(
         FailedPrecondition, match="501 lower layers; this kernel mounts at most 500"
     ):
-        driver.mounts("l501", parents_of(ids, "l501"), readonly=False)
+        driver.mounts("e501", parents_of(ids, "e501"), readonly=False)
 
 
 def test_store_refuses_a_501st_parent(store: laminae.Store) -> None:
@@ -356,7 +356,7 @@ def test_short_links_keep_the_options_within_a_page(short_home: Path, tmp_path: 
     ShortLinkOverlay.probe(home, {})
     driver = ShortLinkOverlay(home, {})
     ids = chain(driver, _FALLBACK_DEPTH + 1)
-    (home / "layers/l0/diff/base").write_bytes(b"base")
+    (home / "layers/e0/diff/base").write_bytes(b"base")
     target = tmp_path / "mnt"
     target.mkdir()
     for readonly in (False, True):
@@ -373,23 +373,23 @@ def test_short_links_keep_the_options_within_a_page(short_home: Path, tmp_path: 
         )
         assert len(data) < os.sysconf("SC_PAGE_SIZE")
         # The classic mount(2) way, as on a kernel without lowerdir+.
-        _linux.mount("overlay", str(target), "overlay", _linux.MS_RDONLY if readonly else 0, data)
+        _mounts.mount("overlay", str(target), "overlay", _mounts.MS_RDONLY if readonly else 0, data)
         try:
             assert (target / "base").read_bytes() == b"base"
         finally:
-            _linux.umount(str(target))
+            _mounts.umount(str(target))
     # A lost short link (a crash between create's rename and its symlink) is made again.
-    link = (home / "layers/l0/link").read_text().strip()
+    link = (home / "layers/e0/link").read_text().strip()
     os.unlink(home / "l" / link)
-    driver.mounts("l1", ["l0"], readonly=False)
-    assert os.readlink(home / "l" / link) == "../layers/l0/diff"
+    driver.mounts("e1", ["e0"], readonly=False)
+    assert os.readlink(home / "l" / link) == "../layers/e0/diff"
 
 
 def test_short_links_refuse_a_stack_past_the_page(short_home: Path) -> None:
     driver = ShortLinkOverlay(short_home, {"mountopt": ",".join(["noatime"] * 600)})
     chain(driver, 3)
     with pytest.raises(FailedPrecondition, match=r"without lowerdir\+ .* must fit in 4095"):
-        driver.mounts("l2", ["l1", "l0"], readonly=False)
+        driver.mounts("e2", ["e1", "e0"], readonly=False)
 
 
 def test_short_links_probe_refuses_a_long_home(tmp_path: Path) -> None:
@@ -403,10 +403,10 @@ def test_short_links_probe_refuses_a_long_home(tmp_path: Path) -> None:
 def test_mountopt_is_added_to_every_overlay_mount(tmp_path: Path) -> None:
     driver = OverlayDriver(tmp_path / "home", {"mountopt": "nodev, noatime"})
     chain(driver, 2)
-    spec = driver.mounts("l1", ["l0"], readonly=False)[0]
+    spec = driver.mounts("e1", ["e0"], readonly=False)[0]
     assert spec.options == (*NATIVE_OPTIONS, "nodev", "noatime")
     with mounted_specs([spec], tmp_path / "mnt") as root:
-        entry = {m.mount_point: m for m in _linux.mountinfo()}[str(root)]
+        entry = {m.mount_point: m for m in _mountinfo.mountinfo()}[str(root)]
         assert "nodev" in entry.options.split(",") and "noatime" in entry.options.split(",")
 
 
@@ -437,7 +437,7 @@ def test_bad_options_are_refused_by_name(
 def test_native_settings_in_mountopt_are_the_drivers_own(tmp_path: Path) -> None:
     driver = OverlayDriver(tmp_path / "home", {"mountopt": "index=off,redirect_dir=off,nosuid"})
     chain(driver, 2)
-    assert driver.mounts("l1", ["l0"], readonly=False)[0].options == (*NATIVE_OPTIONS, "nosuid")
+    assert driver.mounts("e1", ["e0"], readonly=False)[0].options == (*NATIVE_OPTIONS, "nosuid")
 
 
 def test_volatile_mounts_and_mounts_again(tmp_path: Path) -> None:
@@ -445,17 +445,17 @@ def test_volatile_mounts_and_mounts_again(tmp_path: Path) -> None:
     work dir while it is there; the driver clears it before the next mount."""
     driver = OverlayDriver(tmp_path / "home", {"volatile": "true"})
     chain(driver, 2)
-    spec = driver.mounts("l1", ["l0"], readonly=False)[0]
+    spec = driver.mounts("e1", ["e0"], readonly=False)[0]
     assert spec.options[-1] == "volatile"
-    assert driver.mounts("l0", [], readonly=False)[0].type == "bind"  # nothing to make volatile
-    flag = tmp_path / "home/layers/l1/work/work/incompat/volatile"
+    assert driver.mounts("e0", [], readonly=False)[0].type == "bind"  # nothing to make volatile
+    flag = tmp_path / "home/layers/e1/work/work/incompat/volatile"
     with mounted_specs([spec], tmp_path / "mnt") as root:
         (root / "scratch").write_bytes(b"x")
-        entry = {m.mount_point: m for m in _linux.mountinfo()}[str(root)]
+        entry = {m.mount_point: m for m in _mountinfo.mountinfo()}[str(root)]
         assert "volatile" in entry.super_options
     assert flag.exists()
     for _ in range(2):
-        specs = driver.mounts("l1", ["l0"], readonly=False)
+        specs = driver.mounts("e1", ["e0"], readonly=False)
         assert not flag.exists()
         with mounted_specs(specs, tmp_path / "mnt") as root:
             assert (root / "scratch").read_bytes() == b"x"
@@ -471,7 +471,7 @@ def test_probe_passes_here_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_probe_refuses_overlay_on_overlay(driver: OverlayDriver, tmp_path: Path) -> None:
     chain(driver, 2)
-    specs = driver.mounts("l1", ["l0"], readonly=False)
+    specs = driver.mounts("e1", ["e0"], readonly=False)
     with (
         mounted_specs(specs, tmp_path / "mnt") as root,
         pytest.raises(DriverUnavailable, match="is on overlayfs"),
@@ -482,13 +482,13 @@ def test_probe_refuses_overlay_on_overlay(driver: OverlayDriver, tmp_path: Path)
 def test_probe_refuses_a_filesystem_without_trusted_xattrs(tmp_path: Path) -> None:
     target = tmp_path / "ramfs"  # ramfs has no xattrs at all
     target.mkdir()
-    _linux.mount("none", str(target), "ramfs")
+    _mounts.mount("none", str(target), "ramfs")
     try:
         with pytest.raises(DriverUnavailable, match=r"does not take trusted\.\* xattrs"):
             OverlayDriver.probe(target / "home", {})
         assert os.listdir(target) == []
     finally:
-        _linux.umount(str(target))
+        _mounts.umount(str(target))
 
 
 def test_probe_refuses_a_home_made_in_a_user_namespace(tmp_path: Path) -> None:
@@ -557,22 +557,22 @@ def test_known_failures_follow_the_user_namespace_and_its_id_map() -> None:
 
 def test_apply_writes_into_diff_without_mounting(driver: OverlayDriver, home: Path) -> None:
     chain(driver, 2)
-    base = home / "layers/l0/diff"
+    base = home / "layers/e0/diff"
     (base / "etc").mkdir()
     (base / "etc/gone").write_bytes(b"x")
     (base / "opt").mkdir()
     (base / "opt/old").write_bytes(b"x")
-    before = _linux.mount_points()
+    before = _mountinfo.mount_points()
     tar = Layer().file("etc/.wh.gone").dir("opt").file("opt/.wh..wh..opq").file("new", b"n")
-    driver.apply("l1", ["l0"], io.BytesIO(tar.bytes()), laminae.Limits())
-    assert _linux.mount_points() == before
-    top = home / "layers/l1/diff"
+    driver.apply("e1", ["e0"], io.BytesIO(tar.bytes()), laminae.Limits())
+    assert _mountinfo.mount_points() == before
+    top = home / "layers/e1/diff"
     gone = os.lstat(top / "etc/gone")
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
     assert get_xattr(str(top / "opt"), OPAQUE) == b"y"
     assert (top / "new").read_bytes() == b"n"
     with pytest.raises(InvalidArgument, match=r"are not laminae\.Limits"):
-        driver.apply("l1", ["l0"], io.BytesIO(b""), object())
+        driver.apply("e1", ["e0"], io.BytesIO(b""), object())
 
 
 def test_apply_refuses_overlay_xattrs_in_the_tar(store: laminae.Store) -> None:
@@ -1204,7 +1204,7 @@ class ChainOutcome:
 def apply_sequential(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
     outcome = ChainOutcome()
     for number, data in enumerate(tars):
-        id, parents = f"l{number}", [f"l{n}" for n in reversed(range(number))]
+        id, parents = f"e{number}", [f"e{n}" for n in reversed(range(number))]
         driver.create(id, parents, writable=True)
         try:
             driver.apply(id, parents, io.BytesIO(data), laminae.Limits())
@@ -1218,7 +1218,7 @@ def apply_sequential(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
 def apply_detached(driver: OverlayDriver, tars: list[bytes]) -> ChainOutcome:
     """Every tar applied detached in its own thread at once, then settled base first; a
     layer that needs its parents is removed and applied the sequential way."""
-    ids = [f"l{number}" for number in range(len(tars))]
+    ids = [f"e{number}" for number in range(len(tars))]
     for number, id in enumerate(ids):
         driver.create(id, list(reversed(ids[:number])), writable=True)
 
@@ -1273,8 +1273,8 @@ def compare_chains(tmp_path: Path, tars: list[bytes]) -> ChainOutcome:
     for number, result in enumerate(want.results):
         if result is None:
             assert_same_layer_dirs(
-                tmp_path / f"sequential/layers/l{number}/diff",
-                tmp_path / f"detached/layers/l{number}/diff",
+                tmp_path / f"sequential/layers/e{number}/diff",
+                tmp_path / f"detached/layers/e{number}/diff",
                 since,
                 f"layer {number}",
             )
@@ -1450,11 +1450,11 @@ def test_detached_apply_hard_cases(
         ]
     else:
         assert outcome.results == [None, None]
-        assert check(tmp_path / "detached/layers/l1/diff")
+        assert check(tmp_path / "detached/layers/e1/diff")
 
 
 def test_parents_needed_is_raised_by_the_detached_apply(driver: OverlayDriver) -> None:
-    driver.create("l0", [], writable=True)
+    driver.create("e0", [], writable=True)
     for tar, reason in (
         (Layer().file(".wh..wh..opq"), "opaque marker at the root"),
         (Layer().hardlink("again", "etc/gone"), "a hard link to 'etc/gone'"),
@@ -1462,24 +1462,24 @@ def test_parents_needed_is_raised_by_the_detached_apply(driver: OverlayDriver) -
         (Layer().file("nowhere/.wh..wh..opq"), "an opaque marker in 'nowhere'"),
     ):
         with pytest.raises(ParentsNeeded, match=reason):
-            driver.apply_detached("l0", io.BytesIO(tar.bytes()), laminae.Limits())
+            driver.apply_detached("e0", io.BytesIO(tar.bytes()), laminae.Limits())
     with pytest.raises(ParentsNeeded, match="limit max_entries"):
         driver.apply_detached(
-            "l0",
+            "e0",
             io.BytesIO(Layer().file("a/b/c/d", b"").bytes()),
             laminae.Limits(max_entries=2),
         )
 
 
 def test_a_base_layer_applied_detached_has_nothing_to_settle(driver: OverlayDriver) -> None:
-    driver.create("l0", [], writable=True)
+    driver.create("e0", [], writable=True)
     pending = driver.apply_detached(
-        "l0",
+        "e0",
         io.BytesIO(Layer().dir("a").file("a/.wh.b").file("c/d", b"").bytes()),
         laminae.Limits(),
     )
     assert isinstance(pending, Unsettled) and not pending.settled_already
     assert pending.whiteouts == (b"a/b",) and [m.path for m in pending.implicit] == [b"c"]
-    driver.settle("l0", [], pending)
+    driver.settle("e0", [], pending)
     with pytest.raises(InvalidArgument, match="is not what apply_detached returned"):
-        driver.settle("l0", [], object())
+        driver.settle("e0", [], object())

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from laminae._exceptions import (
+from laminae.driverkit import (
     AlreadyExists,
+    Capabilities,
     DriverUnavailable,
     InvalidArgument,
     LimitExceeded,
+    MountSpec,
     NotFound,
 )
-from laminae.driverkit._contract import Capabilities, MountSpec
 from laminae.drivers.vfs import VfsDriver
-from laminae.kernel import _linux
+from laminae.kernel import _filesystems, _mounts
 from laminae.kernel._xattrs import read_xattrs, set_xattr
 
 ODD_XATTR = b"user.\xff\xfe"
@@ -168,7 +169,9 @@ def test_create_refuses_a_taken_id_and_a_missing_parent(driver: VfsDriver) -> No
     assert driver.layers() == ["a1"]
 
 
-@pytest.mark.parametrize("bad", ["", "..", ".", "a/b", "tmp/../x", "a\x00b", "x" * 129])
+@pytest.mark.parametrize(
+    "bad", ["", "..", ".", "a/b", "tmp/../x", "a\x00b", "x" * 129, "ABC", "tmp-a1", "rm-a1"]
+)
 def test_invalid_ids_are_refused(driver: VfsDriver, bad: str) -> None:
     with pytest.raises(InvalidArgument):
         driver.create(bad, [], writable=True)
@@ -227,7 +230,7 @@ def test_mounts_is_one_rbind(driver: VfsDriver, home: Path) -> None:
     assert spec.readonly
     assert spec.options == ("rbind", "ro")
     with pytest.raises(NotFound):
-        driver.mounts("zz", [], readonly=True)
+        driver.mounts("ff", [], readonly=True)
 
 
 @pytest.mark.root
@@ -236,13 +239,13 @@ def test_readonly_mount_refuses_writes(driver: VfsDriver, tmp_path: Path) -> Non
     (spec,) = driver.mounts("a1", [], readonly=True)
     target = tmp_path / "mnt"
     target.mkdir()
-    _linux.bind_mount(spec.source, str(target), readonly=spec.readonly, recursive=True)
+    _mounts.bind_mount(spec.source, str(target), readonly=spec.readonly, recursive=True)
     try:
         with pytest.raises(OSError) as info:
             (target / "x").write_text("x")
         assert info.value.errno == errno.EROFS
     finally:
-        _linux.umount(str(target))
+        _mounts.umount(str(target))
 
 
 def test_close_twice_is_fine(driver: VfsDriver) -> None:
@@ -301,11 +304,29 @@ def test_copy_of_a_copy_is_still_exact(driver: VfsDriver, home: Path) -> None:
     assert _snapshot(home / "dir" / "c3") == _snapshot(home / "dir" / "b2")
 
 
+def test_copy_keeps_the_holes_of_a_sparse_file(driver: VfsDriver, home: Path) -> None:
+    driver.create("a1", [], writable=True)
+    with open(home / "dir" / "a1" / "sparse", "wb") as file:
+        file.write(b"start")
+        file.seek(32 << 20)
+        file.write(b"middle")
+        file.truncate(64 << 20)
+    driver.create("b2", ["a1"], writable=True)
+    copy = home / "dir" / "b2" / "sparse"
+    with open(copy, "rb") as file:
+        assert file.read(5) == b"start"
+        file.seek(32 << 20)
+        assert file.read(6) == b"middle"
+    st = copy.stat()
+    assert st.st_size == 64 << 20
+    assert st.st_blocks * 512 <= 1 << 20, "the holes stay holes"
+
+
 @pytest.mark.root
 def test_a_failed_copy_leaves_nothing_behind(tmp_path: Path) -> None:
     home = tmp_path / "small"
     home.mkdir()
-    _linux.mount("tmpfs", str(home), "tmpfs", 0, "size=2m")
+    _mounts.mount("tmpfs", str(home), "tmpfs", 0, "size=2m")
     try:
         driver = VfsDriver(home, {})
         driver.create("a1", [], writable=True)
@@ -317,7 +338,7 @@ def test_a_failed_copy_leaves_nothing_behind(tmp_path: Path) -> None:
         assert driver.layers() == ["a1"]
         assert sorted(os.listdir(home)) == ["dir"]
     finally:
-        _linux.umount(str(home))
+        _mounts.umount(str(home))
 
 
 @pytest.fixture
@@ -329,7 +350,7 @@ def btrfs_home(btrfs: Path) -> Path:
 def _exclusive_bytes(path: Path) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
-        _linux.syncfs(fd)
+        _filesystems.syncfs(fd)
     finally:
         os.close(fd)
     out = subprocess.run(
@@ -374,7 +395,7 @@ def test_usage_counts_hardlinks_once_like_du(driver: VfsDriver, home: Path) -> N
     assert usage.size == _du(root, "-B1")
     assert usage.size >= 100_000
     with pytest.raises(NotFound):
-        driver.usage("zz")
+        driver.usage("ff")
 
 
 # --- probe and options ----------------------------------------------------------------------------
@@ -396,12 +417,12 @@ def test_probe_refuses_a_read_only_filesystem(tmp_path: Path) -> None:
     source, target = tmp_path / "source", tmp_path / "ro"
     source.mkdir()
     target.mkdir()
-    _linux.bind_mount(str(source), str(target), readonly=True)
+    _mounts.bind_mount(str(source), str(target), readonly=True)
     try:
         with pytest.raises(DriverUnavailable, match="not writable"):
             VfsDriver.probe(target / "home", {})
     finally:
-        _linux.umount(str(target))
+        _mounts.umount(str(target))
 
 
 def test_unknown_options_are_refused_by_name(tmp_path: Path) -> None:

@@ -206,17 +206,17 @@ def cleanup(mounts: list[Mount], loops: list[tuple[str, str]]) -> list[str]:
 
     :returns: what could not be cleaned, one line each.
     """
-    from laminae.kernel import _linux
+    from laminae.kernel import _loop, _mounts
 
     failures = []
     for mount in sorted(mounts, key=lambda m: m.mount_point.count("/"), reverse=True):
         try:
-            _linux.umount(mount.mount_point, _linux.MNT_DETACH)
+            _mounts.umount(mount.mount_point, _mounts.MNT_DETACH)
         except OSError as exc:
             failures.append(f"could not unmount {mount.mount_point}: {exc}")
     for device, _ in loops:
         try:
-            _linux.detach_loop(device)
+            _loop.detach_loop(device)
         except OSError as exc:
             failures.append(f"could not detach {device}: {exc}")
     return failures

@@ -21,7 +21,7 @@ import pytest
 
 import laminae
 from laminae.driverkit import _plugins
-from laminae.kernel import _linux
+from laminae.kernel import _mounts
 
 from ._leaks import private_propagation
 
@@ -232,8 +232,8 @@ class ConformanceSession:
         # Mounts made by the tests must never propagate to the host: move this process into
         # a mount namespace of its own, and make every mount in it private.
         try:
-            _linux.unshare(_linux.CLONE_NEWNS)
-            _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+            _mounts.unshare(_mounts.CLONE_NEWNS)
+            _mounts.mount("none", "/", None, _mounts.MS_REC | _mounts.MS_PRIVATE)
         except OSError as exc:
             raise pytest.UsageError(
                 f"laminae: cannot make a private mount namespace for the tests: {exc}"

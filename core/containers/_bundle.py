@@ -55,7 +55,7 @@ from laminae._exceptions import (
 )
 from laminae.archive._tree import Tree as _Tree
 from laminae.archive._tree import clean_name as _clean
-from laminae.kernel import _linux
+from laminae.kernel import _paths, _syscalls
 
 if TYPE_CHECKING:
     from laminae.containers._store import ContainerStore
@@ -84,7 +84,7 @@ SPEC_TIMEOUT: Final = 60.0
 _MAX_LINKS: Final = 40  # the kernel's MAXSYMLINKS: as many as openat2 follows
 _MAX_ID: Final = 0xFFFFFFFE  # (uid_t)-1 means "no change" to the kernel, so it is no user
 _OPEN_ACCOUNT: Final = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-_RESOLVE: Final = _linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS
+_RESOLVE: Final = _paths.RESOLVE_IN_ROOT | _paths.RESOLVE_NO_MAGICLINKS
 
 
 def _check_destination(_: object, __: object, value: str) -> None:
@@ -584,10 +584,10 @@ def _open_in_root(rootfs: Path, path: str) -> int | None:
     """
     what = f"the container's /{path}"
     with map_os_errors(f"open {what}"):
-        if _linux.openat2_available():
-            with _linux.closing_fd(os.open(rootfs, os.O_PATH | os.O_DIRECTORY)) as root_fd:
+        if _paths.openat2_available():
+            with _syscalls.closing_fd(os.open(rootfs, os.O_PATH | os.O_DIRECTORY)) as root_fd:
                 try:
-                    return _linux.openat2(root_fd, path, _OPEN_ACCOUNT, resolve=_RESOLVE)
+                    return _paths.openat2(root_fd, path, _OPEN_ACCOUNT, resolve=_RESOLVE)
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                         return None

@@ -4,7 +4,9 @@ Lifecycle
 ---------
 A driver keeps layers on disk; the store keeps everything else (the graph, names, labels,
 digests, mount counts, locks). A driver never sees a ChainID or a name, only *storage ids*:
-opaque strings of ``[0-9a-f]`` that the store picks and that stay fixed for a layer's life.
+opaque strings of 1 to 128 characters of ``[0-9a-f]`` that the store picks and that stay fixed
+for a layer's life. A driver checks every id it is given with :func:`check_storage_id` before
+it makes a path of one, and lists only names that pass :func:`is_storage_id`.
 
 1. The store picks a driver class from the registry and calls ``probe(home, options)``; a class
    that raises :class:`DriverUnavailable` is passed over (or, when named explicitly, reported).
@@ -71,13 +73,14 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Protocol, runtime_checkable
+from typing import BinaryIO, ClassVar, Final, Protocol, runtime_checkable
 
 import attrs
 
-from laminae._exceptions import ParentsNeeded
+from laminae._exceptions import InvalidArgument, ParentsNeeded
 from laminae.archive._changes import Change
 
 __all__ = [
@@ -92,8 +95,37 @@ __all__ = [
     "ParentsNeeded",
     "QuotaSetter",
     "Usage",
+    "check_storage_id",
+    "is_storage_id",
     "tree_usage",
 ]
+
+# The store makes ids of 32 hex digits (secrets.token_hex(16)); 128 would leave room for a
+# whole digest, and keeps a driver's "tmp-<id>" or "<id>.img.tmp" well below NAME_MAX (255).
+_STORAGE_ID: Final = re.compile(r"[0-9a-f]{1,128}")
+
+
+def is_storage_id(name: str) -> bool:
+    """Whether ``name`` is a storage id: 1 to 128 characters of ``[0-9a-f]``.
+
+    For a driver listing its home: an entry whose name is not one (a half-made ``tmp-<id>``,
+    a file the driver keeps beside its layers) is not a layer.
+    """
+    return _STORAGE_ID.fullmatch(name) is not None
+
+
+def check_storage_id(id: str) -> None:
+    """Refuse ``id`` unless it is a storage id (:func:`is_storage_id`).
+
+    A driver calls it on every id it is given, before making a path of it: hex digits alone
+    cannot climb out of the driver's home (``..``, ``/``) nor clash with names it keeps there.
+
+    :raises InvalidArgument: naming ``id``.
+    """
+    if not is_storage_id(id):
+        raise InvalidArgument(
+            f"invalid storage id {id!r}: storage ids are 1 to 128 characters of [0-9a-f]"
+        )
 
 
 class Feature(enum.Enum):
@@ -110,7 +142,6 @@ class Feature(enum.Enum):
     APPLY_DETACHED = "apply_detached"
     """``apply_detached`` writes a layer before its parents are complete; ``settle`` then
     makes it what ``apply`` would have made. Declared with ``independent_layers``."""
-
 
 
 def _to_features(value: Iterable[Feature]) -> frozenset[Feature]:
@@ -268,7 +299,8 @@ class Applier(Protocol):
     def apply(self, id: str, parents: Sequence[str], tar: BinaryIO, limits: object) -> None:
         """Apply ``tar`` onto layer ``id``, whiteouts included.
 
-        ``limits`` is the :class:`laminae.Limits` to pass to :func:`laminae.apply_tar`. Read
+        ``limits`` is the :class:`~laminae.driverkit.Limits` to pass to
+        :func:`~laminae.driverkit.apply_tar`. Read
         ``tar`` to its end: the store hashes what is read to check the DiffID.
         """
 

@@ -14,16 +14,28 @@ from pathlib import Path
 
 from laminae._exceptions import InvalidArgument, map_os_errors
 from laminae.driverkit._contract import MountSpec
-from laminae.kernel import _linux
+from laminae.kernel._loop import attach_loop, detach_loop
+from laminae.kernel._mountinfo import mount_points
+from laminae.kernel._mounts import (
+    MNT_DETACH,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    bind_mount,
+    mount,
+    mount_overlay,
+    umount,
+)
 
 __all__ = ["mount_all", "mounted", "unmount_all"]
 
 _FLAGS = {
-    "ro": _linux.MS_RDONLY,
+    "ro": MS_RDONLY,
     "rw": 0,
-    "nosuid": _linux.MS_NOSUID,
-    "nodev": _linux.MS_NODEV,
-    "noexec": _linux.MS_NOEXEC,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
 }
 
 
@@ -41,7 +53,7 @@ def _split_options(options: Sequence[str]) -> tuple[int, list[str]]:
 def _mount_one(spec: MountSpec, target: Path) -> None:
     where = target / spec.target.lstrip("/") if spec.target else target
     if spec.type == "bind":
-        _linux.bind_mount(
+        bind_mount(
             spec.source, str(where), readonly=spec.readonly, recursive="rbind" in spec.options
         )
     elif spec.type == "overlay":
@@ -52,21 +64,21 @@ def _mount_one(spec: MountSpec, target: Path) -> None:
         data = [o for o in spec.options if o not in ("rw", "bind", "rbind", "loop")]
         if spec.readonly and "ro" not in data:
             data.append("ro")
-        _linux.mount_overlay(
+        mount_overlay(
             str(where), spec.lowerdirs, upperdir=spec.upperdir, workdir=spec.workdir, options=data
         )
     elif "loop" in spec.options:
         flags, data = _split_options(spec.options)
-        device = _linux.attach_loop(spec.source, readonly=bool(flags & _linux.MS_RDONLY))
+        device = attach_loop(spec.source, readonly=bool(flags & MS_RDONLY))
         try:
-            _linux.mount(device, str(where), spec.type, flags, ",".join(data) or None)
+            mount(device, str(where), spec.type, flags, ",".join(data) or None)
         except BaseException:
             # The loop device is autoclear, but only once something has mounted it.
-            _linux.detach_loop(device)
+            detach_loop(device)
             raise
     else:
         flags, data = _split_options(spec.options)
-        _linux.mount(spec.source, str(where), spec.type, flags, ",".join(data) or None)
+        mount(spec.source, str(where), spec.type, flags, ",".join(data) or None)
 
 
 def mount_all(specs: Sequence[MountSpec], target: Path) -> None:
@@ -97,11 +109,11 @@ def unmount_all(target: Path, *, remove_dir: bool = True) -> None:
     from moving on; the kernel frees the mount when the last user goes (moby PR #33638).
     """
     prefix = str(target)
-    points = [p for p in _linux.mount_points() if p == prefix or p.startswith(prefix + "/")]
+    points = [p for p in mount_points() if p == prefix or p.startswith(prefix + "/")]
     for point in sorted(points, key=len, reverse=True):
         with map_os_errors(f"unmount {point}"):
             try:
-                _linux.umount(point, _linux.MNT_DETACH)
+                umount(point, MNT_DETACH)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOENT):  # already gone
                     raise

@@ -1,7 +1,7 @@
 """btrfs through its ioctls: subvolumes, snapshots, read-only flags, qgroups.
 
-The kernel side of the btrfs driver, next to :mod:`laminae.kernel._linux` (which it builds on) and
-like it speaking ctypes, so that a layer costs no ``btrfs`` process.
+The kernel side of the btrfs driver, speaking ioctls like the rest of :mod:`laminae.kernel`, so
+that a layer costs no ``btrfs`` process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Final
 
 import attrs
 
-from laminae.kernel._linux import BTRFS_SUPER_MAGIC, MACHINE, closing_fd, statfs_type
+from laminae.kernel._filesystems import BTRFS_SUPER_MAGIC, statfs_type
+from laminae.kernel._syscalls import MACHINE, closing_fd
 
 __all__ = [
     "FIRST_FREE_OBJECTID",

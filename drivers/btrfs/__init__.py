@@ -14,9 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from laminae._exceptions import DriverUnavailable
-from laminae.driverkit._plugins import DriverRegistry, hookimpl
-from laminae.kernel import _linux
+from laminae.driverkit import (
+    MNT_DETACH,
+    DriverRegistry,
+    DriverUnavailable,
+    attach_loop,
+    detach_loop,
+    hookimpl,
+    mount,
+    umount,
+)
 
 from ._driver import BtrfsDriver
 
@@ -66,11 +73,11 @@ def loop_btrfs(base: Path) -> Iterator[Path]:
     made = subprocess.run([mkfs, "-q", "-f", str(image)], capture_output=True, text=True)
     if made.returncode != 0:
         raise DriverUnavailable(f"mkfs.btrfs {image} failed: {made.stderr.strip()}")
-    device = _linux.attach_loop(str(image))
+    device = attach_loop(str(image))
     try:
-        _linux.mount(device, str(target), "btrfs")
+        mount(device, str(target), "btrfs")
     except BaseException:
-        _linux.detach_loop(device)
+        detach_loop(device)
         raise
     try:
         home = target / "home"
@@ -78,11 +85,11 @@ def loop_btrfs(base: Path) -> Iterator[Path]:
         yield home
     finally:
         try:
-            _linux.umount(str(target))
+            umount(str(target))
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
             # A process still holds a file in it: detach now, the kernel finishes (and
             # auto-clears the loop device) when the last user goes.
-            _linux.umount(str(target), _linux.MNT_DETACH)
-        _linux.detach_loop(device)
+            umount(str(target), MNT_DETACH)
+        detach_loop(device)

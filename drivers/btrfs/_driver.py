@@ -4,7 +4,7 @@ Creating a layer on a parent costs one snapshot ioctl, whatever the parent holds
 shares the parent's tree until one of them writes. Committed layers are made read-only
 subvolumes, views are read-only snapshots, and removing a layer is one subvolume deletion per
 subvolume (nested ones first), never a walk that unlinks file by file (podman#26975).
-Every kernel call goes through :mod:`laminae.kernel._linux` ioctls; no ``btrfs`` process runs.
+Every kernel call is an ioctl (:mod:`laminae.driverkit.btrfs`); no ``btrfs`` process runs.
 
 On disk, below ``home`` (which must be on btrfs)::
 
@@ -18,10 +18,9 @@ as Moby's and containers-storage's btrfs drivers do: the limit counts what the l
 references, its parent's shared content included. The ``size`` option (``storage.toml``:
 ``[storage.options.btrfs] size = "10G"``) sets that limit on every writable layer at create.
 
-Committed layers: the driver contract has no commit hook yet, so a layer is frozen (made a
-read-only subvolume) when it gets its first child, the first moment the driver learns that
-the store committed it (only committed layers have children). :meth:`BtrfsDriver.commit`
-freezes at once and is what a store commit hook should call.
+Committed layers (:attr:`Feature.COMMIT`): the store calls :meth:`BtrfsDriver.commit`, which
+makes the layer a read-only subvolume. ``create`` also freezes a parent that is not frozen
+yet (only committed layers have children), for layers committed before the store called it.
 """
 
 from __future__ import annotations
@@ -29,28 +28,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, final
 
-from laminae._config import parse_size
-from laminae._exceptions import (
+from laminae.driverkit import (
+    BTRFS_SUPER_MAGIC,
     AlreadyExists,
+    Capabilities,
     DriverUnavailable,
+    Feature,
     InvalidArgument,
     LaminaeError,
+    MountSpec,
     NotFound,
+    Usage,
+    btrfs,
+    check_storage_id,
+    is_storage_id,
     map_os_errors,
+    mountinfo,
+    parse_size,
+    statfs_type,
+    syncfs,
+    tree_usage,
 )
-from laminae.driverkit._contract import Capabilities, Feature, MountSpec, Usage, tree_usage
-from laminae.kernel import _btrfs, _linux
 
 __all__ = ["BtrfsDriver"]
 
-# Storage ids are [0-9a-f] (driver contract); anything path-safe is accepted, nothing that
-# could climb out of subvolumes/ ("..", "/").
-_ID: Final = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_-]{0,127}")
 _OPTIONS: Final = frozenset({"size"})
 _PENDING: Final = "qgroups-pending"
 
@@ -71,11 +76,6 @@ def _parse_options(options: Mapping[str, str]) -> int | None:
         raise InvalidArgument(f"btrfs: option size: {exc}") from exc
 
 
-def _check_id(id: str) -> None:
-    if not _ID.fullmatch(id):
-        raise InvalidArgument(f"btrfs: invalid storage id {id!r}")
-
-
 def _nearest_existing(path: Path) -> Path:
     existing = Path(os.path.abspath(path))
     while not existing.exists() and existing != existing.parent:
@@ -87,7 +87,7 @@ def _filesystem_type(path: Path) -> str:
     """The type of the filesystem mounted where ``path`` lives, from mountinfo."""
     real = os.path.realpath(path)
     best, fs_type = "", "unknown"
-    for entry in _linux.mountinfo():
+    for entry in mountinfo():
         point = entry.mount_point.rstrip("/") + "/"
         if (real + "/").startswith(point) and len(point) > len(best):
             best, fs_type = point, entry.fs_type
@@ -125,10 +125,10 @@ class BtrfsDriver:
             )
         existing = _nearest_existing(home)
         try:
-            magic = _linux.statfs_type(str(existing))
+            magic = statfs_type(str(existing))
         except OSError as exc:
             raise DriverUnavailable(f"btrfs: cannot examine {existing}: {exc.strerror}") from exc
-        if magic != _linux.BTRFS_SUPER_MAGIC:
+        if magic != BTRFS_SUPER_MAGIC:
             raise DriverUnavailable(
                 f"btrfs: {existing} is on {_filesystem_type(existing)}, not on btrfs "
                 "(put the store's root on a btrfs filesystem)"
@@ -157,7 +157,7 @@ class BtrfsDriver:
         :raises AlreadyExists: ``id`` is on disk already.
         :raises NotFound: ``parents[0]`` is not on disk.
         """
-        _check_id(id)
+        check_storage_id(id)
         path = self._subvolumes / id
         if os.path.lexists(path):
             raise AlreadyExists(f"btrfs: layer {id} exists")
@@ -166,16 +166,16 @@ class BtrfsDriver:
             source = self._layer(parents[0], what="parent layer")
         with map_os_errors(f"btrfs: create layer {id}"):
             if source is not None:
-                _btrfs.set_readonly(str(source), True)
-                _btrfs.create_snapshot(str(source), str(path), readonly=not writable)
+                btrfs.set_readonly(str(source), True)
+                btrfs.create_snapshot(str(source), str(path), readonly=not writable)
             else:
-                _btrfs.create_subvolume(str(path))
+                btrfs.create_subvolume(str(path))
             try:
                 if source is None:
                     os.chmod(path, 0o755)  # whatever the umask
                     os.chown(path, 0, 0)
                     if not writable:
-                        _btrfs.set_readonly(str(path), True)
+                        btrfs.set_readonly(str(path), True)
                 if writable and self._size is not None:
                     self._limit(path, self._size)
                 elif source is not None:
@@ -183,7 +183,7 @@ class BtrfsDriver:
             except BaseException:
                 # The original failure is the one to report, not a cleanup hiccup.
                 with contextlib.suppress(OSError):
-                    _btrfs.delete_subvolume(str(path))
+                    btrfs.delete_subvolume(str(path))
                 raise
 
     def commit(self, id: str) -> None:
@@ -196,7 +196,7 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: freeze layer {id}"):
-            _btrfs.set_readonly(str(path), True)
+            btrfs.set_readonly(str(path), True)
 
     def remove(self, id: str) -> None:
         """Remove layer ``id``: delete the subvolumes a container nested in it, deepest
@@ -209,17 +209,17 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: remove layer {id}"):
-            own = _btrfs.subvolume_id(str(path))
-            nested = _btrfs.nested_subvolumes(str(path))
+            own = btrfs.subvolume_id(str(path))
+            nested = btrfs.nested_subvolumes(str(path))
             holders = {sub.parent_id for sub in nested}
-            for sub in [_btrfs.Subvolume(own, 0, str(path)), *nested]:
+            for sub in [btrfs.Subvolume(own, 0, str(path)), *nested]:
                 if sub.id in holders:
-                    _btrfs.set_readonly(sub.path, False)
+                    btrfs.set_readonly(sub.path, False)
             # nested lists parents before children: reversed, every child goes first.
             for sub in reversed(nested):
-                _btrfs.delete_subvolume(sub.path)
-            _btrfs.delete_subvolume(str(path))
-            if _btrfs.quota_status(str(self._subvolumes)) is not None:
+                btrfs.delete_subvolume(sub.path)
+            btrfs.delete_subvolume(str(path))
+            if btrfs.quota_status(str(self._subvolumes)) is not None:
                 self._drop_qgroups([own, *(sub.id for sub in nested)])
 
     def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[MountSpec]:
@@ -245,15 +245,15 @@ class BtrfsDriver:
         """
         path = self._layer(id)
         with map_os_errors(f"btrfs: usage of layer {id}"):
-            status = _btrfs.quota_status(str(path))
+            status = btrfs.quota_status(str(path))
             if status is not None and status.consistent:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
-                    _linux.syncfs(fd)  # qgroup numbers change at transaction commit
+                    syncfs(fd)  # qgroup numbers change at transaction commit
                 finally:
                     os.close(fd)
-                subvolid = _btrfs.subvolume_id(str(path))
-                qgroup = _btrfs.qgroups(str(path)).get(_btrfs.qgroup_id(subvolid))
+                subvolid = btrfs.subvolume_id(str(path))
+                qgroup = btrfs.qgroups(str(path)).get(btrfs.qgroup_id(subvolid))
                 if qgroup is not None:
                     return Usage(size=qgroup.referenced, inodes=1 + _count_entries(str(path)))
             return tree_usage(path)
@@ -267,10 +267,10 @@ class BtrfsDriver:
             return sorted(
                 entry.name
                 for entry in entries
-                if _ID.fullmatch(entry.name)
+                if is_storage_id(entry.name)
                 and entry.is_dir(follow_symlinks=False)
                 # d_ino of a subvolume's entry is its tree id; its root is inode 256.
-                and entry.stat(follow_symlinks=False).st_ino == _btrfs.FIRST_FREE_OBJECTID
+                and entry.stat(follow_symlinks=False).st_ino == btrfs.FIRST_FREE_OBJECTID
             )
 
     def close(self) -> None:
@@ -299,27 +299,27 @@ class BtrfsDriver:
 
     def _limit(self, path: Path, size: int) -> None:
         where = str(path)
-        if _btrfs.quota_status(where) is None:
-            _btrfs.quota_enable(where)
+        if btrfs.quota_status(where) is None:
+            btrfs.quota_enable(where)
             # Enabling starts a rescan; limits are only as good as the numbers behind them.
-            _btrfs.quota_rescan_wait(where)
-        qgroup = _btrfs.qgroup_id(_btrfs.subvolume_id(where))
+            btrfs.quota_rescan_wait(where)
+        qgroup = btrfs.qgroup_id(btrfs.subvolume_id(where))
         # With quota on, the kernel makes 0/<id> with every subvolume (and for every existing
         # one when quota is turned on); this covers a qgroup somebody destroyed by hand.
-        if qgroup not in _btrfs.qgroups(where):
-            _btrfs.qgroup_create(where, qgroup)
-        _btrfs.qgroup_limit(where, qgroup, size)
+        if qgroup not in btrfs.qgroups(where):
+            btrfs.qgroup_create(where, qgroup)
+        btrfs.qgroup_limit(where, qgroup, size)
 
     def _drop_inherited_limit(self, path: Path) -> None:
         """A snapshot's qgroup copies its source's limit (btrfs_qgroup_inherit): a layer's
         limit is its own, so a copied one goes."""
         where = str(path)
-        if _btrfs.quota_status(where) is None:
+        if btrfs.quota_status(where) is None:
             return
-        qgroup = _btrfs.qgroup_id(_btrfs.subvolume_id(where))
-        numbers = _btrfs.qgroups(where).get(qgroup)
+        qgroup = btrfs.qgroup_id(btrfs.subvolume_id(where))
+        numbers = btrfs.qgroups(where).get(qgroup)
         if numbers is not None and numbers.max_referenced is not None:
-            _btrfs.qgroup_limit(where, qgroup, None)
+            btrfs.qgroup_limit(where, qgroup, None)
 
     def _drop_qgroups(self, subvolids: Sequence[int]) -> None:
         """Destroy the qgroups of deleted subvolumes ``subvolids`` and of earlier ones still
@@ -339,7 +339,7 @@ class BtrfsDriver:
         where = str(self._subvolumes)
         for subvolid in sorted(pending | set(subvolids)):
             try:
-                _btrfs.qgroup_destroy(where, _btrfs.qgroup_id(subvolid))
+                btrfs.qgroup_destroy(where, btrfs.qgroup_id(subvolid))
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
                     still.add(subvolid)
@@ -355,10 +355,10 @@ class BtrfsDriver:
     # -- paths -------------------------------------------------------------------------------
 
     def _layer(self, id: str, *, what: str = "layer") -> Path:
-        _check_id(id)
+        check_storage_id(id)
         path = self._subvolumes / id
         try:
-            is_subvolume = _btrfs.is_subvolume(str(path))
+            is_subvolume = btrfs.is_subvolume(str(path))
         except OSError as exc:
             raise LaminaeError(f"btrfs: examine {what} {id}: {exc.strerror}") from exc
         if not is_subvolume:

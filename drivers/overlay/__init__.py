@@ -3,7 +3,7 @@ applied without mounting and diffed from their upper dir alone; rootless in a us
 
 from __future__ import annotations
 
-from laminae.driverkit._plugins import DriverRegistry, hookimpl
+from laminae.driverkit import DriverRegistry, hookimpl
 
 from ._driver import OverlayDriver
 

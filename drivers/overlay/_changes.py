@@ -28,8 +28,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 
-from laminae import Change, ChangeKind
-from laminae.kernel._xattrs import read_xattrs
+from laminae.driverkit import Change, ChangeKind, read_xattrs
 
 from ._view import Shown, StackView, is_whiteout
 

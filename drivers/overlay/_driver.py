@@ -13,7 +13,7 @@ CVE-2021-41091)::
     rm-<id>/             a layer being removed; renamed out of layers/ first
     xattrs               "trusted" or "user": where the layers keep their overlay flags
 
-Mounts (REFERENCE.md 2.1, containerd's ``mounts()``): a layer with no parent is a bind of its
+Mounts (as containerd's overlay snapshotter makes them): a layer with no parent is a bind of its
 ``diff/`` (read-only unless it is a writable layer mounted for writing: overlayfs cannot mount
 one lower alone). A writable layer over parents is an overlay with its ``diff/`` as upper and
 the parents' as lowers, immediate parent first. A read-only mount of a layer over parents is
@@ -40,7 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Final, final
 
-from laminae import (
+from laminae.driverkit import (
     AlreadyExists,
     Capabilities,
     Change,
@@ -55,11 +55,13 @@ from laminae import (
     WhiteoutMode,
     apply_tar,
     apply_tar_detached,
+    check_storage_id,
+    is_storage_id,
+    map_os_errors,
+    rename_noreplace,
     settle_detached,
     tree_usage,
 )
-from laminae._exceptions import map_os_errors
-from laminae.kernel import _linux
 
 from ._changes import native_changes
 from ._host import (
@@ -74,9 +76,6 @@ from ._probe import XATTR_RECORD, probe_host, read_namespace
 
 __all__ = ["LOWERDIR_APPEND", "USERXATTR", "OverlayDriver"]
 
-# Storage ids are [0-9a-f] (driver contract); anything path-safe is accepted, nothing that
-# could climb out of layers/ ("..", "/") or clash with the tmp-/rm- names is.
-_ID: Final = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_-]{0,127}")
 _LINK_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _LINK_LENGTH: Final = 10
 
@@ -94,11 +93,6 @@ USERXATTR: Final = in_user_namespace()
 """Whether the mounts need ``userxattr``: this process is in a user namespace."""
 LOWERDIR_APPEND: Final = lowerdir_append_supported()
 """Whether the kernel takes ``lowerdir+`` (Linux 6.8+), so the depth is the kernel's own."""
-
-
-def _check_id(id: str) -> None:
-    if not _ID.fullmatch(id):
-        raise InvalidArgument(f"overlay: invalid storage id {id!r}")
 
 
 @final
@@ -177,7 +171,7 @@ class OverlayDriver:
         :raises AlreadyExists: ``id`` is on disk already.
         :raises NotFound: a parent is not on disk.
         """
-        _check_id(id)
+        check_storage_id(id)
         final_path = self._layers / id
         if os.path.lexists(final_path):
             raise AlreadyExists(f"overlay: layer {id} exists")
@@ -196,7 +190,7 @@ class OverlayDriver:
                     os.mkdir(staging / "work", 0o700)
                 link = self._new_link()
                 (staging / "link").write_text(link + "\n")
-                _linux.rename_noreplace(str(staging), str(final_path))
+                rename_noreplace(str(staging), str(final_path))
             except BaseException:
                 # The original failure is the one to report, not a cleanup hiccup.
                 with contextlib.suppress(OSError):
@@ -217,7 +211,7 @@ class OverlayDriver:
 
         :raises NotFound: nothing of ``id`` is on disk.
         """
-        _check_id(id)
+        check_storage_id(id)
         path = self._layers / id
         doomed = self._home / f"rm-{id}"
         leftovers = [p for p in (self._home / f"tmp-{id}", doomed) if os.path.lexists(p)]
@@ -247,7 +241,7 @@ class OverlayDriver:
             return sorted(
                 entry.name
                 for entry in entries
-                if entry.is_dir(follow_symlinks=False) and _ID.fullmatch(entry.name)
+                if entry.is_dir(follow_symlinks=False) and is_storage_id(entry.name)
             )
 
     def usage(self, id: str) -> Usage:
@@ -263,7 +257,7 @@ class OverlayDriver:
         """Nothing to release: the driver holds no fds, mounts or locks between calls."""
 
     def _layer(self, id: str, what: str = "layer") -> Path:
-        _check_id(id)
+        check_storage_id(id)
         path = self._layers / id
         if not (path / "diff").is_dir():
             raise NotFound(f"overlay: {what} {id} is not on disk")

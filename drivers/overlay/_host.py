@@ -12,7 +12,7 @@ import os
 import re
 from typing import Final
 
-from laminae.kernel import _linux
+from laminae.driverkit import FSCONFIG_SET_STRING, fsconfig, fsopen
 
 __all__ = [
     "KERNEL_MAX_LOWERS",
@@ -65,13 +65,13 @@ def lowerdir_append_supported() -> bool:
     mounted. Without the privilege to ask (EPERM), the kernel release decides.
     """
     try:
-        fs_fd = _linux.fsopen("overlay")
+        fs_fd = fsopen("overlay")
     except OSError as exc:
         if exc.errno in (errno.ENOSYS, errno.ENODEV):
             return False
         return kernel_release() >= (6, 8)
     try:
-        _linux.fsconfig(fs_fd, _linux.FSCONFIG_SET_STRING, "lowerdir+", "/")
+        fsconfig(fs_fd, FSCONFIG_SET_STRING, "lowerdir+", "/")
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return False

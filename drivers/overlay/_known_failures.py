@@ -23,8 +23,9 @@ __all__ = ["known_failures", "mapped_ids"]
 
 _EVERYWHERE: Final = {
     "mounts::test_rename_directory": "rename(2) of a directory that came from a lower layer "
-    "fails with EXDEV under redirect_dir=nofollow, which native changes need (REFERENCE.md "
-    "2.8; containerd's suite skips it for overlayfs); tools fall back to copying, as mv does",
+    "fails with EXDEV under redirect_dir=nofollow, which native changes need (the kernel's "
+    "overlayfs.rst, 'Renaming directories'; containerd's suite skips it for overlayfs); tools "
+    "fall back to copying, as mv does",
 }
 
 _NO_MKNOD: Final = (

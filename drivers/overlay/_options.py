@@ -8,8 +8,8 @@ Named as containers-storage names them where the meaning is the same:
     (``lowerdir``, ``upperdir``, ``workdir``...), ``userxattr`` (set in a user namespace),
     and ``index``, ``redirect_dir``, ``metacopy``, ``nfs_export``: the native changes walk
     only an upper dir, which is right only while overlayfs keeps every change there, as
-    plain whiteouts and opaque flags (REFERENCE.md 2.6, 2.8). ``volatile`` goes in its own
-    option.
+    plain whiteouts and opaque flags (the kernel's Documentation/filesystems/overlayfs.rst:
+    "Redirect dir", "Metadata only copy up"). ``volatile`` goes in its own option.
 ``volatile``
     ``"true"``: mount writable layers with ``volatile`` (no sync to disk: for throwaway
     containers, whose data a crash may lose). Committing a layer still syncs it first.
@@ -25,7 +25,7 @@ from typing import Final
 
 import attrs
 
-from laminae import InvalidArgument
+from laminae.driverkit import InvalidArgument
 
 __all__ = ["OverlayOptions", "parse_options"]
 

@@ -32,15 +32,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from laminae import DriverUnavailable
-from laminae.kernel import _linux
-from laminae.kernel._xattrs import set_xattr
+from laminae.driverkit import (
+    NFS_SUPER_MAGIC,
+    OVERLAYFS_SUPER_MAGIC,
+    DriverUnavailable,
+    set_xattr,
+    statfs_type,
+)
 
 from ._host import kernel_release
 
 __all__ = ["XATTR_RECORD", "check_kernel_options", "probe_host", "read_namespace"]
 
-_NFS_SUPER_MAGIC: Final = 0x6969
 _PARAMETERS: Final = Path("/sys/module/overlay/parameters")
 # The module's parameters are the defaults of the mount options the driver sets; a kernel
 # without one does not know the option either.
@@ -159,15 +162,15 @@ def probe_host(home: Path, *, userxattr: bool, max_home: int | None) -> None:
     if not where.is_dir():
         raise DriverUnavailable(f"overlay: {where} is not a directory")
     try:
-        fs_type = _linux.statfs_type(str(where))
+        fs_type = statfs_type(str(where))
     except OSError as exc:
         raise DriverUnavailable(f"overlay: cannot statfs {where}: {exc.strerror}") from exc
-    if fs_type == _linux.OVERLAYFS_SUPER_MAGIC:
+    if fs_type == OVERLAYFS_SUPER_MAGIC:
         raise DriverUnavailable(
             f"overlay: {where} is on overlayfs, which cannot hold an overlay upper dir "
             "(a container's root?); give the store a root on a real filesystem"
         )
-    if fs_type == _NFS_SUPER_MAGIC:
+    if fs_type == NFS_SUPER_MAGIC:
         raise DriverUnavailable(f"overlay: {where} is on NFS, which overlayfs cannot use")
     if max_home is not None and len(os.fsencode(os.path.abspath(home))) > max_home:
         major, minor = kernel_release()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from laminae.kernel._xattrs import get_xattr
+from laminae.driverkit import get_xattr
 
 __all__ = ["Shown", "StackView", "is_whiteout"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from laminae.driverkit._plugins import DriverRegistry, hookimpl
+from laminae.driverkit import DriverRegistry, hookimpl
 
 from ._driver import VfsDriver
 

@@ -1,10 +1,9 @@
 """A faithful full copy of a directory tree: the whole of what a vfs layer creation does.
 
-Per file the cheapest way the filesystem allows, in the order Moby's graphdriver copy uses:
-``ioctl(FICLONE)`` (a reflink: btrfs, xfs with ``reflink=1``), then ``copy_file_range`` (in the
-kernel, may share extents on NFS or XFS), then ``read``/``write``. A refusal that means "this
-filesystem cannot" (``EXDEV``, ``EOPNOTSUPP``, ``EINVAL``) turns that way off for the rest of the
-copy, so ext4 pays for the failed ``FICLONE`` once, not once per file.
+File data goes the cheapest way the filesystem allows (:class:`laminae.driverkit.DataCopier`):
+a reflink on btrfs and XFS with ``reflink=1``, else ``copy_file_range`` or ``read``/``write`` of
+the data only, so holes stay holes. One copier serves the whole tree, so ext4 pays for the
+failed ``FICLONE`` once, not once per file.
 
 Kept: hardlinks (as hardlinks), symlinks, character and block devices, FIFOs, owners, modes with
 setuid/setgid/sticky, every extended attribute (``security.capability`` included), and
@@ -27,20 +26,13 @@ import os
 import stat
 from typing import Final, final
 
-from laminae.kernel import _linux
-from laminae.kernel._xattrs import get_xattr, list_xattrs, set_xattr
+from laminae.driverkit import DataCopier, get_xattr, list_xattrs, set_xattr
 
 __all__ = ["copy_tree"]
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# "This filesystem (pair) cannot": stop trying the fast path. ENOTTY/ENOSYS come from kernels
-# or filesystems without the call at all.
-_CANNOT: Final = frozenset(
-    {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
-)
-_CHUNK: Final = 1 << 20
 
 
 def copy_tree(source: str, destination: str) -> None:
@@ -60,12 +52,11 @@ def copy_tree(source: str, destination: str) -> None:
 @final
 class _Copier:
     __slots__ = (
+        "data",
         "destination",
         "directories",
         "dst_root",
         "links",
-        "range_copy",
-        "reflink",
         "source",
         "src_root",
     )
@@ -73,8 +64,7 @@ class _Copier:
     def __init__(self, source: str, destination: str) -> None:
         self.source = source
         self.destination = destination
-        self.reflink = True
-        self.range_copy = True
+        self.data = DataCopier()
         # (st_dev, st_ino) of a multiply linked source inode -> its first copy, relative.
         self.links: dict[tuple[int, int], str] = {}
         # Every directory in pre-order with its source stat; replayed backwards at the end.
@@ -170,8 +160,7 @@ class _Copier:
         try:
             dst = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dst_dir)
             try:
-                if st.st_size:
-                    self._copy_data(src, dst, st.st_size)
+                self.data.copy(src, dst, st.st_size)
                 os.fchown(dst, st.st_uid, st.st_gid)
                 os.fchmod(dst, stat.S_IMODE(st.st_mode))
                 _copy_xattrs(src, dst)
@@ -180,34 +169,6 @@ class _Copier:
                 os.close(dst)
         finally:
             os.close(src)
-
-    def _copy_data(self, src: int, dst: int, size: int) -> None:
-        if self.reflink:
-            try:
-                _linux.ficlone(src, dst)
-                return
-            except OSError as exc:
-                if exc.errno not in _CANNOT:
-                    raise
-                self.reflink = False
-        remaining = size
-        if self.range_copy:
-            try:
-                while remaining > 0:
-                    copied = os.copy_file_range(src, dst, remaining)
-                    if copied == 0:  # the source shrank under us
-                        return
-                    remaining -= copied
-                return
-            except OSError as exc:
-                if exc.errno not in _CANNOT:
-                    raise
-                self.range_copy = False
-        # Both file offsets stand where copy_file_range stopped; carry on from there.
-        while chunk := os.read(src, _CHUNK):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(dst, view) :]
 
     def _copy_path_xattrs(self, relative: str, *, symlink: bool) -> None:
         # Symlinks and device nodes cannot be opened for their xattrs; go by path, no follow.

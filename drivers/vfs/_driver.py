@@ -19,40 +19,35 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Final, final
+from typing import ClassVar, final
 
-from laminae._exceptions import (
+from laminae.driverkit import (
     AlreadyExists,
+    Capabilities,
     DriverUnavailable,
     InvalidArgument,
+    MountSpec,
     NotFound,
+    Usage,
+    check_storage_id,
+    is_storage_id,
     map_os_errors,
+    rename_noreplace,
+    tree_usage,
 )
-from laminae.driverkit._contract import Capabilities, MountSpec, Usage, tree_usage
-from laminae.kernel import _linux
 
 from ._copy import copy_tree
 
 __all__ = ["VfsDriver"]
 
-# Storage ids are [0-9a-f] (driver contract); anything path-safe is accepted, nothing that
-# could climb out of dir/ ("..", "/") or clash with the tmp-/rm- names is.
-_ID: Final = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_-]{0,127}")
-
 
 def _check_options(options: Mapping[str, str]) -> None:
     for key in options:
         raise InvalidArgument(f"vfs: unknown option {key!r} (vfs takes no options)")
-
-
-def _check_id(id: str) -> None:
-    if not _ID.fullmatch(id):
-        raise InvalidArgument(f"vfs: invalid storage id {id!r}")
 
 
 @final
@@ -103,13 +98,13 @@ class VfsDriver:
         :raises AlreadyExists: ``id`` is on disk already.
         :raises NotFound: ``parents[0]`` is not on disk.
         """
-        _check_id(id)
+        check_storage_id(id)
         final_path = self._dir / id
         if os.path.lexists(final_path):
             raise AlreadyExists(f"vfs: layer {id} exists")
         source = None
         if parents:
-            _check_id(parents[0])
+            check_storage_id(parents[0])
             source = self._dir / parents[0]
             if not source.is_dir():
                 raise NotFound(f"vfs: parent layer {parents[0]} of {id} is not on disk")
@@ -126,7 +121,7 @@ class VfsDriver:
                 else:
                     copy_tree(str(source), str(staging))
                 times = os.lstat(staging)
-                _linux.rename_noreplace(str(staging), str(final_path))
+                rename_noreplace(str(staging), str(final_path))
             except BaseException:
                 # The original failure is the one to report, not a cleanup hiccup.
                 with contextlib.suppress(OSError):
@@ -142,7 +137,7 @@ class VfsDriver:
 
         :raises NotFound: nothing of ``id`` is on disk.
         """
-        _check_id(id)
+        check_storage_id(id)
         path = self._dir / id
         doomed = self._home / f"rm-{id}"
         # What a crash left: a half copy (create) or a half removal of this id.
@@ -183,14 +178,14 @@ class VfsDriver:
             return sorted(
                 entry.name
                 for entry in entries
-                if entry.is_dir(follow_symlinks=False) and _ID.fullmatch(entry.name)
+                if entry.is_dir(follow_symlinks=False) and is_storage_id(entry.name)
             )
 
     def close(self) -> None:
         """Nothing to release: vfs holds no fds, mounts or locks between calls."""
 
     def _layer(self, id: str) -> Path:
-        _check_id(id)
+        check_storage_id(id)
         path = self._dir / id
         if not path.is_dir():
             raise NotFound(f"vfs: layer {id} is not on disk")

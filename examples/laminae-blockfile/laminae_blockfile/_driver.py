@@ -11,7 +11,11 @@ from that:
 * images a virtual machine can take as block devices as they are.
 
 The price: a child starts as a copy of its parent's image (a reflink where the backing
-filesystem has them, else a sparse copy), and every mount takes a loop device.
+filesystem has them, else a copy of its data that keeps the holes), and every mount takes a
+loop device.
+
+Built from :mod:`laminae.driverkit` alone, as any third-party driver can be: the storage-id
+check, the size parser, file copies, loop devices and the errors come from there.
 
 Layout::
 
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -37,15 +40,33 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, final
 
-import laminae
+from laminae.driverkit import (
+    EXT4_SUPER_MAGIC,
+    AlreadyExists,
+    Capabilities,
+    CorruptLayer,
+    DataCopier,
+    DriverUnavailable,
+    FailedPrecondition,
+    Feature,
+    InvalidArgument,
+    LaminaeError,
+    LimitExceeded,
+    MountSpec,
+    NotFound,
+    Usage,
+    check_storage_id,
+    is_storage_id,
+    loop_device_of,
+    map_os_errors,
+)
 
-from ._size import MIN_SIZE, format_size, parse_size
+from ._size import MIN_SIZE, format_size, layer_size
 
 __all__ = ["DEFAULT_SIZE", "BlockfileDriver", "BlockfileOptions", "parse_options"]
 
 DEFAULT_SIZE = "1G"
 
-_ID = re.compile(r"[0-9a-f]+")
 _IMAGE_SUFFIX = ".img"
 _TMP_SUFFIX = ".img.tmp"
 
@@ -74,8 +95,6 @@ _MKFS_ARGS = (
 # Extra search path for the e2fsprogs tools: a non-login root shell may lack sbin on PATH.
 _SBIN = ("/usr/sbin", "/sbin")
 
-_EXT4_MAGIC = 0xEF53
-
 
 @final
 class BlockfileOptions:
@@ -96,14 +115,15 @@ class BlockfileOptions:
 def parse_options(options: Mapping[str, str]) -> BlockfileOptions:
     """Parse the driver's options.
 
-    :raises laminae.InvalidArgument: an unknown key, or a value that is not a size, naming it.
+    :raises laminae.driverkit.InvalidArgument: an unknown key, or a value that is not a size,
+        naming it.
     """
     unknown = sorted(set(options) - {"size"})
     if unknown:
-        raise laminae.InvalidArgument(
+        raise InvalidArgument(
             f"blockfile option {unknown[0]!r}: unknown (the blockfile driver knows: size)"
         )
-    return BlockfileOptions(size=parse_size(options.get("size", DEFAULT_SIZE)))
+    return BlockfileOptions(size=layer_size(options.get("size", DEFAULT_SIZE)))
 
 
 def _find_tool(name: str) -> str | None:
@@ -114,14 +134,15 @@ def _find_tool(name: str) -> str | None:
 def _require_tool(name: str, package: str) -> str:
     tool = _find_tool(name)
     if tool is None:
-        raise laminae.DriverUnavailable(
+        raise DriverUnavailable(
             f"blockfile needs {name}, not found on PATH or in {', '.join(_SBIN)}: install {package}"
         )
     return tool
 
 
 def _run(argv: Sequence[str], what: str) -> None:
-    """Run a tool; a failure becomes a :class:`laminae.LaminaeError` quoting its stderr."""
+    """Run a tool; a failure becomes a :class:`~laminae.driverkit.LaminaeError` quoting its
+    stderr."""
     try:
         proc = subprocess.run(
             argv,
@@ -133,10 +154,10 @@ def _run(argv: Sequence[str], what: str) -> None:
             check=False,
         )
     except OSError as exc:
-        raise laminae.LaminaeError(f"{what}: {argv[0]}: {exc.strerror}") from exc
+        raise LaminaeError(f"{what}: {argv[0]}: {exc.strerror}") from exc
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise laminae.LaminaeError(f"{what}: {Path(argv[0]).name}: {detail[0]}")
+        raise LaminaeError(f"{what}: {Path(argv[0]).name}: {detail[0]}")
 
 
 def _inodes_in_use(image: Path) -> int:
@@ -148,8 +169,8 @@ def _inodes_in_use(image: Path) -> int:
     with open(image, "rb") as f:
         f.seek(1024)
         sb = f.read(88)
-    if len(sb) < 88 or struct.unpack_from("<H", sb, 56)[0] != _EXT4_MAGIC:
-        raise laminae.CorruptLayer(f"blockfile image {image}: no ext4 superblock")
+    if len(sb) < 88 or struct.unpack_from("<H", sb, 56)[0] != EXT4_SUPER_MAGIC:
+        raise CorruptLayer(f"blockfile image {image}: no ext4 superblock")
     total: int = struct.unpack_from("<I", sb, 0)[0]
     free: int = struct.unpack_from("<I", sb, 16)[0]
     first_ino: int = struct.unpack_from("<I", sb, 84)[0]
@@ -158,16 +179,9 @@ def _inodes_in_use(image: Path) -> int:
     return total - free - (first_ino - 1) + 1
 
 
-def _loop_device_of(image: Path) -> str | None:
-    """The loop device backed by ``image``, if one is (that is: the layer is mounted)."""
-    target = os.path.realpath(image)
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip() == target:
-                return f"/dev/{backing.parent.parent.name}"
-        except OSError:  # detached between glob and read
-            continue
-    return None
+def _open_private(path: str, flags: int) -> int:
+    """``open``'s opener for a file only root may read: a layer's image holds its files."""
+    return os.open(path, flags, 0o600)
 
 
 @contextlib.contextmanager
@@ -189,8 +203,8 @@ class BlockfileDriver:
     """
 
     name: ClassVar[str] = "blockfile"
-    capabilities: ClassVar[laminae.Capabilities] = laminae.Capabilities(
-        features={laminae.Feature.QUOTA},
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        features={Feature.QUOTA},
         # Each image holds its whole tree, so a chain's depth costs nothing at mount time;
         # the bound only keeps a runaway chain from filling the disk with copies.
         max_depth=1000,
@@ -202,27 +216,26 @@ class BlockfileDriver:
 
     @classmethod
     def probe(cls, home: Path, options: Mapping[str, str]) -> None:
-        """Check the host: root, loop devices, e2fsprogs and coreutils' ``cp``.
+        """Check the host: root, loop devices and e2fsprogs.
 
         The backing filesystem does not matter: anything that holds a sparse file will do.
 
-        :raises laminae.InvalidArgument: a bad option.
-        :raises laminae.DriverUnavailable: what is missing, and how to get it.
+        :raises laminae.driverkit.InvalidArgument: a bad option.
+        :raises laminae.driverkit.DriverUnavailable: what is missing, and how to get it.
         """
         parse_options(options)
         if os.geteuid() != 0:
-            raise laminae.DriverUnavailable(
+            raise DriverUnavailable(
                 f"blockfile needs root to attach loop devices and mount ext4 "
                 f"(running as uid {os.geteuid()})"
             )
         if not os.path.exists("/dev/loop-control"):
-            raise laminae.DriverUnavailable(
+            raise DriverUnavailable(
                 "blockfile needs loop devices: /dev/loop-control is missing (modprobe loop)"
             )
         _require_tool("mkfs.ext4", "e2fsprogs")
         _require_tool("debugfs", "e2fsprogs")
         _require_tool("resize2fs", "e2fsprogs")
-        _require_tool("cp", "coreutils")
 
     def __init__(self, home: Path, options: Mapping[str, str]) -> None:
         self._options = parse_options(options)
@@ -230,9 +243,7 @@ class BlockfileDriver:
         try:
             self._home.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise laminae.LaminaeError(
-                f"blockfile home {self._home}: {exc.strerror or exc}"
-            ) from exc
+            raise LaminaeError(f"blockfile home {self._home}: {exc.strerror or exc}") from exc
 
     @property
     def size(self) -> int:
@@ -242,17 +253,16 @@ class BlockfileDriver:
     def image(self, id: str) -> Path:
         """The image file of layer ``id`` (which need not exist).
 
-        :raises laminae.InvalidArgument: ``id`` is not a storage id (``[0-9a-f]+``), which
-            also keeps every path this driver makes inside its home.
+        :raises laminae.driverkit.InvalidArgument: ``id`` is not a storage id, which also
+            keeps every path this driver makes inside its home.
         """
-        if not _ID.fullmatch(id):
-            raise laminae.InvalidArgument(f"blockfile storage id {id!r}: not [0-9a-f]+")
+        check_storage_id(id)
         return self._home / (id + _IMAGE_SUFFIX)
 
     def _existing_image(self, id: str) -> Path:
         image = self.image(id)
         if not image.is_file():
-            raise laminae.NotFound(f"blockfile layer {id}: no image {image}")
+            raise NotFound(f"blockfile layer {id}: no image {image}")
         return image
 
     def create(self, id: str, parents: Sequence[str], writable: bool) -> None:
@@ -261,12 +271,12 @@ class BlockfileDriver:
         A view (``writable`` false) shares its parent's image through a hard link: the
         parent is committed, so neither is ever written, and the view costs no space.
 
-        :raises laminae.AlreadyExists: ``id`` has an image already.
-        :raises laminae.NotFound: the parent has no image.
+        :raises laminae.driverkit.AlreadyExists: ``id`` has an image already.
+        :raises laminae.driverkit.NotFound: the parent has no image.
         """
         image = self.image(id)
         if image.exists():
-            raise laminae.AlreadyExists(f"blockfile layer {id}: {image} exists")
+            raise AlreadyExists(f"blockfile layer {id}: {image} exists")
         tmp = self._home / (id + _TMP_SUFFIX)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # left by a process that died making it
@@ -285,22 +295,22 @@ class BlockfileDriver:
         tmp.unlink()
 
     def _copy(self, source: Path, target: Path, id: str) -> None:
-        # GNU cp clones (FICLONE) where the backing filesystem can, and otherwise copies
-        # only the data extents (SEEK_DATA/SEEK_HOLE), so the child stays as sparse as
-        # its parent.
-        cp = _require_tool("cp", "coreutils")
-        _run(
-            [cp, "--sparse=always", "--reflink=auto", "--", str(source), str(target)],
-            f"blockfile layer {id}: copy {source}",
-        )
+        # A reflink where the backing filesystem can; otherwise only the data extents are
+        # copied, so the child stays as sparse as its parent.
+        with (
+            map_os_errors(f"blockfile layer {id}: copy {source}"),
+            open(source, "rb") as src,
+            open(target, "xb", opener=_open_private) as dst,
+        ):
+            DataCopier().copy(src.fileno(), dst.fileno())
 
     def _link(self, source: Path, target: Path, id: str) -> None:
         try:
             os.link(source, target)
         except FileExistsError as exc:
-            raise laminae.AlreadyExists(f"blockfile layer {id}: {target} exists") from exc
+            raise AlreadyExists(f"blockfile layer {id}: {target} exists") from exc
         except OSError as exc:
-            raise laminae.LaminaeError(
+            raise LaminaeError(
                 f"blockfile layer {id}: link {source} to {target}: {exc.strerror}"
             ) from exc
 
@@ -313,7 +323,7 @@ class BlockfileDriver:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise laminae.LaminaeError(
+            raise LaminaeError(
                 f"blockfile: make a {format_size(self._options.size)} image {image}: {exc.strerror}"
             ) from exc
         mkfs = _require_tool("mkfs.ext4", "e2fsprogs")
@@ -324,12 +334,12 @@ class BlockfileDriver:
         debugfs = _require_tool("debugfs", "e2fsprogs")
         _run([debugfs, "-w", "-R", "rmdir lost+found", str(image)], f"empty {image}")
         if _inodes_in_use(image) != 1:
-            raise laminae.LaminaeError(f"blockfile: could not remove lost+found from {image}")
+            raise LaminaeError(f"blockfile: could not remove lost+found from {image}")
 
     def remove(self, id: str) -> None:
         """Delete layer ``id``'s image (and a half-made one, if a crash left it).
 
-        :raises laminae.NotFound: neither exists.
+        :raises laminae.driverkit.NotFound: neither exists.
         """
         found = False
         for path in (self.image(id), self._home / (id + _TMP_SUFFIX)):
@@ -338,33 +348,29 @@ class BlockfileDriver:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise laminae.LaminaeError(
-                    f"blockfile layer {id}: remove {path}: {exc.strerror}"
-                ) from exc
+                raise LaminaeError(f"blockfile layer {id}: remove {path}: {exc.strerror}") from exc
             found = True
         if not found:
-            raise laminae.NotFound(f"blockfile layer {id}: no image in {self._home}")
+            raise NotFound(f"blockfile layer {id}: no image in {self._home}")
 
-    def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[laminae.MountSpec]:
+    def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[MountSpec]:
         """One ext4 mount of the layer's image through a loop device.
 
-        :raises laminae.NotFound: no image.
-        :raises laminae.FailedPrecondition: a writable mount of a view, whose image is its
-            parent's.
+        :raises laminae.driverkit.NotFound: no image.
+        :raises laminae.driverkit.FailedPrecondition: a writable mount of a view, whose image
+            is its parent's.
         """
         image = self._existing_image(id)
         if not readonly and image.stat().st_nlink > 1:
-            raise laminae.FailedPrecondition(
+            raise FailedPrecondition(
                 f"blockfile layer {id} shares its image with its parent (a view): "
                 "it mounts read-only only"
             )
         return [
-            laminae.MountSpec(
-                type="ext4", source=str(image), options=("loop", "ro" if readonly else "rw")
-            )
+            MountSpec(type="ext4", source=str(image), options=("loop", "ro" if readonly else "rw"))
         ]
 
-    def usage(self, id: str) -> laminae.Usage:
+    def usage(self, id: str) -> Usage:
         """The image's allocated bytes, and the inodes its filesystem uses.
 
         A layer's image holds its parents' files too, so this is the upper bound the
@@ -374,8 +380,8 @@ class BlockfileDriver:
         try:
             blocks = image.stat().st_blocks
         except OSError as exc:
-            raise laminae.LaminaeError(f"blockfile layer {id}: {exc.strerror}") from exc
-        return laminae.Usage(size=blocks * 512, inodes=_inodes_in_use(image))
+            raise LaminaeError(f"blockfile layer {id}: {exc.strerror}") from exc
+        return Usage(size=blocks * 512, inodes=_inodes_in_use(image))
 
     def layers(self) -> Iterable[str]:
         """Storage ids with an image, or with a half-made one (for ``check`` to clean)."""
@@ -387,7 +393,7 @@ class BlockfileDriver:
         for name in names:
             for suffix in (_TMP_SUFFIX, _IMAGE_SUFFIX):
                 stem = name.removesuffix(suffix)
-                if stem != name and _ID.fullmatch(stem):
+                if stem != name and is_storage_id(stem):
                     ids.add(stem)
                     break
         return sorted(ids)
@@ -400,25 +406,26 @@ class BlockfileDriver:
         The filesystem's own metadata counts against ``size``, so slightly less than
         ``size`` bytes of file data fit.
 
-        :raises laminae.InvalidArgument: ``size`` is below the driver's minimum of 16 MiB.
-        :raises laminae.FailedPrecondition: the layer is mounted, or is a view.
-        :raises laminae.LimitExceeded: the files do not fit in ``size`` bytes.
+        :raises laminae.driverkit.InvalidArgument: ``size`` is below the driver's minimum of
+            16 MiB.
+        :raises laminae.driverkit.FailedPrecondition: the layer is mounted, or is a view.
+        :raises laminae.driverkit.LimitExceeded: the files do not fit in ``size`` bytes.
         """
         image = self._existing_image(id)
         if size < MIN_SIZE:
-            raise laminae.InvalidArgument(
+            raise InvalidArgument(
                 f"blockfile quota of layer {id}: {size} bytes is below the minimum "
                 f"of {format_size(MIN_SIZE)}"
             )
         size -= size % 4096
         st = image.stat()
         if st.st_nlink > 1:
-            raise laminae.FailedPrecondition(
+            raise FailedPrecondition(
                 f"blockfile layer {id} shares its image with its parent (a view): no quota"
             )
-        device = _loop_device_of(image)
+        device = loop_device_of(image)
         if device is not None:
-            raise laminae.FailedPrecondition(
+            raise FailedPrecondition(
                 f"blockfile layer {id} is in use ({device}): set its quota before mounting it"
             )
         if size == st.st_size:
@@ -435,13 +442,13 @@ class BlockfileDriver:
             else:
                 try:
                     _run(argv, what)
-                except laminae.LaminaeError as exc:
-                    raise laminae.LimitExceeded(
+                except LaminaeError as exc:
+                    raise LimitExceeded(
                         f"{exc} (do the layer's files fit in {format_size(size)}?)"
                     ) from exc
                 os.truncate(image, size)
         except OSError as exc:
-            raise laminae.LaminaeError(f"{what}: {exc.strerror}") from exc
+            raise LaminaeError(f"{what}: {exc.strerror}") from exc
 
     def close(self) -> None:
         """Nothing to release: every mount and loop device belongs to the store."""
