@@ -37,7 +37,7 @@ GROUPS: Mapping[str, tuple[int, str]] = {
 }
 
 # What a driver, built in or third-party, may import from laminae: the documented namespaces.
-PUBLIC = frozenset({"laminae", "laminae.driverkit", "laminae.images"})
+PUBLIC = frozenset({"laminae", "laminae.driverkit", "laminae.driverkit.btrfs", "laminae.images"})
 
 EXAMPLE_DRIVER = (
     Path(__file__).parent.parent / "examples" / "laminae-blockfile" / "laminae_blockfile"

@@ -21,7 +21,7 @@ applied on top, as ``docker run`` would:
 The container's files are untrusted: ``/etc/passwd`` and ``/etc/group`` are opened inside the
 mount with ``openat2(RESOLVE_IN_ROOT)``, so a symlink there resolves within the container's
 root and never to the host's files (without ``openat2``, before Linux 5.6, the directory walk
-of :mod:`laminae.archive._apply` and an ``O_NOFOLLOW`` loop here do the same). They
+of :mod:`laminae.archive._tree` and an ``O_NOFOLLOW`` loop here do the same). They
 are read line by line, at most :data:`MAX_ACCOUNT_FILE` bytes, and must be regular files.
 
 Beside ``config.json`` the bundle holds a marker, :data:`MARKER_NAME`, naming the store (root,
@@ -53,8 +53,7 @@ from laminae._exceptions import (
     NotFound,
     map_os_errors,
 )
-from laminae.archive._tree import Tree as _Tree
-from laminae.archive._tree import clean_name as _clean
+from laminae.archive._tree import Tree, clean_name
 from laminae.kernel import _paths, _syscalls
 
 if TYPE_CHECKING:
@@ -594,8 +593,8 @@ def _open_in_root(rootfs: Path, path: str) -> int | None:
                     raise
         # Before openat2 (Linux 5.6): the extractor's walk, which resolves directories the
         # same way, and the last component's symlinks resolved here, both within the root.
-        tree = _Tree(rootfs)
-        wanted = _clean(os.fsencode(path))
+        tree = Tree(rootfs)
+        wanted = clean_name(os.fsencode(path))
         try:
             for _ in range(_MAX_LINKS):
                 parent, _, name = wanted.rpartition(b"/")
@@ -610,7 +609,7 @@ def _open_in_root(rootfs: Path, path: str) -> int | None:
                     if exc.errno != errno.ELOOP:
                         raise
                 target = os.readlink(name, dir_fd=found[0])
-                wanted = _clean(target if target.startswith(b"/") else parent + b"/" + target)
+                wanted = clean_name(target if target.startswith(b"/") else parent + b"/" + target)
             return None
         except InvalidArgument:
             return None  # a symlink loop on the way

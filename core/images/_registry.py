@@ -211,7 +211,7 @@ def _error_detail(response: httpx.Response) -> str:
     except httpx.HTTPError:
         return status
     try:
-        errors = load_json(body, "an error body").get("errors")
+        errors = load_json(body or b"", "an error body").get("errors")
     except (ValueError, AttributeError):
         return status
     lines = [
@@ -467,7 +467,7 @@ class RegistryClient:
             with contextlib.closing(response), self._transport_errors(subject):
                 body = _read_bounded(response, MAX_MANIFEST_BYTES)
             try:
-                page = load_json(body, f"tags of {repository}")
+                page = load_json(body or b"", f"tags of {repository}")
                 tags.extend(tag for tag in page.get("tags") or () if isinstance(tag, str))
             except (ValueError, AttributeError, TypeError) as exc:
                 raise Unavailable(f"{self.host}/{repository}: malformed tag list") from exc
@@ -651,7 +651,7 @@ class RegistryClient:
                     raise Unavailable(f"{self.host}: {subject}: {_error_detail(response)}")
                 body = _read_bounded(response, _MAX_TOKEN_BYTES)
         try:
-            document = load_json(body, f"{self.host}: a token response")
+            document = load_json(body or b"", f"{self.host}: a token response")
             value = document.get("token") or document.get("access_token")
             lifetime = float(document.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError) as exc:
