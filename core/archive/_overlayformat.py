@@ -1,6 +1,6 @@
 """An overlayfs layer dir applied before its parents are there: detached apply, then settle.
 
-The OVERLAY mode of :func:`laminae.apply_tar` reads the lower dirs while it applies: a
+The OVERLAY mode of :func:`laminae.driverkit.apply_tar` reads the lower dirs while it applies: a
 whiteout is written only where a lower shows the name, an opaque flag only where a lower shows
 a directory beneath, a missing parent directory takes the attributes of the lowers' one (or
 is refused when the lowers show a file there). So a layer waits for its parents.
@@ -26,8 +26,8 @@ lowers show at a path never changes; so each record is settled by what the lower
 at its path. Shadowing only grows while a tar is applied (a directory that loses its place is
 made again over what replaced it, or below something that did), so a set of paths tracks it.
 
-What cannot be done without the lowers raises :class:`laminae.ParentsNeeded`, and the caller
-applies the tar the sequential way once the parents are there:
+What cannot be done without the lowers raises :class:`laminae.driverkit.ParentsNeeded`, and the
+caller applies the tar the sequential way once the parents are there:
 
 * an opaque marker at the root (it becomes a whiteout per lower name);
 * a hard link to a file the tar did not make (it copies the lower file up);
@@ -377,7 +377,7 @@ def apply_tar_detached(
     """Apply an uncompressed layer tar onto the empty overlayfs layer dir ``root`` without
     reading any lower dir; reads ``tar`` to its end.
 
-    Everything of :func:`laminae.apply_tar` in OVERLAY mode holds, except what depends on
+    Everything of :func:`laminae.driverkit.apply_tar` in OVERLAY mode holds, except what depends on
     the lowers (see the module docstring); :func:`settle_detached` does that part.
 
     :param root: the layer's own dir (overlayfs upper dir), empty.
@@ -387,7 +387,7 @@ def apply_tar_detached(
     :returns: what :func:`settle_detached` needs.
     :raises ParentsNeeded: the tar cannot be applied without the lowers; ``root`` holds
         garbage and must be emptied.
-    :raises InvalidArgument: a malformed or refused entry, as :func:`laminae.apply_tar`.
+    :raises InvalidArgument: a malformed or refused entry, as :func:`laminae.driverkit.apply_tar`.
     :raises LimitExceeded: a limit was broken.
     """
     reader = TarReader(tar, limits)
@@ -566,7 +566,7 @@ def settle_detached(
     *,
     userxattr: bool = False,
 ) -> None:
-    """Make ``root`` what :func:`laminae.apply_tar` in OVERLAY mode with ``parent_roots``
+    """Make ``root`` what :func:`laminae.driverkit.apply_tar` in OVERLAY mode with ``parent_roots``
     would have made of the tar :func:`apply_tar_detached` applied onto it.
 
     :param root: the layer dir the detached apply wrote.

@@ -17,7 +17,7 @@ open of the store removes.
 Parallelism (``jobs`` workers): a registry's blobs are fetched ahead into spool files while
 earlier layers apply. Every layer is decompressed and hashed in a thread of its own that
 feeds the applier through a bounded queue, so one layer keeps two cores busy. Where the driver
-applies a layer without its parents (:class:`~laminae.DetachedApplier`, overlay), the
+applies a layer without its parents (:class:`~laminae.driverkit.DetachedApplier`, overlay), the
 layers of one image are applied at once, and each is settled onto its parents in order
 afterwards; other drivers (vfs, btrfs) need the parent's files first and apply in order.
 

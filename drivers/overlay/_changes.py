@@ -3,7 +3,7 @@
 Everything a layer changed is in its ``diff/`` (the mounts keep it so: ``index=off``,
 ``redirect_dir=nofollow``, ``metacopy=off``), so the walk visits the upper dir only and asks
 the parents' view (:class:`StackView`) about each name it finds; its cost grows with the
-change, not with the image. The result is the stream :func:`laminae.naive_changes` gives
+change, not with the image. The result is the stream :func:`laminae.driverkit.naive_changes` gives
 for the same layer over mounted trees, entry for entry and in the same order (the driver's
 tests hold the two side by side):
 
@@ -126,7 +126,7 @@ class _Walk:
     def same(self, shown: Shown, st: os.stat_result, path: str) -> bool:
         """Whether the layer's entry at ``path`` is unchanged from what the parents show.
 
-        The rules of ``laminae.naive_changes`` (``_same_file``), on raw layer dirs: the
+        The rules of ``laminae.driverkit.naive_changes`` (``_same_file``), on raw layer dirs: the
         attributes overlayfs keeps for itself, and hides from a mount, are left out.
         """
         a = shown.st

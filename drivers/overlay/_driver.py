@@ -379,7 +379,7 @@ class OverlayDriver:
         """Write ``tar`` straight into the layer's ``diff/``, without mounting anything.
 
         Whiteouts become overlayfs whiteouts, opaque markers opaque flags, read against the
-        parents' dirs (see :func:`laminae.apply_tar`, OVERLAY mode).
+        parents' dirs (see :func:`laminae.driverkit.apply_tar`, OVERLAY mode).
         """
         diff = self._layer(id) / "diff"
         lowers = [self._layer(parent, what="parent layer") / "diff" for parent in parents]
@@ -398,7 +398,7 @@ class OverlayDriver:
         """Write ``tar`` into the layer's ``diff/`` without reading any parent.
 
         Whiteouts and opaque flags are all written, and recorded for :meth:`settle`, which
-        keeps those the parents need (see :func:`laminae.apply_tar_detached`).
+        keeps those the parents need (see :func:`laminae.driverkit.apply_tar_detached`).
 
         :raises ParentsNeeded: the tar needs the parents' content (a root opaque marker, a
             hard link to a parent's file...): remove the layer, then :meth:`apply` it.
