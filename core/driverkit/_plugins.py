@@ -22,13 +22,13 @@ import importlib.util
 import pkgutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, final
+from typing import Any, final
 
 import attrs
 import pluggy
 
 from laminae._exceptions import DriverUnavailable, InvalidArgument, LaminaeError
-from laminae.driverkit._contract import FEATURE_PROTOCOLS, Capabilities, Driver
+from laminae.driverkit._contract import FEATURE_PROTOCOLS, Capabilities
 
 __all__ = [
     "DriverEntry",
@@ -49,17 +49,6 @@ BUILT_IN_PACKAGE = "laminae.drivers"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-class DriverClass(Protocol):
-    """What is registered: a class satisfying :class:`Driver`."""
-
-    name: str
-    capabilities: Capabilities
-
-    def __call__(self, home: Path, options: Mapping[str, str]) -> Driver: ...
-
-    def probe(self, home: Path, options: Mapping[str, str]) -> None: ...
 
 
 @final
