@@ -19,6 +19,11 @@ from laminae.drivers.vfs import VfsDriver
 
 
 def test_all_lists_exactly_the_public_names() -> None:
+    # Names load on first use: every name of __all__ resolves, and once all have, the
+    # namespace holds no other public name.
+    assert sorted(driverkit.__all__) == sorted(driverkit._HOMES)
+    for name in driverkit.__all__:
+        getattr(driverkit, name)
     public = {
         name
         for name, value in vars(driverkit).items()

@@ -116,101 +116,299 @@ Importing this namespace loads neither the image code nor an HTTP client. See
 docs/architecture.md.
 """
 
-from laminae._exceptions import (
-    AlreadyExists,
-    CorruptLayer,
-    DriverUnavailable,
-    FailedPrecondition,
-    InvalidArgument,
-    LaminaeError,
-    LimitExceeded,
-    NotFound,
-    ParentsNeeded,
-    Unsupported,
-    map_os_errors,
-)
-from laminae.archive._apply import ApplyResult, WhiteoutMode, apply_tar
-from laminae.archive._changes import Change, ChangeKind, naive_changes
-from laminae.archive._limits import Limits
-from laminae.archive._overlayformat import Unsettled, apply_tar_detached, settle_detached
-from laminae.archive._write import write_changes_tar
-from laminae.driverkit._contract import (
-    Applier,
-    Capabilities,
-    ChangeReporter,
-    Committer,
-    DetachedApplier,
-    Driver,
-    Feature,
-    MountSpec,
-    QuotaSetter,
-    Usage,
-    check_storage_id,
-    is_storage_id,
-    tree_usage,
-)
-from laminae.driverkit._mount import mount_all, mounted, unmount_all
-from laminae.driverkit._plugins import DriverEntry, DriverRegistry, hookimpl
-from laminae.driverkit._sizes import parse_size
-from laminae.kernel._filecopy import DataCopier, ficlone
-from laminae.kernel._filesystems import (
-    BTRFS_SUPER_MAGIC,
-    EXT4_SUPER_MAGIC,
-    NFS_SUPER_MAGIC,
-    OVERLAYFS_SUPER_MAGIC,
-    TMPFS_MAGIC,
-    statfs_type,
-    syncfs,
-)
-from laminae.kernel._loop import attach_loop, detach_loop, loop_device_of
-from laminae.kernel._mountinfo import MountInfo, is_mountpoint, mount_points, mountinfo
-from laminae.kernel._mounts import (
-    AT_EMPTY_PATH,
-    AT_RECURSIVE,
-    FSCONFIG_CMD_CREATE,
-    FSCONFIG_SET_FD,
-    FSCONFIG_SET_FLAG,
-    FSCONFIG_SET_STRING,
-    FSMOUNT_CLOEXEC,
-    FSOPEN_CLOEXEC,
-    MNT_DETACH,
-    MNT_FORCE,
-    MOUNT_ATTR_NOATIME,
-    MOUNT_ATTR_NODEV,
-    MOUNT_ATTR_NODIRATIME,
-    MOUNT_ATTR_NOEXEC,
-    MOUNT_ATTR_NOSUID,
-    MOUNT_ATTR_RDONLY,
-    MOUNT_ATTR_STRICTATIME,
-    MOVE_MOUNT_F_EMPTY_PATH,
-    MS_BIND,
-    MS_NOATIME,
-    MS_NODEV,
-    MS_NODIRATIME,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_RDONLY,
-    MS_REC,
-    MS_RELATIME,
-    MS_REMOUNT,
-    MS_STRICTATIME,
-    OPEN_TREE_CLOEXEC,
-    OPEN_TREE_CLONE,
-    bind_mount,
-    fsconfig,
-    fsmount,
-    fsopen,
-    mount,
-    mount_overlay,
-    mount_setattr,
-    move_mount,
-    open_tree,
-    umount,
-)
-from laminae.kernel._paths import rename_noreplace
-from laminae.kernel._syscalls import AT_FDCWD
-from laminae.kernel._xattrs import get_xattr, list_xattrs, read_xattrs, remove_xattr, set_xattr
+import importlib as _importlib
+
+# Names resolve on first use (PEP 562), as in laminae's own namespace: a store that imports one
+# size parser, or a driver that needs five names, does not pay for the whole toolkit. Not
+# typing.TYPE_CHECKING, for the same reason as there; type checkers take any TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from laminae._exceptions import (
+        AlreadyExists,
+        CorruptLayer,
+        DriverUnavailable,
+        FailedPrecondition,
+        InvalidArgument,
+        LaminaeError,
+        LimitExceeded,
+        NotFound,
+        ParentsNeeded,
+        Unsupported,
+        map_os_errors,
+    )
+    from laminae.archive._apply import ApplyResult, WhiteoutMode, apply_tar
+    from laminae.archive._changes import Change, ChangeKind, naive_changes
+    from laminae.archive._limits import Limits
+    from laminae.archive._overlayformat import Unsettled, apply_tar_detached, settle_detached
+    from laminae.archive._write import write_changes_tar
+    from laminae.driverkit._contract import (
+        Applier,
+        Capabilities,
+        ChangeReporter,
+        Committer,
+        DetachedApplier,
+        Driver,
+        Feature,
+        MountSpec,
+        QuotaSetter,
+        Usage,
+        check_storage_id,
+        is_storage_id,
+        tree_usage,
+    )
+    from laminae.driverkit._mount import mount_all, mounted, unmount_all
+    from laminae.driverkit._plugins import DriverEntry, DriverRegistry, hookimpl
+    from laminae.driverkit._sizes import parse_size
+    from laminae.kernel._filecopy import DataCopier, ficlone
+    from laminae.kernel._filesystems import (
+        BTRFS_SUPER_MAGIC,
+        EXT4_SUPER_MAGIC,
+        NFS_SUPER_MAGIC,
+        OVERLAYFS_SUPER_MAGIC,
+        TMPFS_MAGIC,
+        statfs_type,
+        syncfs,
+    )
+    from laminae.kernel._loop import attach_loop, detach_loop, loop_device_of
+    from laminae.kernel._mountinfo import MountInfo, is_mountpoint, mount_points, mountinfo
+    from laminae.kernel._mounts import (
+        AT_EMPTY_PATH,
+        AT_RECURSIVE,
+        FSCONFIG_CMD_CREATE,
+        FSCONFIG_SET_FD,
+        FSCONFIG_SET_FLAG,
+        FSCONFIG_SET_STRING,
+        FSMOUNT_CLOEXEC,
+        FSOPEN_CLOEXEC,
+        MNT_DETACH,
+        MNT_FORCE,
+        MOUNT_ATTR_NOATIME,
+        MOUNT_ATTR_NODEV,
+        MOUNT_ATTR_NODIRATIME,
+        MOUNT_ATTR_NOEXEC,
+        MOUNT_ATTR_NOSUID,
+        MOUNT_ATTR_RDONLY,
+        MOUNT_ATTR_STRICTATIME,
+        MOVE_MOUNT_F_EMPTY_PATH,
+        MS_BIND,
+        MS_NOATIME,
+        MS_NODEV,
+        MS_NODIRATIME,
+        MS_NOEXEC,
+        MS_NOSUID,
+        MS_PRIVATE,
+        MS_RDONLY,
+        MS_REC,
+        MS_RELATIME,
+        MS_REMOUNT,
+        MS_STRICTATIME,
+        OPEN_TREE_CLOEXEC,
+        OPEN_TREE_CLONE,
+        bind_mount,
+        fsconfig,
+        fsmount,
+        fsopen,
+        mount,
+        mount_overlay,
+        mount_setattr,
+        move_mount,
+        open_tree,
+        umount,
+    )
+    from laminae.kernel._paths import rename_noreplace
+    from laminae.kernel._syscalls import AT_FDCWD
+    from laminae.kernel._xattrs import get_xattr, list_xattrs, read_xattrs, remove_xattr, set_xattr
+
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "AlreadyExists",
+            "CorruptLayer",
+            "DriverUnavailable",
+            "FailedPrecondition",
+            "InvalidArgument",
+            "LaminaeError",
+            "LimitExceeded",
+            "NotFound",
+            "ParentsNeeded",
+            "Unsupported",
+            "map_os_errors",
+        ),
+        "laminae._exceptions",
+    ),
+    **dict.fromkeys(
+        (
+            "ApplyResult",
+            "WhiteoutMode",
+            "apply_tar",
+        ),
+        "laminae.archive._apply",
+    ),
+    **dict.fromkeys(
+        (
+            "Change",
+            "ChangeKind",
+            "naive_changes",
+        ),
+        "laminae.archive._changes",
+    ),
+    **dict.fromkeys(
+        ("Limits",),
+        "laminae.archive._limits",
+    ),
+    **dict.fromkeys(
+        (
+            "Unsettled",
+            "apply_tar_detached",
+            "settle_detached",
+        ),
+        "laminae.archive._overlayformat",
+    ),
+    **dict.fromkeys(
+        ("write_changes_tar",),
+        "laminae.archive._write",
+    ),
+    **dict.fromkeys(
+        (
+            "Applier",
+            "Capabilities",
+            "ChangeReporter",
+            "Committer",
+            "DetachedApplier",
+            "Driver",
+            "Feature",
+            "MountSpec",
+            "QuotaSetter",
+            "Usage",
+            "check_storage_id",
+            "is_storage_id",
+            "tree_usage",
+        ),
+        "laminae.driverkit._contract",
+    ),
+    **dict.fromkeys(
+        (
+            "mount_all",
+            "mounted",
+            "unmount_all",
+        ),
+        "laminae.driverkit._mount",
+    ),
+    **dict.fromkeys(
+        (
+            "DriverEntry",
+            "DriverRegistry",
+            "hookimpl",
+        ),
+        "laminae.driverkit._plugins",
+    ),
+    **dict.fromkeys(
+        ("parse_size",),
+        "laminae.driverkit._sizes",
+    ),
+    **dict.fromkeys(
+        (
+            "DataCopier",
+            "ficlone",
+        ),
+        "laminae.kernel._filecopy",
+    ),
+    **dict.fromkeys(
+        (
+            "BTRFS_SUPER_MAGIC",
+            "EXT4_SUPER_MAGIC",
+            "NFS_SUPER_MAGIC",
+            "OVERLAYFS_SUPER_MAGIC",
+            "TMPFS_MAGIC",
+            "statfs_type",
+            "syncfs",
+        ),
+        "laminae.kernel._filesystems",
+    ),
+    **dict.fromkeys(
+        (
+            "attach_loop",
+            "detach_loop",
+            "loop_device_of",
+        ),
+        "laminae.kernel._loop",
+    ),
+    **dict.fromkeys(
+        (
+            "MountInfo",
+            "is_mountpoint",
+            "mount_points",
+            "mountinfo",
+        ),
+        "laminae.kernel._mountinfo",
+    ),
+    **dict.fromkeys(
+        (
+            "AT_EMPTY_PATH",
+            "AT_RECURSIVE",
+            "FSCONFIG_CMD_CREATE",
+            "FSCONFIG_SET_FD",
+            "FSCONFIG_SET_FLAG",
+            "FSCONFIG_SET_STRING",
+            "FSMOUNT_CLOEXEC",
+            "FSOPEN_CLOEXEC",
+            "MNT_DETACH",
+            "MNT_FORCE",
+            "MOUNT_ATTR_NOATIME",
+            "MOUNT_ATTR_NODEV",
+            "MOUNT_ATTR_NODIRATIME",
+            "MOUNT_ATTR_NOEXEC",
+            "MOUNT_ATTR_NOSUID",
+            "MOUNT_ATTR_RDONLY",
+            "MOUNT_ATTR_STRICTATIME",
+            "MOVE_MOUNT_F_EMPTY_PATH",
+            "MS_BIND",
+            "MS_NOATIME",
+            "MS_NODEV",
+            "MS_NODIRATIME",
+            "MS_NOEXEC",
+            "MS_NOSUID",
+            "MS_PRIVATE",
+            "MS_RDONLY",
+            "MS_REC",
+            "MS_RELATIME",
+            "MS_REMOUNT",
+            "MS_STRICTATIME",
+            "OPEN_TREE_CLOEXEC",
+            "OPEN_TREE_CLONE",
+            "bind_mount",
+            "fsconfig",
+            "fsmount",
+            "fsopen",
+            "mount",
+            "mount_overlay",
+            "mount_setattr",
+            "move_mount",
+            "open_tree",
+            "umount",
+        ),
+        "laminae.kernel._mounts",
+    ),
+    **dict.fromkeys(
+        ("rename_noreplace",),
+        "laminae.kernel._paths",
+    ),
+    **dict.fromkeys(
+        ("AT_FDCWD",),
+        "laminae.kernel._syscalls",
+    ),
+    **dict.fromkeys(
+        (
+            "get_xattr",
+            "list_xattrs",
+            "read_xattrs",
+            "remove_xattr",
+            "set_xattr",
+        ),
+        "laminae.kernel._xattrs",
+    ),
+}
+"""Where each public name lives; it is imported from there on first use."""
 
 # Plain sorted() order, which tests/test_architecture.py holds every public namespace to;
 # ruff's isort-style order would put the constants first.
@@ -323,3 +521,25 @@ __all__ = [  # noqa: RUF022
     "unmount_all",
     "write_changes_tar",
 ]
+
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which see the imports above instead.
+
+    def __getattr__(name: str) -> object:
+        """Import a public name on first use, and keep it.
+
+        :raises AttributeError: ``name`` is not in the toolkit.
+        """
+        module = _HOMES.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
+
+
+del TYPE_CHECKING
