@@ -2,8 +2,8 @@
 
 Applying runs twice where resolution matters: through ``openat2(RESOLVE_IN_ROOT)`` and through
 the ``O_NOFOLLOW`` walk that replaces it on kernels without ``openat2``. Hostile tars (after
-containerd's TestBreakouts and the CVEs of REFERENCE.md section 8) run next to a sentinel
-directory that must come through untouched.
+containerd's TestBreakouts and the CVEs in docs/architecture.md, "Security of extraction") run
+next to a sentinel directory that must come through untouched.
 """
 
 from __future__ import annotations
