@@ -33,6 +33,7 @@ and with none of them the defaults apply. Keys are named like containers-storage
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -58,7 +59,7 @@ from laminae.archive._limits import Limits
 from laminae.driverkit._sizes import parse_size
 from laminae.images._credentials import RegistryOptions
 
-__all__ = ["StoreConfig", "load_config"]
+__all__ = ["StoreConfig", "load_config", "runroot_for"]
 
 SYSTEM_CONFIG: Final = Path("/etc/laminae/storage.toml")
 """The system-wide file, read when no other is found."""
@@ -89,6 +90,10 @@ class StoreConfig:
         ``None`` when it has none (then ``RegistryOptions()`` applies). Kept ``None`` rather
         than a default value so that reading the config does not import the HTTP client.
     :param source: the file this came from, ``None`` for the defaults.
+    :param runroot_default_for: when ``runroot`` is the default rather than configured (by
+        the file or the environment), the root it is the default for: the default root. Any
+        other root gets a run directory derived from it (:func:`runroot_for`). ``None``: the
+        run directory was configured and serves whatever root is opened.
     """
 
     graphroot: Path
@@ -101,6 +106,7 @@ class StoreConfig:
     limits: Limits = attrs.Factory(Limits)
     registries: RegistryOptions | None = None
     source: Path | None = None
+    runroot_default_for: Path | None = None
 
 
 # -- the file's schema ------------------------------------------------------------------------
@@ -384,15 +390,18 @@ def load_config(
     source = _find(path, environ, uid)
     document = _parse(source) if source is not None else _ConfigFile()
     section = document.storage
-    graphroot, runroot = _default_roots(environ, uid)
+    default_graphroot, runroot = _default_roots(environ, uid)
+    graphroot = default_graphroot
+    configured_runroot = None
     if source is not None:
         graphroot = _file_path(section.graphroot, source, "storage.graphroot") or graphroot
-        runroot = _file_path(section.runroot, source, "storage.runroot") or runroot
+        configured_runroot = _file_path(section.runroot, source, "storage.runroot")
+    configured_runroot = _env_path(environ, "LAMINAE_RUNROOT") or configured_runroot
     # An empty driver means "choose", as in containers-storage's storage.conf.
     driver = environ.get("LAMINAE_DRIVER") or section.driver or None
     return StoreConfig(
         graphroot=_env_path(environ, "LAMINAE_ROOT") or graphroot,
-        runroot=_env_path(environ, "LAMINAE_RUNROOT") or runroot,
+        runroot=configured_runroot or runroot,
         driver=driver,
         driver_priority=section.driver_priority or (),
         driver_options=section.options,
@@ -403,4 +412,30 @@ def load_config(
             else None
         ),
         source=source,
+        runroot_default_for=default_graphroot if configured_runroot is None else None,
     )
+
+
+def _derived_runroot(default: Path, root: Path) -> Path:
+    # A sibling of the default run directory, named by a hash of the root: on the same tmpfs
+    # (/run, $XDG_RUNTIME_DIR), so a reboot empties it as the mount counts expect (a
+    # "<root>-run" next to a persistent root would outlive its mounts), and a sibling rather
+    # than a child so that no store's run directory holds another's.
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
+    return default.with_name(f"{default.name}-{digest}")
+
+
+def runroot_for(config: StoreConfig, root: Path) -> Path:
+    """The run directory of the store at ``root``, when none is given for it.
+
+    A configured run directory is used as it is. The default one (``/run/laminae``) belongs
+    to the default root only: any other root, whether from ``--root``, ``LAMINAE_ROOT`` or
+    ``storage.graphroot``, gets its own beside it, named by a hash of its resolved path, so
+    that two stores that differ only in their root never share a run directory (where
+    containers-storage would share ``/run/containers/storage`` and let one store's cleanup
+    meet the other's mounts).
+    """
+    default_for = config.runroot_default_for
+    if default_for is None or os.path.realpath(root) == os.path.realpath(default_for):
+        return config.runroot
+    return _derived_runroot(config.runroot, root)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import final
 
-from laminae._config import StoreConfig, load_config
+from laminae._config import StoreConfig, load_config, runroot_for
 from laminae._exceptions import InvalidArgument, map_os_errors
 from laminae.archive._limits import Limits
 from laminae.containers._store import ContainerStore
@@ -34,14 +34,20 @@ def open_store(
 
     Arguments override ``config``; with no ``config``, :func:`laminae.load_config` finds one
     (``$LAMINAE_CONFIG``, ``~/.config/laminae/storage.toml``, ``/etc/laminae/storage.toml``).
+    A ``root`` other than the default one, with no run directory given or configured, gets a
+    run directory of its own beside the default one (``/run/laminae-<hash of the root>``).
+    Each store marks its run directory and refuses one that another store uses.
 
     :raises InvalidArgument: a bad root, driver name or option.
     :raises DriverUnavailable: no driver (or not the named one) can run here.
-    :raises FailedPrecondition: the store was made by another driver than the one named.
+    :raises FailedPrecondition: the store was made by another driver than the one named; the
+        run directory is another store's.
     """
     config = config or load_config()
     root_path = Path(root) if root is not None else config.graphroot
-    run_path = Path(runroot) if runroot is not None else config.runroot
+    # With no run directory given, the default one serves only the default root; another
+    # root gets its own, so that stores never meet each other's mounts (runroot_for).
+    run_path = Path(runroot) if runroot is not None else runroot_for(config, root_path)
     for what, path in (("root", root_path), ("runroot", run_path)):
         if not str(path) or "\x00" in str(path):
             raise InvalidArgument(f"store {what} {str(path)!r}: not a usable path")

@@ -8,6 +8,7 @@ module does no locking of its own and knows nothing of drivers.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -132,6 +133,10 @@ class Graph:
         with self.transaction():
             if self.meta("schema") is None:
                 self.set_meta("schema", str(SCHEMA_VERSION))
+            # The store's identity, which its claims on mounts carry. A ``meta`` row, so a
+            # store made before stores had one gets one here and older readers ignore it.
+            if self.meta("store_id") is None:
+                self.set_meta("store_id", secrets.token_hex(16))
 
     def close(self) -> None:
         self._db.close()
@@ -158,6 +163,13 @@ class Graph:
         return self._db.execute(sql, args).fetchall()
 
     # -- meta ------------------------------------------------------------------------------
+
+    @property
+    def store_id(self) -> str:
+        """The store's random identity, made with the graph and never changed."""
+        value = self.meta("store_id")
+        assert value is not None  # set in __init__
+        return value
 
     def meta(self, key: str) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key = ?", (key,))

@@ -52,7 +52,7 @@ from laminae.kernel import _filesystems
 from laminae.kernel._locks import StoreLock
 from laminae.store._graph import Graph, LayerRow
 from laminae.store._lookup import layer_record, parent_storage_ids, resolve_layer
-from laminae.store._mounts import Mounts
+from laminae.store._mounts import Mounts, claim_runroot
 from laminae.store._records import (
     CheckReport,
     DiffResult,
@@ -150,6 +150,7 @@ class LayerStore:
                     priority,
                     options,
                 )
+                claim_runroot(runroot, root, self._graph.store_id)
                 home = root / entry.name
                 with map_os_errors(f"create driver home {home}"):
                     home.mkdir(mode=0o700, exist_ok=True)

@@ -12,24 +12,94 @@ A process that dies leaves both kinds behind, and a count that says "mounted" wh
 kernel says otherwise (a reboot empties the run directory). ``/proc/self/mountinfo`` is the
 truth: :meth:`Mounts.reconcile` makes the counts agree with it, :meth:`Mounts.unmount_orphans`
 takes away what no count and no live process holds.
+
+A run directory may be shared with things the store did not make: another store's mounts
+under a shared ``/run``, a user's bind mount. The store touches only what it can attribute to
+itself. It marks its run directory (:func:`claim_runroot`) and refuses one marked by another
+store; ``mounts/<storage id>`` is its own only if the storage id is one of its layers, and
+``tmp/<nonce>`` only if the claim file names its id (:attr:`laminae.store._graph.Graph.store_id`).
+Anything else under the run directory is foreign and left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import final
 
-from laminae._exceptions import map_os_errors
+from laminae._exceptions import FailedPrecondition, map_os_errors
 from laminae.driverkit._contract import Driver
 from laminae.driverkit._mount import mounted, unmount_all
 from laminae.kernel import _mountinfo
 from laminae.kernel._locks import StoreLock, claim, is_claimed
 from laminae.store._graph import Graph, LayerRow
 
-__all__ = ["Mounts"]
+__all__ = ["MARKER", "Mounts", "claim_runroot"]
+
+MARKER = "laminae-store.json"
+"""The file in a run directory naming the store that uses it: ``{"id": ..., "root": ...}``."""
+
+
+def _read_marker(path: Path) -> dict[str, str] | None:
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # torn or garbage: it names no store, so none can be displaced
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _holds_store(root: str) -> bool:
+    """Whether ``root`` still holds a store (a graph)."""
+    return bool(root) and os.path.isabs(root) and (Path(root) / "graph.db").exists()
+
+
+def claim_runroot(runroot: Path, root: Path, store_id: str) -> None:
+    """Mark ``runroot`` as the run directory of the store ``store_id`` at ``root``.
+
+    Two stores sharing a run directory would each take the other's mounts for their own
+    crash's leftovers; so the first store to use a run directory writes its marker there, and
+    another store is refused while the marked store still exists. A marker whose root holds no
+    store any more (the store was deleted or moved) is taken over.
+
+    :raises FailedPrecondition: another store, still present, uses ``runroot``.
+    """
+    marker = runroot / MARKER
+    # Resolved, so that one store reached by two spellings of its root is one store.
+    mine = {"id": store_id, "root": os.path.realpath(root)}
+    with map_os_errors(f"mark run directory {runroot}"):
+        # Written whole, then linked into place: the link fails if a marker is there, so two
+        # stores opening at once cannot both believe the directory is theirs.
+        draft = runroot / f".{MARKER}.{secrets.token_hex(8)}"
+        draft.write_text(json.dumps(mine))
+        try:
+            try:
+                os.link(draft, marker)
+                return
+            except FileExistsError:
+                pass
+            found = _read_marker(marker) or {}
+            if found == mine:
+                return
+            other = found.get("root", "")
+            if other == mine["root"] or not _holds_store(other):
+                # The marked store is gone (or moved here): the directory is free.
+                os.replace(draft, marker)
+                return
+        finally:
+            draft.unlink(missing_ok=True)
+    # The same id at another root is a copy of this store: the two would take each other's
+    # mounts for their own as surely as two different stores.
+    what = "a copy of this store" if found.get("id") == store_id else "another store"
+    raise FailedPrecondition(
+        f"run directory {runroot} is used by {what}, at {other}; the store at {root} needs "
+        f"its own (give --runroot, or remove {marker} if the store at {other} is gone)"
+    )
 
 
 @final
@@ -77,25 +147,48 @@ class Mounts:
                 self.reconcile_row(row, points)
 
     def orphans(self, points: set[str]) -> list[str]:
-        """Mounts under the run directory that no layer counts and no live process holds.
+        """Mounts of this store under the run directory that no count and no live process holds.
 
         ``mounts/<sid>`` belongs to a layer whose count says mounted; ``tmp/<nonce>`` to the
-        process holding ``tmp/<nonce>.lock``. Anything else is what a crash left behind.
+        process holding ``tmp/<nonce>.lock``. Of the rest, what this store made (see the
+        module docstring) is what a crash left behind; :meth:`foreign` is everything else.
         """
-        counted = {r.mount_point for r in self._graph.all_layers() if r.mount_count}
+        return self._sorted(points)[0]
+
+    def foreign(self, points: set[str]) -> list[str]:
+        """Mounts under the run directory that are not this store's: never touched."""
+        return self._sorted(points)[1]
+
+    def _sorted(self, points: set[str]) -> tuple[list[str], list[str]]:
+        """This store's orphan mounts, and the foreign ones, under the run directory."""
+        rows = self._graph.all_layers()
+        counted = {r.mount_point for r in rows if r.mount_count}
+        ours = {str(self.target(r)) for r in rows}
         mounts_dir = f"{self.runroot}/mounts/"
         tmp_dir = f"{self.runroot}/tmp/"
-        orphans = []
+        orphans: list[str] = []
+        foreign: list[str] = []
         for point in sorted(points):
             if point.startswith(mounts_dir):
                 top = mounts_dir + point[len(mounts_dir) :].split("/")[0]
-                if top not in counted:
+                if top not in ours:
+                    foreign.append(point)
+                elif top not in counted:
                     orphans.append(point)
             elif point.startswith(tmp_dir):
-                nonce = point[len(tmp_dir) :].split("/")[0]
-                if not is_claimed(self.runroot / "tmp" / f"{nonce}.lock"):
+                lock = self.runroot / "tmp" / f"{point[len(tmp_dir) :].split('/')[0]}.lock"
+                if not self._claimed_by_us(lock):
+                    foreign.append(point)
+                elif not is_claimed(lock):
                     orphans.append(point)
-        return orphans
+        return orphans, foreign
+
+    def _claimed_by_us(self, lock: Path) -> bool:
+        """Whether claim file ``lock`` names this store (see :meth:`materialized`)."""
+        try:
+            return lock.read_text().strip() == self._graph.store_id
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def unmount_orphans(self) -> list[str]:
         """Unmount what crashed processes left mounted under the run directory."""
@@ -125,8 +218,10 @@ class Mounts:
             return
         nonce = secrets.token_hex(8)
         (self.runroot / "tmp").mkdir(mode=0o700, exist_ok=True)
-        with (
-            claim(self.runroot / "tmp" / f"{nonce}.lock"),
-            mounted(specs, self.runroot / "tmp" / nonce) as path,
-        ):
-            yield path
+        lock = self.runroot / "tmp" / f"{nonce}.lock"
+        with claim(lock):
+            # The claim names the store before anything is mounted: a crash after this
+            # leaves a mount the store's next sweep can tell for its own.
+            lock.write_text(self._graph.store_id)
+            with mounted(specs, self.runroot / "tmp" / nonce) as path:
+                yield path

@@ -8,6 +8,10 @@ A process killed in the middle of its work leaves:
 - mounts under the run directory that no count and no live process holds, and counts that
   say "mounted" where the kernel says otherwise (:mod:`laminae.store._mounts`).
 
+Only what the store can tell for its own is taken away: mounts it made (their claims carry
+the store's id), never a mount someone else put under its run directory or its scratch
+directory. Such foreign mounts are not in the report and no repair touches them.
+
 Each open of the store takes these away (:meth:`Recovery.sweep`), under the store lock so that
 another process's work in progress is told apart by its claims. What no crash explains, such
 as storage the graph does not know or a layer whose storage is gone, only :meth:`Recovery.check`
@@ -161,10 +165,17 @@ class Recovery:
     def _remove_stale_scratch(self) -> list[str]:
         """Remove the scratch directories of processes that are gone."""
         base = self.root / "tmp"
-        removed = []
-        for entry in sorted(base.iterdir()) if base.is_dir() else ():
+        removed: list[str] = []
+        if not base.is_dir():
+            return removed
+        # The store never mounts under its scratch directories; a mount there is someone
+        # else's, and removing the tree would delete what it shows.
+        points = _mountinfo.mount_points()
+        for entry in sorted(base.iterdir()):
             lock = entry if entry.suffix == ".lock" else base / f"{entry.name}.lock"
             if is_claimed(lock):
+                continue
+            if any(p == str(entry) or p.startswith(f"{entry}/") for p in points):
                 continue
             if entry.suffix == ".lock":
                 if not (base / entry.stem).exists():  # its directory is swept with it
