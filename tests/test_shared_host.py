@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +285,21 @@ def test_the_stores_own_leftover_mounts_are_still_swept(tmp_path: Path, foreign:
     finally:
         for target in ours:
             subprocess.run(["umount", "-q", str(target)], check=False)
+
+
+def test_a_store_made_before_stores_had_an_id_gets_one(tmp_path: Path) -> None:
+    root, run = tmp_path / "root", tmp_path / "run"
+    with laminae.open_store(root, runroot=run, driver="vfs") as store:
+        store.create_layer("kept")
+    # As an older laminae left it: no id in the graph, no marker in the run directory.
+    with sqlite3.connect(root / "graph.db") as db:
+        db.execute("DELETE FROM meta WHERE key = 'store_id'")
+    db.close()
+    (run / "laminae-store.json").unlink()
+    with laminae.open_store(root, runroot=run) as store:
+        store_id = store._graph.store_id
+        assert [layer.id for layer in store.layers()] == ["kept"]
+    marker = json.loads((run / "laminae-store.json").read_text())
+    assert marker == {"id": store_id, "root": str(root)}
+    with laminae.open_store(root, runroot=run) as store:
+        assert store._graph.store_id == store_id
