@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         LimitExceeded,
         NotFound,
         PermissionDenied,
+        ResourceExhausted,
         Unavailable,
         Unsupported,
     )
@@ -122,7 +123,8 @@ _PUBLIC: dict[str, str] = {
     **_names(
         "laminae._exceptions",
         "AlreadyExists CorruptLayer DriverUnavailable FailedPrecondition InvalidArgument "
-        "LaminaeError LimitExceeded NotFound PermissionDenied Unavailable Unsupported",
+        "LaminaeError LimitExceeded NotFound PermissionDenied ResourceExhausted Unavailable "
+        "Unsupported",
     ),
     **_names("laminae._store", "Store open_store"),
     **_names("laminae.archive._limits", "Limits"),
@@ -193,6 +195,7 @@ __all__ = [
     "PermissionDenied",
     "Progress",
     "RegistryOptions",
+    "ResourceExhausted",
     "RichProgress",
     "Store",
     "StoreConfig",

@@ -90,6 +90,8 @@ class StoreConfig:
         ``None`` when it has none (then ``RegistryOptions()`` applies). Kept ``None`` rather
         than a default value so that reading the config does not import the HTTP client.
     :param source: the file this came from, ``None`` for the defaults.
+    :param driver_setting: where :attr:`driver` was set, for messages that must say so:
+        ``"$LAMINAE_DRIVER"`` or ``"<file>: storage.driver"``; ``None`` when it was not set.
     :param runroot_default_for: when ``runroot`` is the default rather than configured (by
         the file or the environment), the root it is the default for: the default root. Any
         other root gets a run directory derived from it (:func:`runroot_for`). ``None``: the
@@ -107,6 +109,9 @@ class StoreConfig:
     registries: RegistryOptions | None = None
     source: Path | None = None
     runroot_default_for: Path | None = None
+    # Where a value came from is no part of what it is: two configurations naming the same
+    # driver are equal.
+    driver_setting: str | None = attrs.field(default=None, eq=False)
 
 
 # -- the file's schema ------------------------------------------------------------------------
@@ -286,6 +291,11 @@ def _parse(path: Path) -> _ConfigFile:
             document = tomllib.load(file)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 text; a binary file fails in the decoder before the parser sees it.
+        raise InvalidArgument(
+            f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise InvalidArgument(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
@@ -399,6 +409,12 @@ def load_config(
     configured_runroot = _env_path(environ, "LAMINAE_RUNROOT") or configured_runroot
     # An empty driver means "choose", as in containers-storage's storage.conf.
     driver = environ.get("LAMINAE_DRIVER") or section.driver or None
+    if environ.get("LAMINAE_DRIVER"):
+        driver_setting: str | None = "$LAMINAE_DRIVER"
+    elif driver is not None:
+        driver_setting = f"{source}: storage.driver"
+    else:
+        driver_setting = None
     return StoreConfig(
         graphroot=_env_path(environ, "LAMINAE_ROOT") or graphroot,
         runroot=configured_runroot or runroot,
@@ -412,6 +428,7 @@ def load_config(
             else None
         ),
         source=source,
+        driver_setting=driver_setting,
         runroot_default_for=default_graphroot if configured_runroot is None else None,
     )
 

@@ -14,8 +14,10 @@
     │   (also an InvalidArgument: the tar is the bad input)
     ├── ParentsNeeded             (driver to store) a detached apply needs the parents' content
     ├── PermissionDenied          a registry refused the credentials (or gave none the right)
-    └── Unavailable               the outside world failed: a registry unreachable, a TLS
-                                  error, a server error; trying again later may work
+    ├── Unavailable               the outside world failed: a registry unreachable, a TLS
+    │                             error, a server error; trying again later may work
+    └── ResourceExhausted         the host ran out: a full disk or a quota (ENOSPC, EDQUOT);
+                                  not an InvalidArgument, the input may be fine
 
 Foreign exceptions (``OSError`` above all) are translated at one boundary,
 :func:`map_os_errors`, which keeps the original as ``__cause__``.
@@ -41,6 +43,7 @@ __all__ = [
     "NotFound",
     "ParentsNeeded",
     "PermissionDenied",
+    "ResourceExhausted",
     "Unavailable",
     "Unsupported",
     "map_os_errors",
@@ -130,6 +133,16 @@ class Unavailable(LaminaeError):
     exit_code = 11
 
 
+class ResourceExhausted(LaminaeError):
+    """The host ran out of a resource: the filesystem is full or a quota is reached.
+
+    Not an :class:`InvalidArgument`: code that catches bad input must not also catch a full
+    disk, which frees space and retries where bad input would be rejected for good.
+    """
+
+    exit_code = 12
+
+
 @contextlib.contextmanager
 def map_os_errors(what: str) -> Iterator[None]:
     """Translate an ``OSError`` raised inside the block into the laminae tree.
@@ -153,5 +166,5 @@ def map_os_errors(what: str) -> Iterator[None]:
         if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
             raise FailedPrecondition(message) from exc
         if exc.errno in (errno.EDQUOT, errno.ENOSPC):
-            raise LimitExceeded(message) from exc
+            raise ResourceExhausted(message) from exc
         raise LaminaeError(message) from exc

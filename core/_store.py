@@ -61,12 +61,28 @@ def open_store(
         if name is None:
             raise InvalidArgument("driver options given without naming a driver")
         options[name] = {**options.get(name, {}), **driver_options}
-    with map_os_errors(f"create store directories {root_path}, {run_path}"):
+    if driver is None and name is not None:
+        _check_configured_driver(config, name)
+    with map_os_errors(f"create store root {root_path}"):
         root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with map_os_errors(f"create run directory {run_path}"):
         run_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Store(
         root_path, run_path, name, options, config.driver_priority, limits or config.limits
     )
+
+
+def _check_configured_driver(config: StoreConfig, name: str) -> None:
+    """Refuse a driver named by the configuration that is not installed, saying where it was
+    named (the file and key, or the environment), before anything is created."""
+    from laminae.driverkit._plugins import find_drivers
+
+    installed = find_drivers(name)
+    if name not in installed:
+        where = f"{config.driver_setting}: " if config.driver_setting else ""
+        raise InvalidArgument(
+            f"{where}driver {name!r} is not installed (installed: {', '.join(sorted(installed))})"
+        )
 
 
 @final

@@ -123,8 +123,8 @@ def test_images_namespace_lists_the_image_documents() -> None:
 def test_errors_form_one_tree_with_distinct_exit_codes() -> None:
     errors = [getattr(laminae, n) for n in laminae.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, laminae.LaminaeError)]
-    assert len(errors) == 11
-    assert len({e.exit_code for e in errors}) == 11
+    assert len(errors) == 12
+    assert len({e.exit_code for e in errors}) == 12
 
 
 def test_built_in_drivers_are_listed_with_laminae_as_their_origin() -> None:

@@ -19,9 +19,9 @@ from laminae.driverkit import (
     Capabilities,
     DriverUnavailable,
     InvalidArgument,
-    LimitExceeded,
     MountSpec,
     NotFound,
+    ResourceExhausted,
 )
 from laminae.drivers.vfs import VfsDriver
 from laminae.kernel import _filesystems, _mounts
@@ -331,7 +331,7 @@ def test_a_failed_copy_leaves_nothing_behind(tmp_path: Path) -> None:
         driver = VfsDriver(home, {})
         driver.create("a1", [], writable=True)
         (home / "dir" / "a1" / "big").write_bytes(b"x" * (1536 * 1024))
-        with pytest.raises(LimitExceeded, match="b2") as info:
+        with pytest.raises(ResourceExhausted, match="b2") as info:
             driver.create("b2", ["a1"], writable=True)
         assert isinstance(info.value.__cause__, OSError)
         assert info.value.__cause__.errno == errno.ENOSPC

@@ -20,6 +20,7 @@ from typing import IO, BinaryIO, Final, Protocol, cast, final
 import zstandard
 
 from laminae._exceptions import InvalidArgument, LimitExceeded, Unsupported
+from laminae.archive._limits import Limits
 
 __all__ = [
     "Compression",
@@ -44,6 +45,7 @@ _UNSUPPORTED_MAGIC: Final = (
     (b"\x5d\x00\x00", "lzma"),
 )
 _ZSTD_WINDOW_MAX: Final = 1 << 27
+_DEFAULT_LIMITS: Final = Limits()
 
 
 class _Source(Protocol):
@@ -201,31 +203,60 @@ class _Prefixed(_Reader):
         super().__init__()
         self._head = head
         self._stream = stream
+        self.size = 0
+        """Bytes passed on so far: the compressed size, for the ratio bound."""
 
     def _read_some(self, size: int) -> bytes:
         if self._head:
             data, self._head = self._head[:size], self._head[size:]
-            return data
-        return self._stream.read(size)
+        else:
+            data = self._stream.read(size)
+        self.size += len(data)
+        return data
 
 
 @final
 class _Bounded(_Reader):
-    """Raise :class:`LimitExceeded` once more than ``max_bytes`` came out of ``stream``."""
+    """Raise :class:`LimitExceeded` once more than ``max_bytes`` came out of ``stream``, or,
+    past ``ratio_floor`` bytes, more than ``max_ratio`` times what went in (``compressed``)."""
 
-    def __init__(self, stream: BinaryIO, max_bytes: int, what: str) -> None:
+    def __init__(
+        self,
+        stream: BinaryIO,
+        max_bytes: int,
+        what: str,
+        *,
+        compressed: _Prefixed | None = None,
+        max_ratio: int = 0,
+        ratio_floor: int = 0,
+    ) -> None:
         super().__init__()
         self._stream = stream
-        self._left = max_bytes
         self._max = max_bytes
         self._what = what
+        self._compressed = compressed
+        self._max_ratio = max_ratio
+        self._ratio_floor = ratio_floor
+        self._size = 0
 
     def _read_some(self, size: int) -> bytes:
         data = self._stream.read(size)
-        self._left -= len(data)
-        if self._left < 0:
+        self._size += len(data)
+        if self._size > self._max:
             raise LimitExceeded(
                 f"{self._what}: more than {self._max} bytes decompressed (limit max_bytes)"
+            )
+        compressed = self._compressed
+        if (
+            compressed is not None
+            and self._size > self._ratio_floor
+            and self._size > self._max_ratio * compressed.size
+        ):
+            raise LimitExceeded(
+                f"{self._what}: {self._size} bytes decompressed from {compressed.size}, more "
+                f"than {self._max_ratio} times as many (limit max_compression_ratio, past "
+                f"compression_ratio_floor_bytes = {self._ratio_floor}); a decompression bomb? "
+                "Raise it in [storage.limits] of storage.toml or in Limits if the layer is real"
             )
         return data
 
@@ -371,6 +402,10 @@ class _ZstdReader(_Reader):
 def sniff_compression(stream: _Source) -> tuple[Compression, BinaryIO]:
     """Read the first bytes of ``stream`` to tell its compression; return it and a stream
     that gives those bytes again, then the rest."""
+    return _sniff(stream)
+
+
+def _sniff(stream: _Source) -> tuple[Compression, _Prefixed]:
     head = b""
     while len(head) < _HEAD:
         data = stream.read(_HEAD - len(head))
@@ -380,24 +415,42 @@ def sniff_compression(stream: _Source) -> tuple[Compression, BinaryIO]:
     return detect_compression(head), _Prefixed(head, stream)
 
 
-def open_decompressed(stream: _Source, *, max_bytes: int) -> BinaryIO:
+def open_decompressed(
+    stream: _Source,
+    *,
+    max_bytes: int,
+    max_ratio: int = _DEFAULT_LIMITS.max_compression_ratio,
+    ratio_floor: int = _DEFAULT_LIMITS.compression_ratio_floor_bytes,
+) -> BinaryIO:
     """The plain tar inside ``stream``, whatever of gzip, zstd or nothing it is wrapped in.
 
     The first bytes are read to detect the format (:func:`detect_compression`) and handed on.
 
     :param max_bytes: more decompressed bytes than this raise :class:`LimitExceeded`.
+    :param max_ratio: past ``ratio_floor`` decompressed bytes, more than this many per
+        compressed byte raise :class:`LimitExceeded` (a decompression bomb); see
+        :class:`~laminae.archive._limits.Limits`.
+    :param ratio_floor: decompressed bytes below which any ratio passes.
     :raises Unsupported: xz, bzip2 and other formats (named).
     :raises InvalidArgument: (when reading) corrupt or truncated compressed data.
     """
-    compression, source = sniff_compression(stream)
+    compression, source = _sniff(stream)
     inner: BinaryIO
     if compression is Compression.GZIP:
         inner = _GzipReader(source)
     elif compression is Compression.ZSTD:
         inner = _ZstdReader(source)
     else:
-        inner = source
-    return _Bounded(inner, max_bytes, f"{compression.value} layer")
+        # Nothing to bound the ratio of: a plain tar is as large as what it writes.
+        return _Bounded(source, max_bytes, f"{compression.value} layer")
+    return _Bounded(
+        inner,
+        max_bytes,
+        f"{compression.value} layer",
+        compressed=source,
+        max_ratio=max_ratio,
+        ratio_floor=ratio_floor,
+    )
 
 
 # --- compression ----------------------------------------------------------------------------

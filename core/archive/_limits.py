@@ -28,6 +28,11 @@ class Limits:
         header is read into memory. This also bounds the total of an entry's xattrs, which
         travel in its PAX header.
     :param max_xattr_bytes: bytes of one xattr value.
+    :param max_compression_ratio: decompressed bytes per compressed byte of a gzip or zstd
+        layer, checked once more than ``compression_ratio_floor_bytes`` came out: what stops a
+        decompression bomb long before ``max_bytes`` would.
+    :param compression_ratio_floor_bytes: decompressed bytes below which any ratio passes, so
+        that small, very compressible layers (a few files of zeros) always import.
     """
 
     max_bytes: int = 1 << 40
@@ -36,3 +41,11 @@ class Limits:
     max_path_bytes: int = 4096
     max_header_bytes: int = 1 << 20
     max_xattr_bytes: int = 65536
+    # Real layers compress 2:1 to 10:1 with gzip or zstd (binaries and libraries 2-4:1, text
+    # and package indexes up to ~10:1); gzip's own ceiling is ~1030:1 (zeros) and zstd's is far
+    # higher, which is what a bomb uses. 100:1 leaves a real layer ten times its most
+    # compressible case, while a bomb past the 1 GiB floor can write at most 100 bytes per
+    # byte received: a 10 MB blob stops at ~1 GiB instead of filling the disk. A 30 GiB layer
+    # compressed to 3 GiB (10:1) imports.
+    max_compression_ratio: int = 100
+    compression_ratio_floor_bytes: int = 1 << 30

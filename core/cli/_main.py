@@ -426,7 +426,7 @@ def drivers(settings: _Settings, as_json: bool) -> None:
 
     Works without a store: nothing is created, the probe only looks.
     """
-    from laminae.driverkit._plugins import available_drivers
+    from laminae.driverkit._plugins import available_drivers, broken_plugins
 
     config = settings.config()
     root = (settings.root or config.graphroot).absolute()
@@ -447,14 +447,22 @@ def drivers(settings: _Settings, as_json: bool) -> None:
                 entry.probe(home, options),
             )
         )
+    # A plugin that failed to load is listed, not fatal: the other drivers still work.
+    broken = broken_plugins()
     if as_json:
         # As dicts: cattrs would resolve the annotations, and Capabilities is not imported
         # at module level (see the module docstring).
-        _print_json([attrs.asdict(status, recurse=False) for status in statuses])
+        _print_json(
+            [attrs.asdict(status, recurse=False) for status in statuses]
+            + [{**attrs.asdict(plugin), "broken": True} for plugin in broken]
+        )
         return
     _print_table(
         ("DRIVER", "PRIORITY", "ORIGIN", "PROBE"),
-        ((s.name, s.priority, s.origin, s.unavailable or "ok") for s in statuses),
+        [
+            *((s.name, s.priority, s.origin, s.unavailable or "ok") for s in statuses),
+            *((p.name, "-", p.origin, f"broken: {p.error}") for p in broken),
+        ],
     )
 
 

@@ -133,6 +133,7 @@ if TYPE_CHECKING:
         LimitExceeded,
         NotFound,
         ParentsNeeded,
+        ResourceExhausted,
         Unsupported,
         map_os_errors,
     )
@@ -231,6 +232,7 @@ _HOMES: dict[str, str] = {
             "LimitExceeded",
             "NotFound",
             "ParentsNeeded",
+            "ResourceExhausted",
             "Unsupported",
             "map_os_errors",
         ),
@@ -476,6 +478,7 @@ __all__ = [  # noqa: RUF022
     "OVERLAYFS_SUPER_MAGIC",
     "ParentsNeeded",
     "QuotaSetter",
+    "ResourceExhausted",
     "TMPFS_MAGIC",
     "Unsettled",
     "Unsupported",

@@ -31,9 +31,11 @@ from laminae._exceptions import DriverUnavailable, InvalidArgument, LaminaeError
 from laminae.driverkit._contract import FEATURE_PROTOCOLS, Capabilities
 
 __all__ = [
+    "BrokenPlugin",
     "DriverEntry",
     "DriverRegistry",
     "available_drivers",
+    "broken_plugins",
     "built_in_drivers",
     "collect_transports",
     "find_drivers",
@@ -88,6 +90,21 @@ class DriverEntry:
         except DriverUnavailable as exc:
             return exc.reason
         return None
+
+
+@final
+@attrs.frozen
+class BrokenPlugin:
+    """An installed entry point of group ``laminae.drivers`` that failed to load.
+
+    :param name: the entry point's name.
+    :param origin: its distribution, ``"name version"``.
+    :param error: the exception it raised, ``"ImportError: ..."``.
+    """
+
+    name: str
+    origin: str
+    error: str
 
 
 @final
@@ -197,6 +214,8 @@ class _PluginManager(pluggy.PluginManager):
         self.add_hookspecs(_Hooks)
         self.origins: dict[str, str | None] = {}
         """Plugin name: its distribution, ``"name version"``, or ``None`` for laminae's own."""
+        self.broken: dict[str, BrokenPlugin] = {}
+        """Entry points that failed to load, by name: left out, so the others still work."""
 
     def register_built_in(self, name: str) -> None:
         self.register(importlib.import_module(f"{BUILT_IN_PACKAGE}.{name}"), name=name)
@@ -242,10 +261,25 @@ def plugin_manager() -> pluggy.PluginManager:
                 continue  # laminae's own entry point: registered above
             if pm.has_plugin(ep.name):
                 continue  # first on sys.path wins, as with pluggy's own loader
-            pm.register(ep.load(), name=ep.name)
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                # One broken distribution must not take down every command (nor the drivers
+                # of the others): it is left out and `laminae drivers` names it.
+                pm.broken[ep.name] = BrokenPlugin(ep.name, origin, f"{type(exc).__name__}: {exc}")
+                continue
+            pm.register(plugin, name=ep.name)
             pm.origins[ep.name] = origin
     pm.check_pending()
     return pm
+
+
+def broken_plugins(pm: pluggy.PluginManager | None = None) -> list[BrokenPlugin]:
+    """The installed ``laminae.drivers`` entry points that failed to load, by name."""
+    pm = pm or plugin_manager()
+    if not isinstance(pm, _PluginManager):
+        return []
+    return [pm.broken[name] for name in sorted(pm.broken)]
 
 
 def find_drivers(name: str | None) -> dict[str, DriverEntry]:

@@ -456,8 +456,15 @@ class _Importer:
         what = f"blob {staged.desc.digest}"
         with self._blob(staged, spooled) as (stream, reader):
             try:
+                limits = self.staging.limits
                 plain = DigestReader(
-                    open_decompressed(stream, max_bytes=self.staging.limits.max_bytes), what=what
+                    open_decompressed(
+                        stream,
+                        max_bytes=limits.max_bytes,
+                        max_ratio=limits.max_compression_ratio,
+                        ratio_floor=limits.compression_ratio_floor_bytes,
+                    ),
+                    what=what,
                 )
                 # Decompression, both digests and the tar-split record run in the producer
                 # thread; the applier in this one only writes files.

@@ -138,7 +138,9 @@ class LayerStore:
         self.limits = limits
         self._closed = False
         self._lock = StoreLock(root / "laminae.lock")
-        self._graph = Graph(root / "graph.db")
+        graph_path = root / "graph.db"
+        new_graph = not graph_path.exists()
+        self._graph = Graph(graph_path)
         try:
             with self._lock.held():
                 recorded = self._graph.meta("driver")
@@ -175,9 +177,24 @@ class LayerStore:
                 )
                 self._recovery.sweep()
         except BaseException:
+            if new_graph:
+                self._forget_new_graph(graph_path)
             self._graph.close()
             self._lock.close()
             raise
+
+    def _forget_new_graph(self, path: Path) -> None:
+        """Remove the graph this failed open created, so that a mistake (an unknown driver, an
+        unusable run directory) leaves no empty store behind to be taken for a real one.
+
+        Only under the lock, and only while no driver is recorded: a store that another
+        process opened meanwhile records its driver first and is kept.
+        """
+        with contextlib.suppress(Exception), self._lock.held():
+            if self._graph.meta("driver") is None:
+                self._graph.close()
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -317,7 +334,12 @@ class LayerStore:
             # A plain tar's digest is its DiffID: hash it once, not twice.
             compressed = None if compression is Compression.NONE else DigestReader(source)
             plain = DigestReader(
-                open_decompressed(compressed or source, max_bytes=self.limits.max_bytes)
+                open_decompressed(
+                    compressed or source,
+                    max_bytes=self.limits.max_bytes,
+                    max_ratio=self.limits.max_compression_ratio,
+                    ratio_floor=self.limits.compression_ratio_floor_bytes,
+                )
             )
             with self._staging.stage(parent_row) as staged:
                 with self._staging.recording(staged, plain) as recorded:

@@ -319,12 +319,22 @@ class Staging:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             out = open(path, "wb")  # noqa: SIM115 (closed below, and unlinked on error)
         try:
-            with out:
+            try:
                 recorder = TarSplitRecorder(tar, out, self.limits)
                 yield recorder
-                while recorder.read(1 << 20):  # the applier may stop at the end blocks
-                    pass
-                recorder.finish()
+                # Finishing and closing write the rest of the record: on a full store root
+                # that fails, and must say so as a laminae error.
+                with map_os_errors(f"record tar-split of layer {row.id!r}"):
+                    while recorder.read(1 << 20):  # the applier may stop at the end blocks
+                        pass
+                    recorder.finish()
+                    out.close()
+            finally:
+                if not out.closed:
+                    # Already failing: the record is unlinked below, and a flush error of
+                    # a full disk would only hide the error that says what happened.
+                    with contextlib.suppress(OSError):
+                        out.close()
             if not recorder.exact:
                 # A later entry replaced a file an earlier one referenced: the files cannot
                 # give the tar back, so keep no record (export then diffs, and checks).
