@@ -15,6 +15,7 @@ and with none of them the defaults apply. Keys are named like containers-storage
     graphroot = "/var/lib/laminae"
     runroot = "/run/laminae"
     driver_priority = ["overlay", "btrfs", "vfs"]
+    devices = "create"        # or "skip", "refuse": a layer's character and block devices
 
     [storage.options.vfs]
     some_key = "value"
@@ -55,7 +56,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, override
 
 from laminae._exceptions import InvalidArgument
-from laminae.archive._limits import Limits
+from laminae.archive._limits import DevicePolicy, Limits
 from laminae.driverkit._sizes import parse_size
 from laminae.images._credentials import RegistryOptions
 
@@ -85,7 +86,8 @@ class StoreConfig:
     :param driver_priority: names tried in order by auto-selection; empty means the
         registered priorities.
     :param driver_options: per driver name, the options given to that driver.
-    :param limits: bounds for layers applied to the store.
+    :param limits: bounds for layers applied to the store, and (``Limits.devices``, the file's
+        ``storage.devices``) what becomes of their device nodes.
     :param registries: how to reach registries, from the file's ``[registries]`` table;
         ``None`` when it has none (then ``RegistryOptions()`` applies). Kept ``None`` rather
         than a default value so that reading the config does not import the HTTP client.
@@ -134,6 +136,7 @@ class _StorageSection:
     driver_priority: tuple[str, ...] | None = None
     options: dict[str, dict[str, str]] = attrs.Factory(dict)
     limits: Limits = attrs.Factory(Limits)
+    devices: DevicePolicy | None = None
 
 
 @attrs.frozen
@@ -209,6 +212,16 @@ def _structure_hosts(value: object, _: object) -> tuple[str, ...]:
     return hosts
 
 
+def _structure_devices(value: object, _: object) -> DevicePolicy:
+    names = ", ".join(f'"{policy.value}"' for policy in DevicePolicy)
+    if isinstance(value, str):
+        try:
+            return DevicePolicy(value)
+        except ValueError:
+            pass
+    raise _BadValue(f"expected one of {names}, got {value!r}")
+
+
 def _structure_count(value: object, _: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _BadValue(f"expected an integer, got {_type_name(value)}")
@@ -243,7 +256,11 @@ def _make_converter() -> cattrs.Converter:
             struct_hook=_structure_size if field.name.endswith("_bytes") else _structure_count
         )
         for field in attrs.fields(Limits)
+        if field.name != "devices"
     }
+    # The policy is a key of [storage] (storage.devices), not a limit.
+    limit_hooks["devices"] = override(omit=True)
+    converter.register_structure_hook(DevicePolicy, _structure_devices)
     converter.register_structure_hook(
         Limits, make_dict_structure_fn(Limits, converter, **limit_hooks)
     )
@@ -421,7 +438,11 @@ def load_config(
         driver=driver,
         driver_priority=section.driver_priority or (),
         driver_options=section.options,
-        limits=section.limits,
+        limits=(
+            section.limits
+            if section.devices is None
+            else attrs.evolve(section.limits, devices=section.devices)
+        ),
         registries=(
             _registry_options(document.registries, source)
             if document.registries is not None and source is not None

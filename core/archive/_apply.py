@@ -27,9 +27,11 @@ Rules, in the order they apply to an entry:
 * Regular files are written in 1 MiB pieces; sparse files get their holes back (``pwrite`` at
   each segment, ``ftruncate`` to the apparent size). Hard links must name an existing
   non-directory inside the root; a link to a symlink links the symlink itself. Symlink targets
-  are written verbatim (containment happens when a later entry is resolved). Devices and FIFOs
-  are made with ``mknod``. Tar has no socket type, so there is nothing to skip; an unknown type
-  is refused.
+  are written verbatim (containment happens when a later entry is resolved). FIFOs are made
+  with ``mknod``; character and block devices as :attr:`Limits.devices
+  <laminae.archive._limits.Limits.devices>` says (made, skipped, or refused), and skipped where
+  the kernel refuses ``mknod`` (rootless). Tar has no socket type, so there is nothing to skip;
+  an unknown type is refused.
 * Then ``lchown`` (uid/gid from the header; names are ignored), ``chmod`` after it (``chown``
   clears setuid), xattrs with ``security.capability`` last (``chown`` clears it), and times in
   nanoseconds; directory times are set after the last entry, since adding children moves them.
@@ -126,6 +128,9 @@ class ApplyResult:
     """Bytes of the uncompressed tar that were read, trailer included."""
     entries: int
     """Headers applied (whiteouts included)."""
+    devices_skipped: int = 0
+    """Character and block devices not made: by the ``skip`` policy, or where the kernel
+    refused ``mknod`` (rootless); hard links to them count too."""
 
 
 _O_NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -200,6 +205,9 @@ class Applier(Tree):
         self.dir_times: list[tuple[bytes, int, int]] = []
         self.creating = False
         self._euid = os.geteuid()
+        self.devices_skipped = 0
+        # Paths of devices not made, so that a hard link to one is skipped with it.
+        self._skipped: set[bytes] = set()
 
     def close(self) -> None:
         self.lowers.close()
@@ -415,13 +423,29 @@ class Applier(Tree):
             parent = self.parent(parent_path)
             self.symlink(entry, parent[0], name)
         elif kind == EntryType.HARDLINK:
+            if self._skipped and clean_name(entry.linkname) in self._skipped:
+                self._skip_device(path)
+                return
             parent = self._hardlink(entry, parent_path, name, path)
         elif kind in _DEVICE_TYPES:
+            if entry.type != EntryType.FIFO and self._limits.devices.skips(
+                entry.type == EntryType.CHAR, entry.devmajor, entry.devminor
+            ):
+                self._skip_device(path)
+                return
             parent = self.parent(parent_path)
-            self._device(entry, parent[0], name)
+            if not self._device(entry, parent[0], name):
+                self._skip_device(path)
+                return
         else:
             raise InvalidArgument(f"unsupported entry type {chr(kind)!r}")
+        # A path made again is no longer a skipped device.
+        self._skipped.discard(path)
         self._note(parent, name)
+
+    def _skip_device(self, path: bytes) -> None:
+        self.devices_skipped += 1
+        self._skipped.add(path)
 
     def _regular(self, entry: TarEntry, parent: Dir, name: bytes) -> None:
         dir_fd = parent[0]
@@ -516,7 +540,8 @@ class Applier(Tree):
             os.symlink(target, name, dir_fd=dir_fd)
         self._finish_by_name(entry, dir_fd, name, chmod=False)
 
-    def _device(self, entry: TarEntry, dir_fd: int, name: bytes) -> None:
+    def _device(self, entry: TarEntry, dir_fd: int, name: bytes) -> bool:
+        """Make a device or FIFO; ``False`` where the kernel refuses to make a device."""
         major, minor = entry.devmajor, entry.devminor
         if not (0 <= major < _DEV_MAX and 0 <= minor < _DEV_MAX):
             raise InvalidArgument(f"device number {major}:{minor} out of range")
@@ -525,11 +550,19 @@ class Applier(Tree):
             raise InvalidArgument("a 0:0 character device; overlayfs would read it as a whiteout")
         device = os.makedev(major, minor)
         try:
-            os.mknod(name, mode, device, dir_fd=dir_fd)
-        except FileExistsError:
-            self.remove(dir_fd, name)
-            os.mknod(name, mode, device, dir_fd=dir_fd)
+            try:
+                os.mknod(name, mode, device, dir_fd=dir_fd)
+            except FileExistsError:
+                self.remove(dir_fd, name)
+                os.mknod(name, mode, device, dir_fd=dir_fd)
+        except PermissionError:
+            # No CAP_MKNOD, or a user namespace (where no device may be made): rootless
+            # containers-storage and containerd skip devices, and so does this.
+            if stat.S_ISFIFO(mode):
+                raise
+            return False
         self._finish_by_name(entry, dir_fd, name, chmod=True)
+        return True
 
     def _finish_by_name(self, entry: TarEntry, dir_fd: int, name: bytes, *, chmod: bool) -> None:
         """Owner, mode, xattrs and times of something that cannot be opened (no fd)."""
@@ -743,7 +776,7 @@ def apply_entries(applier: Applier, reader: TarReader) -> ApplyResult:
             applier.finish()
     finally:
         applier.close()
-    return ApplyResult(reader.bytes_read, count)
+    return ApplyResult(reader.bytes_read, count, applier.devices_skipped)
 
 
 def _rename_error(exc: LaminaeError, entry: TarEntry) -> NoReturn:

@@ -2,6 +2,11 @@
 
 Drivers describe; this module mounts. Keeping every mount in one place is what lets the store
 count them, find them again in ``/proc/self/mountinfo`` after a crash, and unmount them.
+
+It is also the one place that makes every mount ``nodev`` (containers-storage's default
+``mountopt``): a layer's device nodes come from whoever built the image, and through a mount
+without ``nodev`` a node with a host device's numbers would open that device. A spec that
+carries the ``dev`` option opts out, for the rare caller that means device nodes to work.
 """
 
 from __future__ import annotations
@@ -17,18 +22,24 @@ from laminae.driverkit._contract import MountSpec
 from laminae.kernel._loop import attach_loop, detach_loop
 from laminae.kernel._mountinfo import mount_points
 from laminae.kernel._mounts import (
+    AT_RECURSIVE,
     MNT_DETACH,
+    MOUNT_ATTR_NODEV,
+    MS_BIND,
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
     MS_RDONLY,
+    MS_REMOUNT,
     bind_mount,
     mount,
     mount_overlay,
+    mount_setattr,
     umount,
 )
+from laminae.kernel._syscalls import AT_FDCWD
 
-__all__ = ["mount_all", "mounted", "unmount_all"]
+__all__ = ["mount_all", "mounted", "unmount_all", "wants_nodev"]
 
 _FLAGS = {
     "ro": MS_RDONLY,
@@ -39,36 +50,69 @@ _FLAGS = {
 }
 
 
-def _split_options(options: Sequence[str]) -> tuple[int, list[str]]:
-    flags = 0
+# Options only this module reads: the bind markers, and "dev", the opt-out from nodev.
+_MARKERS = ("bind", "rbind", "loop", "dev")
+
+
+def wants_nodev(spec: MountSpec) -> bool:
+    """Whether the executor mounts ``spec`` ``nodev``: always, unless it carries ``dev``."""
+    return "dev" not in spec.options
+
+
+def _split_options(spec: MountSpec) -> tuple[int, list[str]]:
+    flags = MS_NODEV if wants_nodev(spec) else 0
     data = []
-    for option in options:
+    for option in spec.options:
         if option in _FLAGS:
             flags |= _FLAGS[option]
-        elif option not in ("bind", "rbind", "loop"):
+        elif option not in _MARKERS:
             data.append(option)
     return flags, data
+
+
+def _bind(spec: MountSpec, where: Path) -> None:
+    recursive = "rbind" in spec.options
+    bind_mount(spec.source, str(where), readonly=spec.readonly, recursive=recursive)
+    if not wants_nodev(spec):
+        return
+    # bind_mount takes only the read-only attribute; nodev goes on before anyone is told of
+    # the mount point, and on every submount of an rbind too.
+    try:
+        try:
+            flags = AT_RECURSIVE if recursive else 0
+            mount_setattr(AT_FDCWD, str(where), flags, attr_set=MOUNT_ATTR_NODEV)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            # Linux < 5.12: a remount sets the flags of the top mount only, and must repeat
+            # the read-only flag or it would clear it.
+            ro = MS_RDONLY if spec.readonly else 0
+            mount("none", str(where), None, MS_REMOUNT | MS_BIND | MS_NODEV | ro)
+    except BaseException:
+        # Never leave a mount without nodev where one with it was asked for.
+        umount(str(where), MNT_DETACH)
+        raise
 
 
 def _mount_one(spec: MountSpec, target: Path) -> None:
     where = target / spec.target.lstrip("/") if spec.target else target
     if spec.type == "bind":
-        bind_mount(
-            spec.source, str(where), readonly=spec.readonly, recursive="rbind" in spec.options
-        )
+        _bind(spec, where)
     elif spec.type == "overlay":
         if not spec.lowerdirs:
             raise InvalidArgument(f"overlay mount spec for {where}: no lowerdirs")
         # mount_overlay takes ro, nosuid, nodev and noexec itself (as mount attributes), so
-        # they go through as they are; only the bind markers mean nothing to overlayfs.
-        data = [o for o in spec.options if o not in ("rw", "bind", "rbind", "loop")]
+        # they go through as they are; only the markers mean nothing to overlayfs.
+        data = [o for o in spec.options if o != "rw" and o not in _MARKERS]
         if spec.readonly and "ro" not in data:
             data.append("ro")
+        if wants_nodev(spec) and "nodev" not in data:
+            data.append("nodev")
         mount_overlay(
             str(where), spec.lowerdirs, upperdir=spec.upperdir, workdir=spec.workdir, options=data
         )
     elif "loop" in spec.options:
-        flags, data = _split_options(spec.options)
+        flags, data = _split_options(spec)
         device = attach_loop(spec.source, readonly=bool(flags & MS_RDONLY))
         try:
             mount(device, str(where), spec.type, flags, ",".join(data) or None)
@@ -77,7 +121,7 @@ def _mount_one(spec: MountSpec, target: Path) -> None:
             detach_loop(device)
             raise
     else:
-        flags, data = _split_options(spec.options)
+        flags, data = _split_options(spec)
         mount(spec.source, str(where), spec.type, flags, ",".join(data) or None)
 
 
