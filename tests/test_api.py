@@ -111,9 +111,9 @@ def test_public_namespaces_are_reachable_as_attributes() -> None:
 def test_images_namespace_lists_the_image_documents() -> None:
     assert images.__all__ == sorted(images.__all__)
     assert public_names(images) == set(images.__all__)
-    assert {name for name, home in laminae._MOVED.items() if home == "laminae.images"} == set(
-        images.__all__
-    )
+    moved = {name for name, home in laminae._MOVED.items() if home == "laminae.images"}
+    # What left laminae for here, and the row a transport plugin registers.
+    assert set(images.__all__) == moved | {"LocationSyntax", "PathAndReference", "Transport"}
     seen = type_checking_imports(images)
     assert set(seen) == set(images.__all__)
     for name, (module, _) in seen.items():

@@ -52,7 +52,7 @@ DIR_TRANSPORT = textwrap.dedent(
     import pluggy
 
     from laminae import NotFound
-    from laminae.images._transports import PathAndReference, Transport
+    from laminae.images import PathAndReference, Transport
 
     hookimpl = pluggy.HookimplMarker("laminae")
 
@@ -133,7 +133,7 @@ CLASH = textwrap.dedent(
     """
     import pluggy
 
-    from laminae.images._transports import PathAndReference, Transport
+    from laminae.images import PathAndReference, Transport
 
     hookimpl = pluggy.HookimplMarker("laminae")
 

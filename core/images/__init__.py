@@ -3,10 +3,12 @@
 The public part is what someone who reads or writes images needs beside a store: the image
 documents (:class:`Descriptor`, :class:`Manifest`, :class:`Index`, :class:`ImageConfig`,
 :class:`Platform`, and :func:`parse_manifest` and :func:`parse_config`, which check them), the two
-protocols a transport implements (:class:`ImageSource`, :class:`ImageSink`), and the names of
-images (:class:`Reference` and :func:`parse_reference` for ``registry/repository:tag@digest``,
-:class:`ImageLocation` and :func:`parse_location` for ``TRANSPORT:DETAILS``, :func:`local_name`
-for a name in a store)::
+protocols a transport implements (:class:`ImageSource`, :class:`ImageSink`) with its row of the
+transport table (:class:`Transport`, :class:`PathAndReference`, :class:`LocationSyntax`; a plugin
+registers it with the ``laminae_register_transports`` hook), and the names of images
+(:class:`Reference` and :func:`parse_reference` for ``registry/repository:tag@digest``,
+:class:`ImageLocation` and :func:`parse_location` for ``TRANSPORT:DETAILS``, :func:`local_name` for
+a name in a store)::
 
     from laminae import images
 
@@ -45,7 +47,13 @@ if TYPE_CHECKING:
         parse_manifest,
     )
     from laminae.images._reference import Reference, local_name, parse_reference
-    from laminae.images._transports import ImageLocation, parse_location
+    from laminae.images._transports import (
+        ImageLocation,
+        LocationSyntax,
+        PathAndReference,
+        Transport,
+        parse_location,
+    )
 
 _PUBLIC: dict[str, str] = {
     **dict.fromkeys(
@@ -63,7 +71,10 @@ _PUBLIC: dict[str, str] = {
         "laminae.images._image",
     ),
     **dict.fromkeys(("Reference", "local_name", "parse_reference"), "laminae.images._reference"),
-    **dict.fromkeys(("ImageLocation", "parse_location"), "laminae.images._transports"),
+    **dict.fromkeys(
+        ("ImageLocation", "LocationSyntax", "PathAndReference", "Transport", "parse_location"),
+        "laminae.images._transports",
+    ),
 }
 """Each public name and the module that defines it."""
 
@@ -74,9 +85,12 @@ __all__ = [
     "ImageSink",
     "ImageSource",
     "Index",
+    "LocationSyntax",
     "Manifest",
+    "PathAndReference",
     "Platform",
     "Reference",
+    "Transport",
     "local_name",
     "parse_config",
     "parse_location",

@@ -39,7 +39,7 @@ A transport is one module plus one entry in the table:
    declared under the ``laminae.drivers`` entry-point group like a driver::
 
        from laminae import driverkit
-       from laminae.images._transports import PathAndReference, Transport
+       from laminae.images import PathAndReference, Transport
 
        @driverkit.hookimpl
        def laminae_register_transports(register):
