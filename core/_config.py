@@ -34,6 +34,7 @@ and with none of them the defaults apply. Keys are named like containers-storage
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pwd
@@ -42,23 +43,17 @@ import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import cattrs
-from cattrs.errors import (
-    AttributeValidationNote,
-    ClassValidationError,
-    ForbiddenExtraKeysError,
-    IterableValidationError,
-    IterableValidationNote,
-)
-from cattrs.gen import make_dict_structure_fn, override
 
 from laminae._exceptions import InvalidArgument
 from laminae.archive._limits import DevicePolicy, Limits
 from laminae.driverkit._sizes import parse_size
 from laminae.images._credentials import RegistryOptions
+
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = ["StoreConfig", "load_config", "runroot_for"]
 
@@ -239,7 +234,13 @@ def _structure_size(value: object, _: object) -> int:
         raise _BadValue(str(exc)) from None
 
 
-def _make_converter() -> cattrs.Converter:
+@functools.cache
+def _converter() -> cattrs.Converter:
+    # Made, and cattrs imported, only when a configuration file is read: a store opened with
+    # no file (or a command that needs none) does not pay for it.
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn, override
+
     converter = cattrs.Converter(forbid_extra_keys=True)
     # cattrs' own hooks coerce (str(5) == "5", "abc" iterates into a tuple); a config file
     # with the wrong type is a mistake the user should hear about, so every leaf is strict.
@@ -273,11 +274,10 @@ def _make_converter() -> cattrs.Converter:
     return converter
 
 
-_CONVERTER: Final = _make_converter()
-
-
 def _problems(exc: BaseException, key: str) -> list[str]:
     """Flatten a cattrs validation error into one line per bad key, with dotted key paths."""
+    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
     if isinstance(exc, ForbiddenExtraKeysError):
         prefix = f"{key}." if key else ""
         return [f"unknown key '{prefix}{extra}'" for extra in sorted(exc.extra_fields)]
@@ -294,6 +294,8 @@ def _problems(exc: BaseException, key: str) -> list[str]:
 
 
 def _note_key(exc: BaseException, key: str) -> str:
+    from cattrs.errors import AttributeValidationNote, IterableValidationNote
+
     for note in getattr(exc, "__notes__", ()):
         if isinstance(note, AttributeValidationNote):
             return f"{key}.{note.name}" if key else note.name
@@ -315,9 +317,11 @@ def _parse(path: Path) -> _ConfigFile:
         ) from None
     except OSError as exc:
         raise InvalidArgument(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    from cattrs import BaseValidationError
+
     try:
-        return _CONVERTER.structure(document, _ConfigFile)
-    except (cattrs.BaseValidationError, _BadValue) as exc:
+        return _converter().structure(document, _ConfigFile)
+    except (BaseValidationError, _BadValue) as exc:
         raise InvalidArgument(f"{path}: " + "; ".join(_problems(exc, ""))) from exc
 
 
