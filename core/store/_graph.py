@@ -3,6 +3,10 @@
 One file, ``graph.db`` in the store root, in WAL mode so readers never wait for a writer.
 Every change runs in one transaction (``BEGIN IMMEDIATE``) while the store lock is held; this
 module does no locking of its own and knows nothing of drivers.
+
+Every statement goes through one boundary, :func:`map_sqlite_errors`, so that no
+``sqlite3`` exception leaves this module: a damaged file is a :class:`CorruptLayer` naming
+``graph.db``, a full disk a :class:`ResourceExhausted`, and so on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from typing import Any, final
 
 import attrs
 
-__all__ = ["Graph", "LayerRow", "now"]
+from laminae._exceptions import (
+    AlreadyExists,
+    CorruptLayer,
+    FailedPrecondition,
+    LaminaeError,
+    ResourceExhausted,
+)
+
+__all__ = ["Graph", "LayerRow", "map_sqlite_errors", "now"]
 
 SCHEMA_VERSION = 1
 
@@ -75,6 +87,49 @@ CREATE TABLE IF NOT EXISTS containers (
 """
 
 
+# SQLite's primary result codes (https://sqlite.org/rescode.html), the low byte of
+# ``sqlite_errorcode``; the extended codes add detail in the high bits.
+_SQLITE_FULL = 13
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SQLITE_CONSTRAINT_PRIMARYKEY = 1555
+_SQLITE_CONSTRAINT_UNIQUE = 2067
+
+
+@contextlib.contextmanager
+def map_sqlite_errors(path: Path) -> Iterator[None]:
+    """Translate a ``sqlite3`` error raised inside the block into the laminae tree.
+
+    The message names the graph file, since a user who sees "database disk image is
+    malformed" must learn which file is damaged. The original stays reachable as
+    ``__cause__``.
+
+    :param path: the graph file.
+    :raises CorruptLayer: the file is damaged or is not a database.
+    :raises ResourceExhausted: the filesystem is full.
+    :raises AlreadyExists: a row with the same key exists (two writers raced).
+    :raises FailedPrecondition: another constraint failed, or the graph is closed.
+    :raises LaminaeError: any other SQLite error (I/O, permissions, a lock held too long).
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        message = f"graph {path}: {exc}"
+        if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            raise CorruptLayer(
+                f"{message}; the store's graph.db is damaged: restore it from a backup"
+            ) from exc
+        if primary == _SQLITE_FULL:
+            raise ResourceExhausted(message) from exc
+        if code in (_SQLITE_CONSTRAINT_PRIMARYKEY, _SQLITE_CONSTRAINT_UNIQUE):
+            raise AlreadyExists(message) from exc
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+            raise FailedPrecondition(message) from exc
+        raise LaminaeError(message) from exc
+
+
 def now() -> str:
     """The current time as the graph stores it: ISO 8601, UTC, microseconds."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -118,9 +173,23 @@ class Graph:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        with map_sqlite_errors(path):
+            self._db = self._open(path)
+        try:
+            with map_sqlite_errors(path):
+                self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implied.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
-        self._db.row_factory = sqlite3.Row
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         # FULL: a committed layer's row must survive a power cut once commit returns.
@@ -139,7 +208,23 @@ class Graph:
                 self.set_meta("store_id", secrets.token_hex(16))
 
     def close(self) -> None:
-        self._db.close()
+        with map_sqlite_errors(self.path):
+            self._db.close()
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's own integrity check finds wrong with the file; empty if nothing.
+
+        ``quick_check``: it reads every page and checks the b-trees and records, but skips the
+        index-against-table comparison of ``integrity_check``, which takes far longer on a
+        large graph and finds nothing a damaged page would not show first.
+        """
+        try:
+            with map_sqlite_errors(self.path):
+                rows = self._db.execute("PRAGMA quick_check").fetchall()
+        except CorruptLayer as exc:  # damage bad enough that the check itself cannot run
+            return [str(exc.__cause__)]
+        lines = [str(r[0]) for r in rows]
+        return [] if lines == ["ok"] else lines
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -147,20 +232,30 @@ class Graph:
         if self._db.in_transaction:
             yield
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        self._run("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A damaged file may fail the rollback too; the first error is the one to see.
+            with contextlib.suppress(LaminaeError):
+                self._run("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self._run("COMMIT")
+
+    # Every statement goes through these three, inside the one translation boundary.
+
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> None:
+        with map_sqlite_errors(self.path):
+            self._db.execute(sql, args)
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        with map_sqlite_errors(self.path):
+            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
         return row
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return self._db.execute(sql, args).fetchall()
+        with map_sqlite_errors(self.path):
+            return self._db.execute(sql, args).fetchall()
 
     # -- meta ------------------------------------------------------------------------------
 
@@ -176,7 +271,7 @@ class Graph:
         return None if row is None else str(row["value"])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute(
+        self._run(
             "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
@@ -188,9 +283,7 @@ class Graph:
         values = attrs.asdict(row)
         values["incomplete"] = int(row.incomplete)
         marks = ", ".join("?" for _ in values)
-        self._db.execute(
-            f"INSERT INTO layers ({_LAYER_COLUMNS}) VALUES ({marks})", tuple(values.values())
-        )
+        self._run(f"INSERT INTO layers ({_LAYER_COLUMNS}) VALUES ({marks})", tuple(values.values()))
 
     def layer(self, layer_id: str) -> LayerRow | None:
         return _layer(self._one(f"SELECT {_LAYER_COLUMNS} FROM layers WHERE id = ?", (layer_id,)))
@@ -214,10 +307,10 @@ class Graph:
             fields["incomplete"] = int(fields["incomplete"])
         fields.setdefault("updated", now())
         sets = ", ".join(f"{name} = ?" for name in fields)
-        self._db.execute(f"UPDATE layers SET {sets} WHERE id = ?", (*fields.values(), layer_id))
+        self._run(f"UPDATE layers SET {sets} WHERE id = ?", (*fields.values(), layer_id))
 
     def delete_layer(self, layer_id: str) -> None:
-        self._db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+        self._run("DELETE FROM layers WHERE id = ?", (layer_id,))
 
     def chain(self, layer_id: str) -> list[LayerRow]:
         """The layer and its parents, the layer first, the base last."""
@@ -257,21 +350,22 @@ class Graph:
         return tuple(r["name"] for r in rows)
 
     def add_name(self, layer_id: str, name: str) -> None:
-        self._db.execute("INSERT INTO layer_names (name, layer) VALUES (?, ?)", (name, layer_id))
+        self._run("INSERT INTO layer_names (name, layer) VALUES (?, ?)", (name, layer_id))
 
     def remove_name(self, name: str) -> None:
-        self._db.execute("DELETE FROM layer_names WHERE name = ?", (name,))
+        self._run("DELETE FROM layer_names WHERE name = ?", (name,))
 
     def labels(self, layer_id: str) -> dict[str, str]:
         rows = self._all("SELECT key, value FROM labels WHERE layer = ? ORDER BY key", (layer_id,))
         return {r["key"]: r["value"] for r in rows}
 
     def set_labels(self, layer_id: str, labels: Mapping[str, str]) -> None:
-        self._db.execute("DELETE FROM labels WHERE layer = ?", (layer_id,))
-        self._db.executemany(
-            "INSERT INTO labels (layer, key, value) VALUES (?, ?, ?)",
-            [(layer_id, k, v) for k, v in labels.items()],
-        )
+        self._run("DELETE FROM labels WHERE layer = ?", (layer_id,))
+        with map_sqlite_errors(self.path):
+            self._db.executemany(
+                "INSERT INTO labels (layer, key, value) VALUES (?, ?, ?)",
+                [(layer_id, k, v) for k, v in labels.items()],
+            )
 
     # -- images and containers -------------------------------------------------------------
 
@@ -283,7 +377,7 @@ class Graph:
         config: bytes | None,
         manifest: bytes | None = None,
     ) -> None:
-        self._db.execute(
+        self._run(
             "INSERT INTO images (id, top_layer, manifest_digest, config, manifest, created) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (image_id, top_layer, manifest_digest, config, manifest, now()),
@@ -299,7 +393,7 @@ class Graph:
         return [r["id"] for r in rows]
 
     def remove_image_name(self, name: str) -> None:
-        self._db.execute("DELETE FROM image_names WHERE name = ?", (name,))
+        self._run("DELETE FROM image_names WHERE name = ?", (name,))
 
     def image(self, image_id: str) -> sqlite3.Row | None:
         return self._one("SELECT * FROM images WHERE id = ?", (image_id,))
@@ -317,14 +411,14 @@ class Graph:
 
     def add_image_name(self, image_id: str, name: str) -> None:
         # A name moves to the newest image that claims it, as `docker tag` does.
-        self._db.execute(
+        self._run(
             "INSERT INTO image_names (name, image) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET image = excluded.image",
             (name, image_id),
         )
 
     def delete_image(self, image_id: str) -> None:
-        self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        self._run("DELETE FROM images WHERE id = ?", (image_id,))
 
     def images_using_layer(self, layer_id: str) -> list[str]:
         rows = self._all("SELECT id FROM images WHERE top_layer = ?", (layer_id,))
@@ -333,7 +427,7 @@ class Graph:
     def insert_container(
         self, container_id: str, name: str | None, image: str | None, layer: str
     ) -> None:
-        self._db.execute(
+        self._run(
             "INSERT INTO containers (id, name, image, layer, created) VALUES (?, ?, ?, ?, ?)",
             (container_id, name, image, layer, now()),
         )
@@ -356,7 +450,7 @@ class Graph:
         return [r["id"] for r in rows]
 
     def delete_container(self, container_id: str) -> None:
-        self._db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+        self._run("DELETE FROM containers WHERE id = ?", (container_id,))
 
     def counts(self) -> tuple[int, int, int]:
         row = self._one(

@@ -139,8 +139,14 @@ class LayerStore:
         self._closed = False
         self._lock = StoreLock(root / "laminae.lock")
         graph_path = root / "graph.db"
-        new_graph = not graph_path.exists()
-        self._graph = Graph(graph_path)
+        # An empty file is what SQLite takes for a new database, so it is as new as none.
+        try:
+            with map_os_errors(f"open graph {graph_path}"):
+                new_graph = not graph_path.exists() or graph_path.stat().st_size == 0
+            self._graph = Graph(graph_path)
+        except BaseException:
+            self._lock.close()
+            raise
         try:
             with self._lock.held():
                 recorded = self._graph.meta("driver")
@@ -159,6 +165,8 @@ class LayerStore:
                     (root / "locks").mkdir(mode=0o700, exist_ok=True)
                 self._entry = entry
                 self.driver: Driver = entry.cls(home, options.get(entry.name, {}))
+                if new_graph:
+                    self._refuse_lost_graph(graph_path, home)
                 if recorded is None:
                     with self._graph.transaction():
                         self._graph.set_meta("driver", entry.name)
@@ -182,6 +190,28 @@ class LayerStore:
             self._graph.close()
             self._lock.close()
             raise
+
+    def _refuse_lost_graph(self, graph_path: Path, home: Path) -> None:
+        """Refuse to open as new a store whose graph is gone but whose layers are not.
+
+        Opened as new, its layers would be orphans to :meth:`check`, and :meth:`repair` would
+        delete every one of them. Tar-split records count too: they outlive any driver.
+
+        :raises FailedPrecondition: the driver home holds layers or tar-split records remain.
+        """
+        with map_os_errors(f"list layers in {home}"):
+            layers = sum(1 for _ in self.driver.layers())
+            records = sum(1 for _ in (self.root / "tar-split").glob("*.tsz"))
+        if layers or records:
+            with contextlib.suppress(Exception):
+                self.driver.close()
+            raise FailedPrecondition(
+                f"store {self.root}: {graph_path} is missing or empty, but {home} holds "
+                f"{layers} layer(s) and {self.root / 'tar-split'} {records} tar-split "
+                "record(s); refusing to open it as a new store, whose repair would delete "
+                f"them. Restore {graph_path} from a backup, or, to start afresh and lose the "
+                f"layers, remove {home} and {self.root / 'tar-split'}"
+            )
 
     def _forget_new_graph(self, path: Path) -> None:
         """Remove the graph this failed open created, so that a mistake (an unknown driver, an

@@ -124,6 +124,9 @@ class CheckReport:
     :param orphan_mounts: mount points under the run directory that nothing counts.
     :param stale_counts: layer ids whose mount count says mounted, but nothing is.
     :param orphan_records: tar-split records (by storage id) of layers that are gone.
+    :param graph_damage: what SQLite's integrity check found wrong with ``graph.db``, one
+        line each; when it finds anything the other fields stay empty, since a damaged graph
+        cannot be compared with the disk.
     """
 
     orphan_storage: tuple[str, ...] = ()
@@ -132,6 +135,7 @@ class CheckReport:
     orphan_mounts: tuple[str, ...] = ()
     stale_counts: tuple[str, ...] = ()
     orphan_records: tuple[str, ...] = ()
+    graph_damage: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -149,6 +153,7 @@ class CheckReport:
             ),
             *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
             *(f"tar-split record {s}: its layer is gone" for s in self.orphan_records),
+            *(f"graph.db is damaged: {d}; restore it from a backup" for d in self.graph_damage),
         ]
 
 

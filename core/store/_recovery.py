@@ -27,7 +27,7 @@ from typing import final
 
 import attrs
 
-from laminae._exceptions import map_os_errors
+from laminae._exceptions import CorruptLayer, map_os_errors
 from laminae.driverkit._contract import Driver
 from laminae.kernel import _mountinfo
 from laminae.kernel._locks import StoreLock, is_claimed
@@ -80,8 +80,15 @@ class Recovery:
         self._mounts.unmount_orphans()
 
     def check(self) -> CheckReport:
-        """Compare the graph with the driver's disk and the kernel's mounts; change nothing."""
+        """Compare the graph with the driver's disk and the kernel's mounts; change nothing.
+
+        SQLite's integrity check of ``graph.db`` runs first: a damaged graph is reported
+        alone, since its rows cannot be trusted to tell orphans from layers.
+        """
         with self._lock.held():
+            damage = self._graph.integrity_problems()
+            if damage:
+                return CheckReport(graph_damage=tuple(damage))
             rows = self._graph.all_layers()
             known = {r.storage_id for r in rows}
             with map_os_errors(f"list layers of driver {self._driver_name}"):
@@ -112,7 +119,15 @@ class Recovery:
         Orphan storage is removed; layers whose storage is missing are removed from the graph
         with everything above them; stale incomplete layers are removed; orphan mounts are
         unmounted; stale counts are reset; orphan tar-split records are deleted.
+
+        :raises CorruptLayer: ``report`` says the graph is damaged: nothing is changed, since
+            repairs chosen from a damaged graph could delete the layers it lost track of.
         """
+        if report.graph_damage:
+            raise CorruptLayer(
+                f"graph {self._graph.path} is damaged; nothing was repaired: "
+                "restore graph.db from a backup"
+            )
         fixed: dict[str, list[str]] = {f.name: [] for f in attrs.fields(CheckReport)}
         with self._lock.held():
             for storage_id in report.orphan_storage:
