@@ -38,6 +38,7 @@ __all__ = [
     "qgroup_limit",
     "qgroups",
     "quota_enable",
+    "quota_rescan",
     "quota_rescan_wait",
     "quota_status",
     "set_readonly",
@@ -123,6 +124,14 @@ class _BtrfsQuotaCtlArgs(ctypes.Structure):
     _fields_ = [("cmd", ctypes.c_uint64), ("status", ctypes.c_uint64)]
 
 
+class _BtrfsQuotaRescanArgs(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("progress", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 6),
+    ]
+
+
 class _BtrfsQgroupCreateArgs(ctypes.Structure):
     _fields_ = [("create", ctypes.c_uint64), ("qgroupid", ctypes.c_uint64)]
 
@@ -188,6 +197,7 @@ _BTRFS_IOC_QUOTA_CTL: Final = _ioc(_IOC_READ | _IOC_WRITE, 40, ctypes.sizeof(_Bt
 _BTRFS_IOC_QGROUP_CREATE: Final = _ioc(_IOC_WRITE, 42, ctypes.sizeof(_BtrfsQgroupCreateArgs))
 # _IOR, though userspace writes it: so the uapi header declares it, so the kernel matches it.
 _BTRFS_IOC_QGROUP_LIMIT: Final = _ioc(_IOC_READ, 43, ctypes.sizeof(_BtrfsQgroupLimitArgs))
+_BTRFS_IOC_QUOTA_RESCAN: Final = _ioc(_IOC_WRITE, 44, ctypes.sizeof(_BtrfsQuotaRescanArgs))
 _BTRFS_IOC_QUOTA_RESCAN_WAIT: Final = _ioc(_IOC_NONE, 46, 0)
 _BTRFS_IOC_SNAP_DESTROY_V2: Final = _ioc(_IOC_WRITE, 63, ctypes.sizeof(_BtrfsVolArgsV2))
 _BTRFS_IOC_SUBVOL_SYNC_WAIT: Final = _ioc(_IOC_WRITE, 65, ctypes.sizeof(_BtrfsSubvolWait))
@@ -475,6 +485,12 @@ class QuotaStatus:
         return bool(self.flags & _BTRFS_QGROUP_STATUS_FLAG_RESCAN)
 
     @property
+    def inconsistent(self) -> bool:
+        """The kernel marked the numbers wrong (``BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT``):
+        limits are not enforced from right counts until a rescan rebuilds them."""
+        return bool(self.flags & _BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT)
+
+    @property
     def consistent(self) -> bool:
         """The numbers can be trusted: not marked inconsistent, no rescan running."""
         return not self.flags & (
@@ -528,6 +544,26 @@ def quota_enable(path: str) -> None:
     args = _BtrfsQuotaCtlArgs(cmd=_BTRFS_QUOTA_CTL_ENABLE)
     with closing_fd(_open_dir(path)) as fd:
         _btrfs_ioctl(fd, _BTRFS_IOC_QUOTA_CTL, args, path)
+
+
+def quota_rescan(path: str) -> bool:
+    """Start a rescan that rebuilds every qgroup's numbers: ``BTRFS_IOC_QUOTA_RESCAN``.
+
+    The rescan clears the inconsistent flag when it finishes; :func:`quota_rescan_wait`
+    waits for it.
+
+    :returns: ``False`` when a rescan was running already (``EINPROGRESS``).
+    :raises OSError: ``ENOTCONN`` with quota off.
+    """
+    args = _BtrfsQuotaRescanArgs()
+    with closing_fd(_open_dir(path)) as fd:
+        try:
+            _btrfs_ioctl(fd, _BTRFS_IOC_QUOTA_RESCAN, args, path)
+        except OSError as exc:
+            if exc.errno == errno.EINPROGRESS:
+                return False
+            raise
+    return True
 
 
 def quota_rescan_wait(path: str) -> None:

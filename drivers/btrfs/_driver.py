@@ -16,7 +16,14 @@ Quotas (:attr:`Feature.QUOTA`): :meth:`BtrfsDriver.set_quota` turns btrfs quota 
 off, and limits the referenced bytes (``max_rfer``) of the layer's qgroup ``0/<subvolid>``,
 as Moby's and containers-storage's btrfs drivers do: the limit counts what the layer
 references, its parent's shared content included. The ``size`` option (``storage.toml``:
-``[storage.options.btrfs] size = "10G"``) sets that limit on every writable layer at create.
+``[storage.options.btrfs] size = "10G"``) sets that limit on every writable layer at create;
+a layer the store fills from a tar (:attr:`Feature.APPLY`: an image's layer being imported)
+has it lifted first, so ``size`` bounds what containers write, never what images hold.
+
+A filesystem whose qgroup numbers the kernel marked inconsistent enforces limits against wrong
+counts. Opening the driver, and setting a limit, check the quota status: an inconsistent one
+starts a rescan (setting a limit waits for it), and a warning goes to the
+``laminae.drivers.btrfs`` logger.
 
 Committed layers (:attr:`Feature.COMMIT`): the store calls :meth:`BtrfsDriver.commit`, which
 makes the layer a read-only subvolume. ``create`` also freezes a parent that is not frozen
@@ -27,10 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Final, final
+from typing import BinaryIO, ClassVar, Final, final
 
 from laminae.driverkit import (
     BTRFS_SUPER_MAGIC,
@@ -40,9 +48,11 @@ from laminae.driverkit import (
     Feature,
     InvalidArgument,
     LaminaeError,
+    Limits,
     MountSpec,
     NotFound,
     Usage,
+    apply_tar,
     btrfs,
     check_storage_id,
     is_storage_id,
@@ -58,6 +68,8 @@ __all__ = ["BtrfsDriver"]
 
 _OPTIONS: Final = frozenset({"size"})
 _PENDING: Final = "qgroups-pending"
+
+_log: Final = logging.getLogger("laminae.drivers.btrfs")
 
 
 def _parse_options(options: Mapping[str, str]) -> int | None:
@@ -102,7 +114,7 @@ class BtrfsDriver:
     # A snapshot holds its whole tree: depth costs nothing at mount time, so the limit is
     # vfs's (Moby's layer store stops at 125 anyway).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        features=frozenset({Feature.QUOTA, Feature.COMMIT}),
+        features=frozenset({Feature.QUOTA, Feature.COMMIT, Feature.APPLY}),
         max_depth=1000,
         needs_root=True,
         independent_layers=False,
@@ -143,6 +155,11 @@ class BtrfsDriver:
             # (CVE-2021-41091 was this hole in Moby's overlay2 home).
             self._home.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._subvolumes.mkdir(mode=0o700, exist_ok=True)
+        # Not waited for here: opening must not block on a large filesystem's rescan; setting
+        # a limit waits. Nor fatal: a store that sets no limit works without it (the warning
+        # is logged before the rescan is asked for).
+        with contextlib.suppress(OSError):
+            self._rescan_if_inconsistent(str(self._subvolumes), wait=False)
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -221,6 +238,23 @@ class BtrfsDriver:
             btrfs.delete_subvolume(str(path))
             if btrfs.quota_status(str(self._subvolumes)) is not None:
                 self._drop_qgroups([own, *(sub.id for sub in nested)])
+
+    def apply(self, id: str, parents: Sequence[str], tar: BinaryIO, limits: object) -> None:
+        """Write ``tar`` straight into layer ``id``'s subvolume (a snapshot of its parent, so
+        whiteouts delete what the parent had), with no mount.
+
+        A limit from the ``size`` option goes first: it bounds containers, and a layer being
+        applied is image content.
+
+        :raises NotFound: ``id`` is not on disk.
+        """
+        if not isinstance(limits, Limits):
+            raise InvalidArgument(f"btrfs: apply limits {limits!r} are not laminae.Limits")
+        path = self._layer(id)
+        if self._size is not None:
+            with map_os_errors(f"btrfs: lift the size limit of layer {id}"):
+                self._drop_limit(path)
+        apply_tar(path, tar, limits=limits)
 
     def mounts(self, id: str, parents: Sequence[str], readonly: bool) -> list[MountSpec]:
         """One bind of the layer's subvolume, ``ro`` when ``readonly``.
@@ -303,6 +337,8 @@ class BtrfsDriver:
             btrfs.quota_enable(where)
             # Enabling starts a rescan; limits are only as good as the numbers behind them.
             btrfs.quota_rescan_wait(where)
+        else:
+            self._rescan_if_inconsistent(where, wait=True)
         qgroup = btrfs.qgroup_id(btrfs.subvolume_id(where))
         # With quota on, the kernel makes 0/<id> with every subvolume (and for every existing
         # one when quota is turned on); this covers a qgroup somebody destroyed by hand.
@@ -310,16 +346,40 @@ class BtrfsDriver:
             btrfs.qgroup_create(where, qgroup)
         btrfs.qgroup_limit(where, qgroup, size)
 
+    @staticmethod
+    def _rescan_if_inconsistent(where: str, *, wait: bool) -> None:
+        """Rebuild qgroup numbers the kernel marked inconsistent, and say so; with ``wait``,
+        also wait for any rescan running (then limits count from right numbers)."""
+        status = btrfs.quota_status(where)
+        if status is None:
+            return
+        if status.inconsistent and not status.rescanning:
+            _log.warning(
+                "btrfs: qgroup numbers of the filesystem holding %s are inconsistent, so size "
+                "limits are not enforced right; rescanning them",
+                where,
+            )
+            btrfs.quota_rescan(where)
+        if wait and not status.consistent:
+            btrfs.quota_rescan_wait(where)
+
+    def _drop_limit(self, path: Path) -> None:
+        """Lift any limit on the layer's qgroup."""
+        where = str(self._subvolumes)
+        if btrfs.quota_status(where) is None:
+            return
+        qgroup = btrfs.qgroup_id(btrfs.subvolume_id(str(path)))
+        numbers = btrfs.qgroups(where).get(qgroup)
+        if numbers is not None and numbers.max_referenced is not None:
+            # Through the store's directory, not the layer: the ioctl's transaction is
+            # charged to the subvolume it is issued on, and a layer already past its limit
+            # (a snapshot of a larger parent) would refuse even the lift with EDQUOT.
+            btrfs.qgroup_limit(where, qgroup, None)
+
     def _drop_inherited_limit(self, path: Path) -> None:
         """A snapshot's qgroup copies its source's limit (btrfs_qgroup_inherit): a layer's
         limit is its own, so a copied one goes."""
-        where = str(path)
-        if btrfs.quota_status(where) is None:
-            return
-        qgroup = btrfs.qgroup_id(btrfs.subvolume_id(where))
-        numbers = btrfs.qgroups(where).get(qgroup)
-        if numbers is not None and numbers.max_referenced is not None:
-            btrfs.qgroup_limit(where, qgroup, None)
+        self._drop_limit(path)
 
     def _drop_qgroups(self, subvolids: Sequence[int]) -> None:
         """Destroy the qgroups of deleted subvolumes ``subvolids`` and of earlier ones still
