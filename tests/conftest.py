@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +37,15 @@ def btrfs(tmp_path: Path) -> Iterator[Path]:
     base.mkdir()
     with loop_btrfs(base) as home:
         yield home.parent
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing of the caller's environment reaches the command under test: no LAMINAE_*, no
+    registry credentials, and a home and runtime directory of the test's own."""
+    for name in list(os.environ):
+        if name.startswith("LAMINAE_") or name == "REGISTRY_AUTH_FILE":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)

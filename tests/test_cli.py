@@ -39,13 +39,8 @@ TOP_TAR = make_tar({"etc/hostname": b"other\n", "etc/motd": b"hi\n"}, whiteouts=
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LAMINAE_* from the caller's environment, and a home of our own."""
-    for name in list(os.environ):
-        if name.startswith("LAMINAE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+def _environment(clean_environment: None) -> None:
+    """Every test here runs in conftest's clean environment."""
 
 
 @pytest.fixture

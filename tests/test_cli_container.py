@@ -41,12 +41,8 @@ Invoke = Callable[..., Result]
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LAMINAE_* from the caller's environment."""
-    for name in list(os.environ):
-        if name.startswith("LAMINAE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def _environment(clean_environment: None) -> None:
+    """Every test here runs in conftest's clean environment."""
 
 
 @pytest.fixture

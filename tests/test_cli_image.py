@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -133,14 +132,8 @@ def read_layout(path: Path, ref: str) -> tuple[dict[str, Any], dict[str, Any], s
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LAMINAE_* or registry credentials from the caller's environment."""
-    for name in list(os.environ):
-        if name.startswith("LAMINAE_") or name == "REGISTRY_AUTH_FILE":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+def _environment(clean_environment: None) -> None:
+    """Every test here runs in conftest's clean environment."""
 
 
 Invoke = Callable[..., Result]

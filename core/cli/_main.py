@@ -675,6 +675,9 @@ def check(store: Store, as_json: bool) -> None:
             click.echo(problem)
     if not report.ok:
         count = len(report.problems())
+        if report.graph_damage:
+            # repair refuses a damaged graph: what it says of the layers cannot be trusted
+            raise CorruptLayer(f"{count} problem(s) found; restore graph.db from a backup")
         raise CorruptLayer(f"{count} problem(s) found; `laminae repair` fixes them")
 
 
