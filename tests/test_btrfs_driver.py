@@ -7,7 +7,6 @@ import errno
 import io
 import logging
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from fsops import sync_fs, write_mib
 from tarbuild import make_tar
+from tools import needs
 
 import laminae
 from laminae.driverkit import AlreadyExists, DriverUnavailable, InvalidArgument, MountSpec, NotFound
@@ -464,7 +464,7 @@ def _make_qgroups_inconsistent(home: Path) -> None:
     assert status is not None and status.inconsistent
 
 
-@pytest.mark.skipif(shutil.which("btrfs") is None, reason="needs the btrfs tool (btrfs-progs)")
+@needs("btrfs")
 def test_inconsistent_qgroups_are_rescanned_on_open(
     home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -480,7 +480,7 @@ def test_inconsistent_qgroups_are_rescanned_on_open(
         driver.close()
 
 
-@pytest.mark.skipif(shutil.which("btrfs") is None, reason="needs the btrfs tool (btrfs-progs)")
+@needs("btrfs")
 def test_setting_a_limit_waits_for_consistent_qgroups(
     home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import os
 import stat
 from collections.abc import Sequence
@@ -602,24 +603,15 @@ class Applier(Tree):
         parent = self.parent(parent_path)
         # The source may have been dropped from the cache by resolving the parent; its fd
         # stays open until release() after this entry.
+        link = functools.partial(
+            os.link, target_name, name, src_dir_fd=source[0], dst_dir_fd=parent[0]
+        )
         try:
-            os.link(
-                target_name,
-                name,
-                src_dir_fd=source[0],
-                dst_dir_fd=parent[0],
-                follow_symlinks=False,
-            )
+            link(follow_symlinks=False)
         except FileExistsError:
             self.remove(parent[0], name)
             try:
-                os.link(
-                    target_name,
-                    name,
-                    src_dir_fd=source[0],
-                    dst_dir_fd=parent[0],
-                    follow_symlinks=False,
-                )
+                link(follow_symlinks=False)
             except FileNotFoundError:
                 raise missing from None
         return parent
