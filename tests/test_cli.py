@@ -350,14 +350,19 @@ def test_check_reports_an_orphan_and_repair_removes_it(invoke: Invoke, orphan: s
     assert "repair" in one_error_line(found)
     report = json.loads(invoke("check", "--json", expect=8).stdout)
     assert report["orphan_storage"] == [orphan]
-    fixed = invoke("repair")
+    kept = invoke("repair")
+    assert kept.stdout.splitlines() == [
+        f"kept orphan storage {orphan}: owned by no layer; --force removes it"
+    ]
+    invoke("check", expect=8)
+    fixed = invoke("repair", "--force")
     assert orphan in fixed.stdout
     assert invoke("check").stdout == ""
     assert json.loads(invoke("repair", "--json").stdout)["orphan_storage"] == []
 
 
 def test_repair_json(invoke: Invoke, orphan: str) -> None:
-    assert json.loads(invoke("repair", "--json").stdout)["orphan_storage"] == [orphan]
+    assert json.loads(invoke("repair", "--force", "--json").stdout)["orphan_storage"] == [orphan]
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -184,12 +184,17 @@ def test_incomplete_leftovers_are_removed_on_open(tmp_path: Path) -> None:
 
 
 def test_check_finds_and_repair_fixes_orphans(store: laminae.Store) -> None:
-    layer = store.apply_layer(io.BytesIO(make_tar({"a": b"1"})))
+    layer = store.apply_layer(io.BytesIO(make_tar({"a": b"1"})), names=["named"])
     store.driver.create("feedface" * 4, [], True)  # storage no layer owns
     report = store.check()
     assert report.orphan_storage == ("feedface" * 4,)
     assert not report.ok and "orphan storage" in report.problems()[0]
-    fixed = store.repair(report)
+    # Storage the graph does not know may be what a lost graph knew: kept unless forced.
+    kept = store.repair(report)
+    assert kept.orphan_storage == ()
+    assert kept.kept == (f"orphan storage {'feedface' * 4}: owned by no layer; --force removes it",)
+    assert store.check().orphan_storage == ("feedface" * 4,)
+    fixed = store.repair(force=True)
     assert fixed.orphan_storage == ("feedface" * 4,)
     assert store.check().ok
     assert store.layer(layer.id).id == layer.id

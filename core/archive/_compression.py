@@ -169,10 +169,10 @@ class DigestReader(_Reader):
 class DigestWriter(_Writer):
     """Pass writes through to ``out``, hashing (sha256) and counting the bytes.
 
-    Closing it does not close ``out``.
+    Without ``out`` it only hashes and counts. Closing it does not close ``out``.
     """
 
-    def __init__(self, out: _Sink) -> None:
+    def __init__(self, out: _Sink | None = None) -> None:
         super().__init__()
         self._out = out
         self._hash = hashlib.sha256()
@@ -183,7 +183,8 @@ class DigestWriter(_Writer):
         self._hash.update(data)
         written = len(data) if isinstance(data, (bytes, bytearray)) else data.nbytes
         self.size += written
-        self._out.write(data)
+        if self._out is not None:
+            self._out.write(data)
         return written
 
     @property

@@ -663,35 +663,54 @@ def _write_tar(
 
 
 @cli.command()
+@click.option(
+    "--content",
+    is_flag=True,
+    help="Also re-derive every committed layer's DiffID from its files (reads every layer).",
+)
 @_json_option
 @_with_store
-def check(store: Store, as_json: bool) -> None:
-    """Look for orphans, missing storage and stale mounts; exit 8 if any is found."""
-    report = store.check()
+def check(store: Store, content: bool, as_json: bool) -> None:
+    """Look for orphans, missing storage, stale mounts and interrupted operations (and, with
+    --content, changed layer files); exit 8 if any is found.
+
+    Layers nothing holds are listed as notes, not problems.
+    """
+    report = store.check(content=content)
     if as_json:
         _print_json(report)
     else:
-        for problem in report.problems():
-            click.echo(problem)
+        for line in (*report.problems(), *(f"note: {n}" for n in report.notes())):
+            click.echo(line)
     if not report.ok:
         count = len(report.problems())
         if report.graph_damage:
             # repair refuses a damaged graph: what it says of the layers cannot be trusted
             raise CorruptLayer(f"{count} problem(s) found; restore graph.db from a backup")
+        if report.content_mismatch:
+            raise CorruptLayer(
+                f"{count} problem(s) found; no repair restores a layer's files: re-import "
+                "the images that use the layers listed, or remove them"
+            )
         raise CorruptLayer(f"{count} problem(s) found; `laminae repair` fixes them")
 
 
 @cli.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also remove storage no layer owns and layers nothing holds (kept otherwise).",
+)
 @_json_option
 @_with_store
-def repair(store: Store, as_json: bool) -> None:
-    """Fix what `check` finds; print one line per thing fixed."""
-    fixed = store.repair()
+def repair(store: Store, force: bool, as_json: bool) -> None:
+    """Fix what `check` finds; print one line per thing fixed or removed, and what was kept."""
+    fixed = store.repair(force=force)
     if as_json:
         _print_json(fixed)
     else:
-        for problem in fixed.problems():
-            click.echo(problem)
+        for line in (*fixed.problems(), *fixed.notes()):
+            click.echo(line)
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

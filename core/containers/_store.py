@@ -13,7 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from laminae._exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, map_os_errors
+from laminae._exceptions import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    map_os_errors,
+)
 from laminae.archive._changes import Change
 from laminae.archive._compression import Compression
 from laminae.containers._containers import commit_config, image_config, with_parent_dirs
@@ -26,7 +32,14 @@ from laminae.store._lookup import (
     resolve_image,
     resolve_layer,
 )
-from laminae.store._records import Container, DiffResult, Image, check_key
+from laminae.store._records import (
+    Container,
+    DiffResult,
+    Image,
+    chain_id,
+    check_key,
+    check_labels,
+)
 
 __all__ = ["ContainerStore"]
 
@@ -41,26 +54,40 @@ class ContainerStore(ImageStore):
         name: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> Container:
-        """Create a container: an active layer on ``image``'s top layer (empty if none)."""
+        """Create a container: an active layer on ``image``'s top layer (empty if none).
+
+        The layer stays incomplete until the container's row is written, in the same
+        transaction; an image removed meanwhile is a :class:`NotFound`, and its layers, which
+        the removal had to leave to this layer's parent, are collected (journalled: a crash
+        leaves that to the next open).
+
+        :raises NotFound: no image ``image``, or it was removed while the container was made.
+        :raises AlreadyExists: ``name`` is taken.
+        """
         self._check_open()
         if name is not None:
             check_key("container name", name)
             if self._graph.container_for_name(name) is not None:
                 raise AlreadyExists(f"container name {name!r}: already in use")
+        checked = check_labels(labels)
         image_row = None if image is None else resolve_image(self._graph, image)
-        container_id = secrets.token_hex(32)
+        image_id = None if image_row is None else str(image_row["id"])
         top = None if image_row is None else image_row["top_layer"]
-        layer = self.create_layer(container_id, top, labels=labels)
-        try:
-            with self._lock.held(), self._graph.transaction():
+        container_id = secrets.token_hex(32)
+        with self._staging.collecting(top, f"create container {container_id}"):
+            parent = None if top is None else self._staging.committed_parent(top)
+            with (
+                self._staging.stage(parent, key=container_id),
+                self._lock.held(),
+                self._graph.transaction(),
+            ):
+                if image_id is not None and self._graph.image(image_id) is None:
+                    raise NotFound(f"image {image!r}: removed while the container was made")
                 if name is not None and self._graph.container_for_name(name) is not None:
                     raise AlreadyExists(f"container name {name!r}: already in use")
-                self._graph.insert_container(
-                    container_id, name, None if image_row is None else image_row["id"], layer.id
-                )
-        except BaseException:
-            self.remove_layer(layer.id)
-            raise
+                self._graph.set_labels(container_id, checked)
+                self._graph.update_layer(container_id, incomplete=False)
+                self._graph.insert_container(container_id, name, image_id, container_id)
         return self.container(container_id)
 
     def container(self, ref: str) -> Container:
@@ -90,9 +117,13 @@ class ContainerStore(ImageStore):
                         f"cannot remove container {ref!r}: its layer is mounted"
                     )
                 self.unmount(layer.id, force=True)
-            with self._graph.transaction():
+            # Two steps, journalled: a crash after the row goes leaves the layer to the next
+            # open, which collects it.
+            with (
+                self._staging.collecting(layer.id, f"remove container {row['id']}"),
+                self._graph.transaction(),
+            ):
                 self._graph.delete_container(row["id"])
-            self.remove_layer(layer.id)
 
     def mount_container(self, ref: str) -> Path:
         """Mount container ``ref``'s writable root and return where (counted, as
@@ -179,22 +210,23 @@ class ContainerStore(ImageStore):
             with out:
                 written = self.diff(container.layer, out)
                 out.seek(0)
-                layer = self.apply_layer(out, top, diff_id=written.diff_id)
-        config = commit_config(
-            parent_config,
-            base,
-            written.diff_id,
-            created=datetime.now(UTC),
-            message=message,
-            author=author,
-        )
-        try:
-            return self.create_image(layer.id, names=names, config=config)
-        except BaseException:
-            # The layer may be shared (an equal commit made it before): collection keeps it.
-            with self._staging.locked():
-                self._staging.collect(layer.id)
-            raise
+                new_id = written.diff_id if top is None else chain_id([top, written.diff_id])
+                # Two steps, journalled: the layer, then the image that holds it. A crash
+                # between them leaves the layer to the next open, which collects it; a
+                # layer that was there before (an equal commit made it) is not journalled.
+                journalled = None if self._staging.has_committed(new_id) else new_id
+                with self._staging.collecting(journalled, f"commit container {container.id}"):
+                    layer = self.apply_layer(out, top, diff_id=written.diff_id)
+                    config = commit_config(
+                        parent_config,
+                        base,
+                        written.diff_id,
+                        created=datetime.now(UTC),
+                        message=message,
+                        author=author,
+                    )
+                    return self.create_image(layer.id, names=names, config=config)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def container_config(self, ref: str) -> ImageConfig | None:
         """The config of container ``ref``'s image (Env, Cmd, WorkingDir... for a bundle);

@@ -123,9 +123,14 @@ class ImageStore(LayerStore):
                 raise FailedPrecondition(
                     f"cannot remove image {ref!r}: used by container {users[0]}"
                 )
-            with self._graph.transaction():
-                self._graph.delete_image(row["id"])
-            return self._staging.collect(row["top_layer"])
+            # Two steps, journalled: a crash after the row goes leaves the collection of
+            # its layers to the next open.
+            removed: list[str] = []
+            with self._staging.collecting(row["top_layer"], f"remove image {row['id']}"):
+                with self._graph.transaction():
+                    self._graph.delete_image(row["id"])
+                removed = self._staging.collect(row["top_layer"])
+            return removed
 
     def import_image(
         self,

@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS containers (
     layer TEXT NOT NULL REFERENCES layers(id) ON UPDATE CASCADE,
     created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending (
+    id TEXT PRIMARY KEY,
+    operation TEXT NOT NULL,
+    collect TEXT NOT NULL,
+    created TEXT NOT NULL
+);
 """
 
 
@@ -451,6 +457,36 @@ class Graph:
 
     def delete_container(self, container_id: str) -> None:
         self._run("DELETE FROM containers WHERE id = ?", (container_id,))
+
+    # -- the journal of operations in two steps ---------------------------------------------
+
+    def insert_pending(self, pending_id: str, operation: str, collect: str) -> None:
+        self._run(
+            "INSERT INTO pending (id, operation, collect, created) VALUES (?, ?, ?, ?)",
+            (pending_id, operation, collect, now()),
+        )
+
+    def all_pending(self) -> list[tuple[str, str, str]]:
+        """Every journal entry as ``(id, operation, layer to collect)``, oldest first."""
+        rows = self._all("SELECT id, operation, collect FROM pending ORDER BY created, id")
+        return [(r["id"], r["operation"], r["collect"]) for r in rows]
+
+    def delete_pending(self, pending_id: str) -> None:
+        self._run("DELETE FROM pending WHERE id = ?", (pending_id,))
+
+    def unreferenced_layers(self) -> list[str]:
+        """Complete committed layers that no child layer, image, container, name or mount
+        holds, oldest first."""
+        rows = self._all(
+            """SELECT id FROM layers AS l
+               WHERE kind = 'committed' AND incomplete = 0 AND mount_count = 0
+                 AND NOT EXISTS (SELECT 1 FROM layers AS c WHERE c.parent = l.id)
+                 AND NOT EXISTS (SELECT 1 FROM images WHERE top_layer = l.id)
+                 AND NOT EXISTS (SELECT 1 FROM containers WHERE layer = l.id)
+                 AND NOT EXISTS (SELECT 1 FROM layer_names WHERE layer = l.id)
+               ORDER BY created, id"""
+        )
+        return [r["id"] for r in rows]
 
     def counts(self) -> tuple[int, int, int]:
         row = self._one(

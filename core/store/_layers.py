@@ -20,11 +20,10 @@ records).
 from __future__ import annotations
 
 import contextlib
-import io
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Self
+from typing import IO, BinaryIO, Self
 
 from laminae._exceptions import (
     CorruptLayer,
@@ -420,7 +419,7 @@ class LayerStore:
         row = resolve_layer(self._graph, key)
         if row.mount_count:
             raise FailedPrecondition(f"layer {key!r}: is mounted ({row.mount_count}); unmount it")
-        sink = DigestWriter(_Discard())
+        sink = DigestWriter()
         self._staging.write_diff(row, sink)
         parent = None if row.parent is None else self._graph.layer(row.parent)
         new_id = self._staging.commit(row, parent, sink.digest, sink.size, None, names, checked)
@@ -438,14 +437,24 @@ class LayerStore:
     def diff(
         self, ref: str, out: BinaryIO, *, compression: Compression = Compression.NONE
     ) -> DiffResult:
-        """Write the OCI layer tar of ``ref``'s changes to ``out``, compressed as asked."""
+        """Write the OCI layer tar of ``ref``'s changes to ``out``, compressed as asked.
+
+        A committed layer's tar is the very tar it was applied from (replayed from its
+        tar-split record), and must have its DiffID.
+
+        :raises CorruptLayer: ``ref`` is committed and its files no longer give its DiffID
+            (raised at the end: ``out`` then holds a tar to throw away).
+        """
         self._check_open()
         row = resolve_layer(self._graph, ref)
         compression = Compression(compression)
         written = DigestWriter(out)
         compressor = open_compressor(written, compression)
         plain = DigestWriter(compressor)
-        self._staging.write_diff(row, plain)
+        if row.kind == LayerKind.COMMITTED.value:
+            self._staging.write_layer_tar(row.id, plain)
+        else:
+            self._staging.write_diff(row, plain)
         compressor.close()
         return DiffResult(plain.digest, written.digest, written.size, compression)
 
@@ -585,30 +594,29 @@ class LayerStore:
 
     # -- check and repair ------------------------------------------------------------------
 
-    def check(self) -> CheckReport:
-        """Compare the graph with the driver's disk and the kernel's mounts; change nothing."""
-        self._check_open()
-        return self._recovery.check()
+    def check(self, *, content: bool = False) -> CheckReport:
+        """Compare the graph with the driver's disk and the kernel's mounts; change nothing.
 
-    def repair(self, report: CheckReport | None = None) -> CheckReport:
-        """Fix what :meth:`check` finds (or what ``report`` lists); return what was fixed.
-
-        Orphan storage is removed; layers whose storage is missing are removed from the graph
-        with everything above them; stale incomplete layers are removed; orphan mounts are
-        unmounted; stale counts are reset; orphan tar-split records are deleted.
+        :param content: also re-derive each committed layer's DiffID from its files and
+            report every layer whose files changed (reads every layer).
         """
         self._check_open()
-        return self._recovery.repair(report or self._recovery.check())
+        return self._recovery.check(content=content)
 
+    def repair(self, report: CheckReport | None = None, *, force: bool = False) -> CheckReport:
+        """Fix what :meth:`check` finds (or what ``report`` lists); return what was fixed.
 
-class _Discard(io.RawIOBase):
-    """A sink for bytes that only need hashing."""
+        Layers whose storage is missing are removed from the graph with everything above
+        them and the images and containers using them (listed in the result's
+        ``dependents``); stale incomplete layers are removed; interrupted operations are
+        finished; orphan mounts are unmounted; stale counts are reset; orphan tar-split
+        records are deleted.
 
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        return len(b)
+        :param force: also remove orphan storage and unreferenced layers, which are
+            otherwise kept (and listed in the result's ``kept``).
+        """
+        self._check_open()
+        return self._recovery.repair(report or self._recovery.check(), force=force)
 
 
 def _drain(stream: BinaryIO) -> None:

@@ -118,12 +118,31 @@ class StoreInfo:
 class CheckReport:
     """What :meth:`Store.check` found, or what :meth:`Store.repair` fixed.
 
-    :param orphan_storage: storage ids on disk that no layer owns.
+    The same fields serve both: in a check they are what is wrong, in a repair's result what
+    was put right (and, in ``kept``, what was left alone).
+
+    :param orphan_storage: storage ids on disk that no layer owns. Repair removes them only
+        when forced: the store cannot tell them for its own (a graph restored from an older
+        backup, another program's files).
     :param missing_storage: layer ids whose storage is gone from disk.
     :param incomplete: layer ids left incomplete by a process that is gone.
     :param orphan_mounts: mount points under the run directory that nothing counts.
     :param stale_counts: layer ids whose mount count says mounted, but nothing is.
     :param orphan_records: tar-split records (by storage id) of layers that are gone.
+    :param interrupted: operations in two steps (removing an image; creating, removing or
+        committing a container) whose process died between them, as ``operation: layer``;
+        each open finishes them, by collecting the layer they may have left unheld.
+    :param dependents: what goes with the layers of ``missing_storage``: the layers above
+        them and the images and containers that use any of them, as ``layer ID``,
+        ``image ID`` and ``container ID``. In a check, what a repair would remove; in a
+        repair's result, what it removed.
+    :param content_mismatch: committed layers whose files no longer give their DiffID, as
+        ``ID: what differs``; only a check with ``content`` looks.
+        No repair changes a layer's files: re-import the image, or remove it.
+    :param unreferenced: committed layers that no image, container, child layer or name
+        holds. Not a problem (a layer applied on its own is held by nothing until it is
+        named, as a committed snapshot is in containerd); a forced repair removes them.
+    :param kept: in a repair's result, what it left because removing it needs ``force``.
     :param graph_damage: what SQLite's integrity check found wrong with ``graph.db``, one
         line each; when it finds anything the other fields stay empty, since a damaged graph
         cannot be compared with the disk.
@@ -135,6 +154,11 @@ class CheckReport:
     orphan_mounts: tuple[str, ...] = ()
     stale_counts: tuple[str, ...] = ()
     orphan_records: tuple[str, ...] = ()
+    interrupted: tuple[str, ...] = ()
+    dependents: tuple[str, ...] = ()
+    content_mismatch: tuple[str, ...] = ()
+    unreferenced: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
     graph_damage: tuple[str, ...] = ()
 
     @property
@@ -142,10 +166,11 @@ class CheckReport:
         return not self.problems()
 
     def problems(self) -> list[str]:
-        """One line per problem."""
+        """One line per problem (``unreferenced`` and ``kept`` are in :meth:`notes`)."""
         return [
             *(f"orphan storage {s}: on disk, owned by no layer" for s in self.orphan_storage),
             *(f"layer {i}: its storage is missing from disk" for i in self.missing_storage),
+            *(f"{d}: uses a layer whose storage is missing" for d in self.dependents),
             *(f"layer {i}: left incomplete by a process that is gone" for i in self.incomplete),
             *(
                 f"mount {m}: mounted under the run directory, counted by nothing"
@@ -153,7 +178,19 @@ class CheckReport:
             ),
             *(f"layer {i}: counted as mounted but not mounted" for i in self.stale_counts),
             *(f"tar-split record {s}: its layer is gone" for s in self.orphan_records),
+            *(f"interrupted operation: {o}" for o in self.interrupted),
+            *(f"layer {m}" for m in self.content_mismatch),
             *(f"graph.db is damaged: {d}; restore it from a backup" for d in self.graph_damage),
+        ]
+
+    def notes(self) -> list[str]:
+        """One line per thing worth knowing that is not a problem."""
+        return [
+            *(
+                f"layer {i}: unreferenced (no image, container, child layer or name holds it)"
+                for i in self.unreferenced
+            ),
+            *(f"kept {k}" for k in self.kept),
         ]
 
 

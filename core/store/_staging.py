@@ -78,6 +78,7 @@ __all__ = [
     "VerifiedLayer",
     "add_names_labels",
     "layer_lock_path",
+    "pending_lock_path",
     "tar_split_path",
 ]
 
@@ -85,6 +86,11 @@ __all__ = [
 def tar_split_path(root: Path, storage_id: str) -> Path:
     """Where the tar-split record of the layer stored as ``storage_id`` is kept."""
     return root / "tar-split" / f"{storage_id}.tsz"
+
+
+def pending_lock_path(root: Path, pending_id: str) -> Path:
+    """The claim of a live process on its journal entry (see :meth:`Staging.collecting`)."""
+    return root / "locks" / f"pending-{pending_id}.lock"
 
 
 def layer_lock_path(root: Path, storage_id: str) -> Path:
@@ -554,16 +560,34 @@ class Staging:
         """Write committed layer ``layer_id``'s tar: the very bytes applied, when recorded,
         else its diff.
 
+        The DiffID is known only at the end, so a caller that must not publish a wrong tar
+        writes to a place it can throw away (the CLI's output file appears only on success;
+        an image export's blobs are renamed into place only when verified).
+
         :raises FailedPrecondition: the layer is not committed.
         :raises CorruptLayer: the tar written does not have the layer's DiffID (its files
             changed on disk, or a layer without a record diffs differently).
         """
-        # Imported here: a store that never exports never loads the replayer.
-        from laminae.archive._tarsplit import replay_tar
-
         row = resolve_layer(self._graph, layer_id)
         if row.kind != LayerKind.COMMITTED.value:
             raise FailedPrecondition(f"layer {layer_id!r}: is {row.kind}, not committed")
+        try:
+            found = self.layer_tar_digest(row, out)
+        except CorruptLayer as exc:  # a file its tar-split record names is gone
+            raise CorruptLayer(f"layer {row.id}: {exc}; refusing to export it") from exc
+        if found != row.diff_id:
+            raise CorruptLayer(
+                f"layer {row.id}: its files give a tar with DiffID {found}, not its "
+                f"DiffID {row.diff_id}; refusing to export it (`laminae check --content` "
+                "lists every such layer)"
+            )
+
+    def layer_tar_digest(self, row: LayerRow, out: BinaryIO | None = None) -> str:
+        """The DiffID that committed layer ``row``'s files give now, writing the tar to
+        ``out`` if given: its tar-split record replayed against its files, else its diff."""
+        # Imported here: a store that never exports never loads the replayer.
+        from laminae.archive._tarsplit import replay_tar
+
         sink = DigestWriter(out)
         record = tar_split_path(self.root, row.storage_id)
         if record.exists():
@@ -574,11 +598,7 @@ class Staging:
                 replay_tar(recorded, root, sink)
         else:
             self.write_diff(row, sink)
-        if sink.digest != row.diff_id:
-            raise CorruptLayer(
-                f"layer {row.id}: its files give a tar with DiffID {sink.digest}, not its "
-                f"DiffID {row.diff_id}"
-            )
+        return sink.digest
 
     def _parents(self, row: LayerRow) -> list[str]:
         return parent_storage_ids(self._graph, row)
@@ -631,6 +651,48 @@ class Staging:
             self.remove(row)
             removed.append(layer_id)
             layer_id = row.parent
+        return removed
+
+    @contextlib.contextmanager
+    def collecting(self, layer_id: str | None, operation: str) -> Iterator[None]:
+        """Collect ``layer_id`` (:meth:`collect`) when the block ends, however it ends; and
+        if this process dies first, at the next open of the store.
+
+        The journal of the operations that take two steps, so that each completes or leaves
+        nothing: removing an image (the image row goes, then its layers), creating, removing
+        and committing a container (a layer is made or dropped, and a row says who holds it).
+        Before the first step a ``pending`` row names the layer the operation may leave
+        unheld, claimed by this process through a lock file; when the block ends the layer
+        is collected, which removes it only if nothing holds it by then, and the row goes.
+        A row whose claim the kernel dropped is a crash's: :mod:`laminae.store._recovery`
+        collects its layer when the store next opens.
+
+        :param layer_id: the layer to collect, and its parents; ``None`` journals nothing.
+        :param operation: what is being done, for the journal's readers.
+        """
+        if layer_id is None:
+            yield
+            return
+        pending_id = secrets.token_hex(16)
+        with claim(pending_lock_path(self.root, pending_id)):
+            with self._lock.held(), self._graph.transaction():
+                self._graph.insert_pending(pending_id, operation, layer_id)
+            try:
+                yield
+            except BaseException:
+                # The block's error is the one to see; a collection that fails here is
+                # left to the next open, which finds the row unclaimed.
+                with contextlib.suppress(LaminaeError, OSError):
+                    self.finish_pending(pending_id, layer_id)
+                raise
+            self.finish_pending(pending_id, layer_id)
+
+    def finish_pending(self, pending_id: str, layer_id: str) -> list[str]:
+        """Collect ``layer_id`` and drop journal entry ``pending_id``; the ids removed."""
+        with self._lock.held():
+            removed = self.collect(layer_id)
+            with self._graph.transaction():
+                self._graph.delete_pending(pending_id)
         return removed
 
     def remove(self, row: LayerRow) -> None:
