@@ -19,8 +19,11 @@ from typing import Final
 __all__ = [
     "BLOCK",
     "DEFAULT_MTIME",
+    "UNOWNED_MAJOR",
+    "UNREGISTRABLE_MAJOR",
     "LayerTar",
     "file_header",
+    "host_majors",
     "pax_header",
     "pax_record",
 ]
@@ -29,11 +32,49 @@ BLOCK: Final = 512
 DEFAULT_MTIME: Final = 1_700_000_000
 """Every entry's mtime unless given: fixed, so that the same builder gives the same bytes."""
 
+UNOWNED_MAJOR: Final = 240
+"""The major number of the suite's device nodes, character and block.
+
+No host driver may own the numbers of a device node in test data: a driver that copies a
+layer by reading its files (``shutil.copytree``) opens every node it meets, and ``tty0``
+(4, 0) blocks that read for ever, ``sda`` (8, 0) hands it a disk. A node nobody owns fails
+to open at once (``ENXIO``). 240 is in the range Linux keeps for local and experimental use
+(``Documentation/admin-guide/devices.txt``: 240-254, character and block), so no driver is
+assigned it; drivers that ask for a major at run time are handed one counting down from
+254, character and block alike, so 240 is the last of that range a host would give out
+(hosts commonly use a handful: 245-254 character and 253-254 block here).
+:meth:`LayerTar.chardev` and :meth:`LayerTar.blockdev` refuse a major that
+``/proc/devices`` lists, so a host where it is taken fails loudly rather than make the node.
+"""
+
+UNREGISTRABLE_MAJOR: Final = 4095
+"""The major of the one node whose numbers need more than the old 8-bit fields (with minor
+65536): 4095 is the largest a Linux ``dev_t`` holds (12 bits), and no driver can own it,
+since the kernel refuses to register any major from 512 up (``CHRDEV_MAJOR_MAX``,
+``BLKDEV_MAJOR_MAX``)."""
+
 WHITEOUT_PREFIX: Final = ".wh."
 OPAQUE_MARKER: Final = ".wh..wh..opq"
 
 _USTAR_NAME: Final = 100
 _USTAR_ID_MAX: Final = 0o7777777
+
+
+def host_majors() -> dict[str, dict[int, str]]:
+    """The majors this host's drivers own, as ``/proc/devices`` lists them:
+    ``{"char": {1: "mem", ...}, "block": {7: "loop", ...}}``."""
+    owned: dict[str, dict[int, str]] = {"char": {}, "block": {}}
+    section: dict[int, str] | None = None
+    with open("/proc/devices") as devices:
+        for line in devices:
+            if line.startswith("Character devices:"):
+                section = owned["char"]
+            elif line.startswith("Block devices:"):
+                section = owned["block"]
+            elif section is not None and line.strip():
+                number, _, name = line.strip().partition(" ")
+                section[int(number)] = name.strip()
+    return owned
 
 
 def _bytes(value: str | bytes) -> bytes:
@@ -247,7 +288,11 @@ class LayerTar:
         uid: int = 0,
         gid: int = 0,
     ) -> LayerTar:
-        """A character device node."""
+        """A character device node; ``major`` must be one no driver of this host owns
+        (:data:`UNOWNED_MAJOR`).
+
+        :raises ValueError: ``/proc/devices`` lists ``major``.
+        """
         return self._device(path, tarfile.CHRTYPE, major, minor, mode, uid, gid)
 
     def blockdev(
@@ -260,12 +305,24 @@ class LayerTar:
         uid: int = 0,
         gid: int = 0,
     ) -> LayerTar:
-        """A block device node."""
+        """A block device node; ``major`` must be one no driver of this host owns
+        (:data:`UNOWNED_MAJOR`).
+
+        :raises ValueError: ``/proc/devices`` lists ``major``.
+        """
         return self._device(path, tarfile.BLKTYPE, major, minor, mode, uid, gid)
 
     def _device(
         self, path: str | bytes, kind: bytes, major: int, minor: int, mode: int, uid: int, gid: int
     ) -> LayerTar:
+        which = "char" if kind == tarfile.CHRTYPE else "block"
+        owner = host_majors()[which].get(major)
+        if owner is not None:
+            raise ValueError(
+                f"{which} device major {major} belongs to this host's {owner!r} driver: "
+                "a device node in test data must use a number no driver owns, or a driver "
+                "that reads it reaches real hardware (laminae.conformance._tars.UNOWNED_MAJOR)"
+            )
         header = _entry_header(
             _bytes(path), kind, mode=mode, uid=uid, gid=gid, devmajor=major, devminor=minor
         )

@@ -25,7 +25,7 @@ import laminae
 from laminae import driverkit
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, mounted
-from laminae.conformance._tars import LayerTar
+from laminae.conformance._tars import UNOWNED_MAJOR, UNREGISTRABLE_MAJOR, LayerTar
 from laminae.conformance._tree import assert_same_tree, hardlink_groups, read_xattrs, snapshot
 from laminae.driverkit._mount import mount_all, unmount_all
 
@@ -179,24 +179,31 @@ class TestApply:
                 assert stat.S_IMODE(os.lstat(root / "usr" / "python3").st_mode) == 0o755
 
     def test_devices(self, store: laminae.Store, tar: type[LayerTar]) -> None:
+        # Numbers no host driver owns: a driver that opens a node fails at once.
         layer = apply(
             store,
             tar()
             .dir("dev")
-            .chardev("dev/null", 1, 3, mode=0o666)
-            .chardev("dev/tty0", 4, 0, mode=0o620, gid=5)
-            .blockdev("dev/sda", 8, 0, mode=0o660, gid=6)
-            .blockdev("dev/loop-big", 259, 65536, mode=0o600),
+            .chardev("dev/chr0", UNOWNED_MAJOR, 3, mode=0o666)
+            .chardev("dev/chr1", UNOWNED_MAJOR, 4, mode=0o620, gid=5)
+            .blockdev("dev/blk0", UNOWNED_MAJOR, 8, mode=0o660, gid=6)
+            .blockdev("dev/blk-wide", UNREGISTRABLE_MAJOR, 65536, mode=0o600),
         )
         with layer_and_child(store, layer) as roots:
             for root in roots:
                 tree = snapshot(root)
-                assert (tree["/dev/null"].kind, tree["/dev/null"].rdev) == ("char", (1, 3))
-                assert tree["/dev/null"].mode == 0o666
-                assert (tree["/dev/tty0"].rdev, tree["/dev/tty0"].gid) == ((4, 0), 5)
-                assert (tree["/dev/sda"].kind, tree["/dev/sda"].rdev) == ("block", (8, 0))
-                assert (tree["/dev/sda"].mode, tree["/dev/sda"].gid) == (0o660, 6)
-                assert tree["/dev/loop-big"].rdev == (259, 65536)
+                assert (tree["/dev/chr0"].kind, tree["/dev/chr0"].rdev) == (
+                    "char",
+                    (UNOWNED_MAJOR, 3),
+                )
+                assert tree["/dev/chr0"].mode == 0o666
+                assert (tree["/dev/chr1"].rdev, tree["/dev/chr1"].gid) == ((UNOWNED_MAJOR, 4), 5)
+                assert (tree["/dev/blk0"].kind, tree["/dev/blk0"].rdev) == (
+                    "block",
+                    (UNOWNED_MAJOR, 8),
+                )
+                assert (tree["/dev/blk0"].mode, tree["/dev/blk0"].gid) == (0o660, 6)
+                assert tree["/dev/blk-wide"].rdev == (UNREGISTRABLE_MAJOR, 65536)
 
     def test_fifos(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         layer = apply(

@@ -21,7 +21,7 @@ import laminae
 from laminae import Change, ChangeKind
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, commit_written, mounted
-from laminae.conformance._tars import LayerTar
+from laminae.conformance._tars import UNOWNED_MAJOR, LayerTar
 from laminae.conformance._tree import assert_same_tree, hardlink_groups, snapshot
 
 
@@ -86,8 +86,8 @@ def rich_chain(tar: type[LayerTar]) -> list[LayerTar]:
         .symlink("bin/ls", "busybox")
         .file("bin/ping", b"\x7fELF ping", mode=0o4755, xattrs={"user.tag": b"\x00\xffbin"})
         .dir("dev")
-        .chardev("dev/null", 1, 3)
-        .blockdev("dev/sda", 8, 0)
+        .chardev("dev/chr0", UNOWNED_MAJOR, 3)
+        .blockdev("dev/blk0", UNOWNED_MAJOR, 0)
         .fifo("dev/initctl", mode=0o600)
         .dir("var/cache/apt", mode=0o755)
         .file("var/cache/apt/pkgcache.bin", b"cache" * 100)

@@ -38,7 +38,7 @@ _NO_TRUSTED: Final = (
 )
 _IN_USER_NAMESPACE: Final = {
     "apply::test_devices": _NO_MKNOD,
-    # Their layers hold /dev/null and /dev/sda.
+    # Their layers hold device nodes.
     "diff::test_diff_round_trip": _NO_MKNOD,
     "diff::test_diff_is_deterministic": _NO_MKNOD,
     "apply::test_xattrs": _NO_TRUSTED,
