@@ -63,6 +63,8 @@ def open_store(
         options[name] = {**options.get(name, {}), **driver_options}
     if driver is None and name is not None:
         _check_configured_driver(config, name)
+    elif name is None and config.driver_priority:
+        _check_priority(config)
     with map_os_errors(f"create store root {root_path}"):
         root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     with map_os_errors(f"create run directory {run_path}"):
@@ -83,6 +85,20 @@ def _check_configured_driver(config: StoreConfig, name: str) -> None:
         raise InvalidArgument(
             f"{where}driver {name!r} is not installed (installed: {', '.join(sorted(installed))})"
         )
+
+
+def _check_priority(config: StoreConfig) -> None:
+    """Refuse a ``driver_priority`` that names a driver not installed, naming the file."""
+    from laminae.driverkit._plugins import available_drivers
+
+    installed = available_drivers()
+    for name in config.driver_priority:
+        if name not in installed:
+            where = f"{config.source}: " if config.source is not None else ""
+            raise InvalidArgument(
+                f"{where}storage.driver_priority: driver {name!r} is not installed "
+                f"(installed: {', '.join(sorted(installed))})"
+            )
 
 
 @final

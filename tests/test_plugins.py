@@ -212,3 +212,69 @@ def test_third_party_entry_point_cannot_take_a_built_in_name(tmp_path: Path) -> 
         "all fails: thirdparty 1.0: entry point 'vfs' of group 'laminae.drivers' takes the name "
         "of a driver built into laminae; rename it"
     )
+
+
+RAISING = """
+from laminae import driverkit
+
+
+@driverkit.hookimpl
+def laminae_register_drivers(register):
+    raise RuntimeError("no licence key")
+"""
+
+LISTING = """
+import sys
+import laminae
+from laminae.cli._main import main
+
+root, run = sys.argv[1:]
+with laminae.open_store(root, runroot=run) as store:
+    print("opens:", store.driver_name)
+main(["--root", root, "--runroot", run, "drivers"])
+"""
+
+
+def test_a_plugin_whose_hook_raises_is_listed_as_broken(tmp_path: Path) -> None:
+    """An installed distribution whose register hook raises: every other driver still
+    works (auto-selection included), and `laminae drivers` names it with its error."""
+    site = tmp_path / "site"
+    info = site / "raising-2.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raising\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[laminae.drivers]\nraising = raising\n")
+    (site / "raising.py").write_text(RAISING)
+    (tmp_path / "storage.toml").write_text('[storage]\ndriver_priority = ["vfs"]\n')
+    done = subprocess.run(
+        [sys.executable, "-c", LISTING, str(tmp_path / "root"), str(tmp_path / "run")],
+        env={
+            "PYTHONPATH": str(site),
+            "HOME": str(tmp_path),
+            "LAMINAE_CONFIG": str(tmp_path / "storage.toml"),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "opens: vfs"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert rows["raising"] == [
+        "raising",
+        "-",
+        "raising 2.0",
+        "broken: laminae_register_drivers raised RuntimeError: no licence key",
+    ]
+    assert rows["vfs"][-1] == "ok"
+
+
+def test_an_unknown_driver_in_driver_priority_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "storage.toml"
+    config.write_text('[storage]\ndriver_priority = ["zfs", "vfs"]\n')
+    with pytest.raises(laminae.InvalidArgument) as raised:
+        laminae.open_store(
+            tmp_path / "root", runroot=tmp_path / "run", config=laminae.load_config(config)
+        )
+    assert str(raised.value).startswith(f"{config}: storage.driver_priority: driver 'zfs'")
+    assert not (tmp_path / "root").exists()

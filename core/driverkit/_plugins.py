@@ -306,14 +306,28 @@ def available_drivers(pm: pluggy.PluginManager | None = None) -> dict[str, Drive
     registry = DriverRegistry()
     for impl in reversed(pm.hook.laminae_register_drivers.get_hookimpls()):
         registry._current_origin = _origin(pm, impl)
+        before = dict(registry.entries)
         try:
             impl.function(register=registry)
         except LaminaeError:
             raise
-        except Exception as exc:  # a broken third-party plugin must name itself
-            raise LaminaeError(
-                f"driver plugin {impl.plugin_name!r} failed to register: {exc}"
-            ) from exc
+        except Exception as exc:
+            origin = pm.origins.get(impl.plugin_name) if isinstance(pm, _PluginManager) else None
+            if origin is None:
+                # laminae's own, or a plugin registered by hand (a test, an embedding
+                # program): its caller must see the failure
+                raise LaminaeError(
+                    f"driver plugin {impl.plugin_name!r} failed to register: {exc}"
+                ) from exc
+            # An installed distribution whose hook raises is left out, as one that fails
+            # to import is: the other drivers still work, and `laminae drivers` names it.
+            registry.entries = before
+            assert isinstance(pm, _PluginManager)
+            pm.broken[impl.plugin_name] = BrokenPlugin(
+                impl.plugin_name,
+                origin,
+                f"laminae_register_drivers raised {type(exc).__name__}: {exc}",
+            )
     return registry.entries
 
 
