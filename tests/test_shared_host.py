@@ -121,6 +121,14 @@ def test_open_check_repair_and_containers_leave_foreign_mounts(
         foreign.assert_intact()
         report = store.check()
         assert report.orphan_mounts == ()
+        # listed as notes, so that a user who sees them under the run directory knows
+        assert set(report.foreign_mounts) == {
+            str(run / "mounts" / ("ab" * 32)),
+            str(run / "mounts" / "someone-elses"),
+            str(run / "tmp" / "0123456789abcdef"),
+            str(run / "tmp" / "fedcba9876543210"),
+        }, report.foreign_mounts
+        assert report.ok
         assert store.repair(report).orphan_mounts == ()
         store.repair()
         foreign.assert_intact()

@@ -143,6 +143,8 @@ class CheckReport:
         holds. Not a problem (a layer applied on its own is held by nothing until it is
         named, as a committed snapshot is in containerd); a forced repair removes them.
     :param kept: in a repair's result, what it left because removing it needs ``force``.
+    :param foreign_mounts: mounts under the run directory that are not this store's (another
+        program's, or another store's): never touched, listed so that nobody wonders.
     :param graph_damage: what SQLite's integrity check found wrong with ``graph.db``, one
         line each; when it finds anything the other fields stay empty, since a damaged graph
         cannot be compared with the disk.
@@ -159,6 +161,7 @@ class CheckReport:
     content_mismatch: tuple[str, ...] = ()
     unreferenced: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
+    foreign_mounts: tuple[str, ...] = ()
     graph_damage: tuple[str, ...] = ()
 
     @property
@@ -191,6 +194,7 @@ class CheckReport:
                 for i in self.unreferenced
             ),
             *(f"kept {k}" for k in self.kept),
+            *(f"mount {m}: not this store's; left alone" for m in self.foreign_mounts),
         ]
 
 

@@ -122,6 +122,7 @@ class Recovery:
                 ),
                 interrupted=tuple(f"{op}: {layer}" for _, op, layer in self._stale_pending()),
                 unreferenced=tuple(self._graph.unreferenced_layers()),
+                foreign_mounts=tuple(self._mounts.foreign(points)),
             )
         if not content:
             return report
