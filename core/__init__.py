@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from laminae._store import Store, open_store
     from laminae.archive._changes import Change, ChangeKind
     from laminae.archive._compression import Compression
-    from laminae.archive._limits import Limits
+    from laminae.archive._limits import DevicePolicy, Limits
     from laminae.containers._bundle import BindMount, Bundle, make_bundle, remove_bundle
     from laminae.driverkit._contract import Capabilities, Feature, Usage
     from laminae.driverkit._plugins import DriverEntry, available_drivers
@@ -127,7 +127,7 @@ _PUBLIC: dict[str, str] = {
         "Unsupported",
     ),
     **_names("laminae._store", "Store open_store"),
-    **_names("laminae.archive._limits", "Limits"),
+    **_names("laminae.archive._limits", "DevicePolicy Limits"),
     **_names("laminae.archive._changes", "Change ChangeKind"),
     **_names("laminae.archive._compression", "Compression"),
     **_names("laminae.containers._bundle", "BindMount Bundle make_bundle remove_bundle"),
@@ -176,6 +176,7 @@ __all__ = [
     "Compression",
     "Container",
     "CorruptLayer",
+    "DevicePolicy",
     "DiffResult",
     "DriverEntry",
     "DriverUnavailable",
