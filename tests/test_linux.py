@@ -253,6 +253,50 @@ def test_data_copier_copies_an_empty_file_and_a_file_that_is_all_hole(tmp_path: 
     assert (tmp_path / "hole-copy").stat().st_blocks == 0
 
 
+def _dense_file_with_zero_blocks(path: Path) -> bytes:
+    """Data, 8 MiB of zeros, data, 1 MiB of zeros, and a tail shorter than a block, every
+    byte written (no hole)."""
+    content = (
+        os.urandom(64 * 1024)
+        + bytes(8 << 20)
+        + os.urandom(64 * 1024)
+        + bytes(1 << 20)
+        + os.urandom(100)
+    )
+    path.write_bytes(content)
+    return content
+
+
+def test_data_copier_leaves_holes_for_zeros_where_the_map_shows_none(tmp_path: Path) -> None:
+    """A filesystem without a SEEK_DATA of its own (NFSv3, FUSE) maps a sparse file as all
+    data; its size and blocks still tell, and blocks of zeros become holes in the copy."""
+    content = _dense_file_with_zero_blocks(tmp_path / "src")
+    trailing = os.urandom(4096) + bytes(2 << 20)
+    (tmp_path / "src-trailing").write_bytes(trailing)
+    copier = _filecopy.DataCopier(reflink=False)
+    for name, data in (("src", content), ("src-trailing", trailing)):
+        src_fd = os.open(tmp_path / name, os.O_RDONLY)
+        dst_fd = os.open(tmp_path / f"{name}-copy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # ext4 maps this dense file as one data segment, as such a filesystem maps a
+            # sparse one; the allocation it reports then is what the caller passes.
+            copier.copy(src_fd, dst_fd, len(data), allocated=256 * 1024)
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+        copy = tmp_path / f"{name}-copy"
+        assert copy.read_bytes() == data
+        assert copy.stat().st_blocks * 512 <= 256 * 1024, f"{name}: the zeros became holes"
+
+
+def test_data_copier_keeps_the_zeros_of_a_dense_file(tmp_path: Path) -> None:
+    """Zeros a file has allocated are data: a copy of a dense file is as dense."""
+    content = _dense_file_with_zero_blocks(tmp_path / "src")
+    _copy_data(_filecopy.DataCopier(reflink=False), tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == content
+    assert (tmp_path / "dst").stat().st_blocks >= len(content) // 512
+
+
 @pytest.mark.root
 def test_data_copier_reflinks_on_btrfs(btrfs: Path) -> None:
     content = _sparse_file(btrfs / "src")

@@ -6,6 +6,12 @@ shares the source's extents, on btrfs and XFS with ``reflink=1``), then ``copy_f
 reflink, only the data segments that ``SEEK_DATA``/``SEEK_HOLE`` find are copied, so a sparse
 file (a filesystem image, say) stays sparse instead of filling its holes with zeros.
 
+A filesystem without a ``SEEK_DATA`` of its own (NFSv3, a FUSE server without ``lseek``,
+9p) gets the kernel's generic one, which calls the whole file data. Where such a map covers
+the whole file but the file has fewer blocks than its size, the holes can only be told by
+their zeros: the copy then reads everything and skips the blocks that are all zeros, as
+``cp --sparse=auto`` does.
+
 A refusal that means "this filesystem cannot" (``EXDEV``, ``EOPNOTSUPP``, ``EINVAL``) turns that
 way off for the rest of a :class:`DataCopier`'s life, so a copy of 100,000 files onto ext4
 pays for the failed ``FICLONE`` once, not once per file.
@@ -33,6 +39,10 @@ _CANNOT: Final = frozenset(
     {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
 )
 _CHUNK: Final = 1 << 20
+# The unit a copy that cannot see holes leaves one in: the page and block size of every
+# filesystem laminae meets (btrfs and XFS may use larger blocks; a smaller hole only costs
+# one partial block of zeros there).
+_ZERO_BLOCK: Final = 4096
 
 
 def ficlone(src_fd: int, dst_fd: int) -> None:
@@ -62,7 +72,9 @@ class DataCopier:
         self.reflink = reflink
         self.range_copy = True
 
-    def copy(self, src_fd: int, dst_fd: int, size: int | None = None) -> None:
+    def copy(
+        self, src_fd: int, dst_fd: int, size: int | None = None, *, allocated: int | None = None
+    ) -> None:
         """Make ``dst_fd``, an empty regular file open for writing, a copy of ``src_fd``.
 
         Data goes to the same offsets it has in the source; holes stay holes, and the file
@@ -70,10 +82,14 @@ class DataCopier:
         moved (``SEEK_DATA``); ``dst_fd``'s is not used.
 
         :param size: the source's size as the caller found it (``fstat`` when ``None``).
+        :param allocated: the bytes the source takes on disk (``st_blocks * 512``) as the
+            caller found it; ``fstat`` when ``None`` and it is needed (a source whose
+            filesystem maps it all as data).
         :raises OSError: the first failure that is not "this filesystem cannot".
         """
         if size is None:
-            size = os.fstat(src_fd).st_size
+            st = os.fstat(src_fd)
+            size, allocated = st.st_size, st.st_blocks * 512
         if size == 0:
             return
         if self.reflink:
@@ -86,6 +102,13 @@ class DataCopier:
                 self.reflink = False
         copied_to = 0
         for start, end in _data_segments(src_fd, size):
+            if start == 0 and end == size:
+                if allocated is None:
+                    allocated = os.fstat(src_fd).st_blocks * 512
+                if allocated + _ZERO_BLOCK <= size:
+                    # All data by the map, yet not all allocated: the map cannot see holes.
+                    _copy_skipping_zeros(src_fd, dst_fd, size)
+                    return
             self._copy_range(src_fd, dst_fd, start, end)
             copied_to = end
         if copied_to < size:
@@ -111,11 +134,48 @@ class DataCopier:
             chunk = os.pread(src_fd, min(_CHUNK, end - offset), offset)
             if not chunk:  # the source shrank under us
                 return
-            view = memoryview(chunk)
-            while view:
-                written = os.pwrite(dst_fd, view, offset)
-                offset += written
-                view = view[written:]
+            _write_all(dst_fd, memoryview(chunk), offset)
+            offset += len(chunk)
+
+
+def _copy_skipping_zeros(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src_fd``, leaving a hole for each block of zeros."""
+    offset = 0
+    while offset < size:
+        chunk = os.pread(src_fd, min(_CHUNK, size - offset), offset)
+        if not chunk:  # the source shrank under us
+            break
+        view = memoryview(chunk)
+        for start, end in _nonzero_runs(chunk):
+            _write_all(dst_fd, view[start:end], offset + start)
+        offset += len(chunk)
+    # Trailing zeros were skipped: the copy still ends where the source does.
+    os.ftruncate(dst_fd, size)
+
+
+def _nonzero_runs(chunk: bytes) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each run of :data:`_ZERO_BLOCK` blocks of ``chunk`` that are not
+    all zeros."""
+    if chunk.count(0) == len(chunk):
+        return
+    run = None
+    for block in range(0, len(chunk), _ZERO_BLOCK):
+        length = min(_ZERO_BLOCK, len(chunk) - block)
+        zero = chunk.count(0, block, block + length) == length
+        if zero and run is not None:
+            yield run, block
+            run = None
+        elif not zero and run is None:
+            run = block
+    if run is not None:
+        yield run, len(chunk)
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        offset += written
+        view = view[written:]
 
 
 def _data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:

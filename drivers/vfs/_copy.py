@@ -2,8 +2,9 @@
 
 File data goes the cheapest way the filesystem allows (:class:`laminae.driverkit.DataCopier`):
 a reflink on btrfs and XFS with ``reflink=1``, else ``copy_file_range`` or ``read``/``write`` of
-the data only, so holes stay holes. One copier serves the whole tree, so ext4 pays for the
-failed ``FICLONE`` once, not once per file.
+the data only, so holes stay holes (found with ``SEEK_DATA``/``SEEK_HOLE``, or, where the
+filesystem cannot say, as blocks of zeros in a file with fewer blocks than its size). One
+copier serves the whole tree, so ext4 pays for the failed ``FICLONE`` once, not once per file.
 
 Kept: hardlinks (as hardlinks), symlinks, character and block devices, FIFOs, owners, modes with
 setuid/setgid/sticky, every extended attribute (``security.capability`` included), and
@@ -160,7 +161,7 @@ class _Copier:
         try:
             dst = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dst_dir)
             try:
-                self.data.copy(src, dst, st.st_size)
+                self.data.copy(src, dst, st.st_size, allocated=st.st_blocks * 512)
                 os.fchown(dst, st.st_uid, st.st_gid)
                 os.fchmod(dst, stat.S_IMODE(st.st_mode))
                 _copy_xattrs(src, dst)
