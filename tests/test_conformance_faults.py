@@ -1,0 +1,123 @@
+"""The conformance suite's fault checks (``faults`` area), each shown failing a driver with
+that one fault (pytester, in a pytest subprocess) with a message that names it: a driver
+that swallows write errors during an apply, one that declares commit but leaves committed
+storage writable, and one whose mounts opt out of ``nodev``."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = ("--pyargs", "laminae.conformance", "-p", "no:cacheprovider")
+
+FAULTY_DRIVERS = '''
+from __future__ import annotations
+
+import attrs
+
+import laminae
+from laminae import driverkit
+from laminae.drivers.vfs._driver import VfsDriver
+
+
+class SwallowingVfs(VfsDriver):
+    """Applies tars itself, and carries on when a write fails."""
+
+    name = "vfs_swallows_write_errors"
+    capabilities = attrs.evolve(
+        VfsDriver.capabilities,
+        features=VfsDriver.capabilities.features | {laminae.Feature.APPLY},
+    )
+
+    def apply(self, id, parents, tar, limits):
+        root = __import__("pathlib").Path(self.mounts(id, parents, False)[0].source)
+        try:
+            driverkit.apply_tar(root, tar, limits=limits)
+        except (OSError, laminae.LaminaeError):
+            pass  # the fault: what was written stays, the rest is lost
+        while tar.read(1 << 20):
+            pass
+
+
+class UnfrozenVfs(VfsDriver):
+    """Declares commit, and does nothing when asked to freeze a layer."""
+
+    name = "vfs_leaves_commits_writable"
+    capabilities = attrs.evolve(
+        VfsDriver.capabilities,
+        features=VfsDriver.capabilities.features | {laminae.Feature.COMMIT},
+    )
+
+    def commit(self, id):
+        pass
+
+
+class DevVfs(VfsDriver):
+    """Asks for its mounts without nodev."""
+
+    name = "vfs_mounts_with_dev"
+
+    def mounts(self, id, parents, readonly):
+        return [
+            attrs.evolve(spec, options=(*spec.options, "dev"))
+            for spec in super().mounts(id, parents, readonly)
+        ]
+
+
+@driverkit.hookimpl
+def laminae_register_drivers(register):
+    for cls in (SwallowingVfs, UnfrozenVfs, DevVfs):
+        register(cls)
+'''
+
+
+@pytest.fixture(autouse=True)
+def lenient_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs here are lenient and name their driver, whatever CI's environment says."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LAMINAE_DRIVER", raising=False)
+
+
+@pytest.fixture
+def faulty(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(faulty_drivers=FAULTY_DRIVERS)
+    return pytester
+
+
+def run_faults(pytester: pytest.Pytester, driver: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        *SUITE, "-p", "faulty_drivers", "--laminae-driver", driver, "-rA", "-k", "faults"
+    )
+
+
+@pytest.mark.root
+def test_vfs_passes_the_fault_checks(faulty: pytest.Pytester) -> None:
+    result = run_faults(faulty, "vfs")
+    result.assert_outcomes(passed=3, skipped=1)  # vfs does not declare commit
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("driver", "failing", "message"),
+    [
+        (
+            "vfs_swallows_write_errors",
+            "test_a_write_past_the_file_size_limit_fails_the_apply",
+            "a driver must not swallow write errors",
+        ),
+        (
+            "vfs_leaves_commits_writable",
+            "test_committed_storage_refuses_writes_when_mounted_writable",
+            "the driver declares commit and must freeze the storage",
+        ),
+        ("vfs_mounts_with_dev", "test_every_mount_is_nodev", "lack nodev"),
+    ],
+)
+def test_a_driver_with_the_fault_fails(
+    faulty: pytest.Pytester, driver: str, failing: str, message: str
+) -> None:
+    result = run_faults(faulty, driver)
+    failed = [line for line in result.outlines if line.startswith("FAILED")]
+    assert failed and all(failing in line for line in failed), result.stdout.str()
+    assert message in result.stdout.str()
