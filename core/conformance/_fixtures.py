@@ -85,15 +85,29 @@ def capabilities(driver_entry: laminae.DriverEntry) -> laminae.Capabilities:
 
 @attrs.define
 class LeakGuard:
-    """What a test may leave behind: nothing. Collects findings until the test ends."""
+    """What a test may leave behind in its own directories: nothing. Collects findings
+    until the test ends.
+
+    :param before: the mounts and loop devices when the test started.
+    :param scopes: the test's own directories; only mounts and loop devices there are the
+        test's (see :mod:`laminae.conformance._leaks`). Fixtures that hand out a directory
+        elsewhere (a driver's home on a filesystem of its own, another store's root) add it.
+    """
 
     before: HostState
-    scope: Path
+    scopes: list[Path]
     findings: list[str] = attrs.field(factory=list)
 
+    def watch(self, path: Path) -> None:
+        """Count mounts below ``path`` (and loop devices backed there) as the test's too."""
+        path = path.resolve()
+        if not any(path == s or s in path.parents for s in self.scopes):
+            self.scopes.append(path)
+
     def finish(self) -> list[str]:
-        """Compare the host with :attr:`before`, clean up, and return every finding."""
-        mounts, loops = HostState.now().leaks_since(self.before, self.scope)
+        """Compare the test's directories with :attr:`before`, clean up, and return every
+        finding."""
+        mounts, loops = HostState.now().leaks_since(self.before, self.scopes)
         findings = [*self.findings, *describe(mounts, loops), *cleanup(mounts, loops)]
         self.findings.clear()
         return findings
@@ -101,12 +115,13 @@ class LeakGuard:
 
 @pytest.fixture(autouse=True)
 def laminae_leak_guard(tmp_path: Path) -> Iterator[LeakGuard]:
-    """Fail the test if it leaves mounts, loop devices or files outside the store.
+    """Fail the test if it leaves mounts, loop devices or files behind.
 
     Everything a test makes is below its ``tmp_path`` (the driver's home, the store, the
-    scratch and sentinel directories), so mounts and loop devices are looked for there.
+    scratch and sentinel directories) unless a fixture says otherwise, so mounts and loop
+    devices are looked for there, and only there.
     """
-    guard = LeakGuard(HostState.now(), tmp_path.resolve())
+    guard = LeakGuard(HostState.now(), [tmp_path.resolve()])
     yield guard
     findings = guard.finish()
     if findings:
@@ -143,10 +158,12 @@ def driver_home(
                 home = Path(stack.enter_context(provided))
             except laminae.DriverUnavailable as exc:
                 laminae_session.unavailable(exc.reason)
+            laminae_leak_guard.watch(home)
         laminae_session.check_available(home)
         # Beside the home, on its filesystem: stores a test makes in scratch need it too.
         scratch = home.parent / "scratch"
         scratch.mkdir()
+        laminae_leak_guard.watch(scratch)
         watches = [FileWatch.start(tmp_path, excluded=(home, scratch, base))]
         if provided is not None and home.parent != tmp_path:
             # Around a provided home only new files count: its own image changes as it works.
@@ -210,9 +227,10 @@ def _settle(paths: StorePaths) -> list[str]:
 
 @pytest.fixture
 def make_store(
-    store_paths: StorePaths, laminae_session: ConformanceSession
+    store_paths: StorePaths, laminae_session: ConformanceSession, laminae_leak_guard: LeakGuard
 ) -> Iterator[StoreFactory]:
-    """Open stores of the driver under test: the test's own by default, or another root."""
+    """Open stores of the driver under test: the test's own by default, or another root
+    (whose mounts the leak guard then watches too)."""
     opened: list[laminae.Store] = []
     used: dict[Path, StorePaths] = {}
 
@@ -227,6 +245,8 @@ def make_store(
         else:
             run = runroot if runroot is not None else root.with_name(root.name + "-run")
             paths = StorePaths(root, run, store_paths.driver)
+        laminae_leak_guard.watch(paths.root)
+        laminae_leak_guard.watch(paths.runroot)
         try:
             store = laminae.open_store(
                 paths.root, runroot=paths.runroot, driver=paths.driver, limits=limits

@@ -1,72 +1,37 @@
-"""The leak guard: what a test left behind on the host, and cleaning it up.
+"""The leak guard: what a test left behind in its own directories, and cleaning it up.
 
-After every conformance test the guard compares the host with how it was before: mount
-points (``/proc/self/mountinfo``), loop devices (``/sys/block/loop*/loop/backing_file``), and
-files in the directories around the driver's home and a sentinel directory that hostile
-layers aim at. A leak fails the test with a message naming what leaked; leaked mounts are
-unmounted and loop devices detached by path, so that the next test starts clean.
+After every conformance test the guard compares the mounts (``/proc/self/mountinfo``) and
+loop devices (``/sys/block/loop*/loop/backing_file``) with how they were before, and looks
+for files written in the directories around the driver's home and a sentinel directory that
+hostile layers aim at. A leak fails the test with a message naming what leaked; leaked mounts
+are unmounted and loop devices detached by path, so that the next test starts clean.
+
+The guard looks only in the test's own directories (its ``tmp_path``, which holds the
+driver's home, the store's root and run directory, the scratch and sentinel directories, and
+any other directory a fixture hands out): a mount counts if its mount point is there, a loop
+device if its backing file is. Everything else on the machine belongs to someone else, even
+in the session's private mount namespace, which the test's own child processes share. The
+guard never counts it and never unmounts or detaches it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import attrs
 
-__all__ = ["FileWatch", "HostState", "Mount", "cleanup", "mount_table", "private_propagation"]
+from laminae.kernel import _loop, _mountinfo, _mounts
 
-
-@attrs.frozen
-class Mount:
-    """One line of ``mountinfo``: enough to name it and to unmount it."""
-
-    mount_id: int
-    mount_point: str
-    fs_type: str
-    source: str
-    shared: bool
-
-
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
-def _unescape(field: bytes) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo (fs/proc_namespace.c).
-    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
-def mount_table() -> dict[int, Mount]:
-    """The calling process's mounts by mount id."""
-    with open("/proc/self/mountinfo", "rb") as file:
-        text = file.read()
-    table = {}
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        separator = fields.index(b"-", 6)
-        optional = fields[6:separator]
-        mount = Mount(
-            mount_id=int(fields[0]),
-            mount_point=_unescape(fields[4]),
-            fs_type=_unescape(fields[separator + 1]),
-            source=_unescape(fields[separator + 2]),
-            shared=any(tag.startswith(b"shared:") for tag in optional),
-        )
-        table[mount.mount_id] = mount
-    return table
+__all__ = ["FileWatch", "HostState", "cleanup", "describe", "mount_points"]
 
 
 def mount_points() -> set[str]:
     """The calling process's mount points."""
-    return {m.mount_point for m in mount_table().values()}
-
-
-def private_propagation() -> bool:
-    """Whether no mount of this process propagates to a peer (nothing leaks to the host)."""
-    return not any(m.shared for m in mount_table().values())
+    return _mountinfo.mount_points()
 
 
 def loop_devices() -> dict[str, str]:
@@ -154,38 +119,36 @@ class FileWatch:
 
 @attrs.frozen
 class HostState:
-    """Mounts and loop devices at one moment."""
+    """Mounts (by mount id) and loop devices (device -> backing file) at one moment."""
 
-    mounts: dict[int, Mount]
+    mounts: dict[int, _mountinfo.MountInfo]
     loops: dict[str, str]
 
     @classmethod
     def now(cls) -> HostState:
-        """The host as it is."""
-        return cls(mount_table(), loop_devices())
+        """The mounts this process sees and the attached loop devices, as they are."""
+        return cls({m.mount_id: m for m in _mountinfo.mountinfo()}, loop_devices())
 
     def leaks_since(
-        self, before: HostState, scope: Path
-    ) -> tuple[list[Mount], list[tuple[str, str]]]:
+        self, before: HostState, scopes: Collection[Path]
+    ) -> tuple[list[_mountinfo.MountInfo], list[tuple[str, str]]]:
         """Mounts and loop devices present now that were not ``before``, and that belong to
-        ``scope`` (mounted below it, or from a source below it; backed by a file below it).
+        one of ``scopes``: mounted below it, or backed by a file below it.
 
-        Only those: other processes on the host mount and attach loop devices too, and the
-        guard must never take theirs for a leak, let alone undo them. In a private mount
-        namespace, though, every new mount is this process's (the host's do not propagate
-        in), so there a mount anywhere counts: a driver mounting outside its home is caught.
+        Only those: other programs mount and attach loop devices too, and so do the test's
+        own helper processes, in the session's namespace; the guard must never take theirs
+        for a leak, let alone undo them. A mount's source is not looked at: for a bind or a
+        loop mount it names a device, and for a tmpfs or an overlay any string.
         """
-        anywhere = private_propagation()
         mounts = [
             m
             for i, m in self.mounts.items()
-            if i not in before.mounts
-            and (anywhere or _below(m.mount_point, scope) or _below(m.source, scope))
+            if i not in before.mounts and any(_below(m.mount_point, s) for s in scopes)
         ]
         loops = [
             (device, backing)
             for device, backing in self.loops.items()
-            if before.loops.get(device) != backing and _below(backing, scope)
+            if before.loops.get(device) != backing and any(_below(backing, s) for s in scopes)
         ]
         return mounts, loops
 
@@ -194,27 +157,41 @@ def _below(path: str, scope: Path) -> bool:
     return path == str(scope) or path.startswith(str(scope).rstrip("/") + "/")
 
 
-def describe(mounts: list[Mount], loops: list[tuple[str, str]]) -> list[str]:
+def describe(mounts: list[_mountinfo.MountInfo], loops: list[tuple[str, str]]) -> list[str]:
     """One line per leaked mount or loop device."""
     lines = [f"leaked mount: {m.mount_point} ({m.fs_type} from {m.source})" for m in mounts]
     lines += [f"leaked loop device: {device} (backing {backing})" for device, backing in loops]
     return lines
 
 
-def cleanup(mounts: list[Mount], loops: list[tuple[str, str]]) -> list[str]:
+def cleanup(mounts: list[_mountinfo.MountInfo], loops: list[tuple[str, str]]) -> list[str]:
     """Unmount leaked mounts (deepest first) and detach leaked loop devices, by path.
+
+    Only what :meth:`HostState.leaks_since` found, that is below the test's own
+    directories. A mount is unmounted only while its mount id is still mounted (the test's
+    helper may have unmounted it since), and lazily (``MNT_DETACH``) only if a plain
+    unmount finds it busy: a file a leaked process still holds there must not fail the next
+    test. A loop device is detached only while it still has the same backing file.
 
     :returns: what could not be cleaned, one line each.
     """
-    from laminae.kernel import _loop, _mounts
-
     failures = []
     for mount in sorted(mounts, key=lambda m: m.mount_point.count("/"), reverse=True):
+        if mount.mount_id not in {m.mount_id for m in _mountinfo.mountinfo()}:
+            continue
         try:
-            _mounts.umount(mount.mount_point, _mounts.MNT_DETACH)
+            try:
+                _mounts.umount(mount.mount_point)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                _mounts.umount(mount.mount_point, _mounts.MNT_DETACH)
         except OSError as exc:
             failures.append(f"could not unmount {mount.mount_point}: {exc}")
-    for device, _ in loops:
+    attached = loop_devices()
+    for device, backing in loops:
+        if attached.get(device) != backing:
+            continue
         try:
             _loop.detach_loop(device)
         except OSError as exc:

@@ -1,17 +1,19 @@
 """One conformance run: the driver under test, its capabilities, and the results by area.
 
 Registered as a pytest plugin by :mod:`laminae.conformance.plugin` once a driver is
-selected. It resolves the driver, prepares the mount namespace, turns ``laminae_requires``
-and the driver's known failures into skips and strict xfails, records every test's outcome,
-and reports them: a header, a table by area, an optional JSON file, and a failing exit
-status for a run where nothing passed.
+selected. It resolves the driver, moves the session into a mount namespace of its own, turns
+``laminae_requires`` and the driver's known failures into skips and strict xfails, records
+every test's outcome, and reports them: a header, a table by area, an optional JSON file, and
+a failing exit status for a run where nothing passed.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, final
@@ -23,7 +25,7 @@ import laminae
 from laminae.driverkit import _plugins
 from laminae.kernel import _mounts
 
-from ._leaks import private_propagation
+from ._timeout import PhaseTimer
 
 __all__ = ["SESSION_KEY", "ConformanceSession", "TestResult", "installed_drivers"]
 
@@ -126,6 +128,8 @@ class ConformanceSession:
         self.report_path = Path(report) if report else None
         self.entry: laminae.DriverEntry | None = None
         self.namespace = "not changed"
+        self.namespace_refused: str | None = None
+        self.timer: PhaseTimer | None = None
         self.results: dict[str, TestResult] = {}
         self.ids: dict[str, tuple[str, str]] = {}
         self.selected: set[str] = set()
@@ -176,6 +180,8 @@ class ConformanceSession:
             # Whatever the driver needs, the store's mount executor mounts for real, and
             # the suite reads every result back from a real mount.
             self.unavailable("the conformance suite mounts layers and needs root (CAP_SYS_ADMIN)")
+        if self.namespace_refused is not None:
+            self.unavailable(f"the conformance suite {self.namespace_refused}")
         reason = self.entry.probe(home / "root" / self.driver_name, {})
         if reason is not None:
             self.unavailable(reason)
@@ -217,28 +223,57 @@ class ConformanceSession:
             return SuiteModule.from_parent(parent, path=module_path)
         return None
 
-    # -- session start: mount namespace, header ------------------------------------------
+    # -- the mount namespace -------------------------------------------------------------
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        if self.entry is None:
-            return
+    def isolate_mounts(self) -> None:
+        """Move the whole session into a mount namespace of its own, with every mount in it
+        private, before the first test and before pytest or a plugin starts a thread.
+
+        Done whatever the propagation looks like: "no shared mount" does not mean "a
+        namespace of my own" (a container's processes, or a host that never made ``/``
+        shared, share one namespace), and a namespace of one's own whose mounts are still
+        shared with the host's would send every test mount there. After this, nothing the
+        tests mount reaches another namespace, and nothing mounted in another one (after
+        now) appears here. The test's own child processes inherit the namespace.
+
+        Not root: nothing is done; the suite cannot mount, and every test reports the driver
+        unavailable (a rootless run is already root in a user namespace of its own, where
+        this works: ``unshare --user --map-root-user``). Root without ``CAP_SYS_ADMIN`` (a
+        container's default): ``unshare(2)`` is refused, and every test reports why.
+
+        :raises pytest.UsageError: the kernel refused for another reason, such as threads
+            already running (``unshare(CLONE_NEWNS)`` is ``EINVAL`` in a process whose
+            threads share its filesystem context): running the tests in the caller's
+            namespace instead would mount there.
+        """
         if os.geteuid() != 0:
-            self.namespace = "the caller's (not root: no mounts are made)"
+            self.namespace = "the caller's (not root: the suite mounts nothing)"
             return
-        if private_propagation():
-            self.namespace = "private (it was already)"
-            return
-        # Mounts made by the tests must never propagate to the host: move this process into
-        # a mount namespace of its own, and make every mount in it private.
+        threads = threading.active_count()
         try:
             _mounts.unshare(_mounts.CLONE_NEWNS)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self.namespace_refused = (
+                    f"cannot make a mount namespace of its own ({exc.strerror}: needs "
+                    "CAP_SYS_ADMIN), so it cannot mount either"
+                )
+                self.namespace = f"the caller's ({self.namespace_refused})"
+                return
+            running = f" ({threads} threads running)" if threads > 1 else ""
+            raise pytest.UsageError(
+                f"laminae: cannot move the session into a mount namespace of its own: "
+                f"unshare(CLONE_NEWNS) failed: {exc.strerror}{running}; it must run before "
+                "any thread starts: run pytest without plugins that start threads at "
+                "configuration, or inside `unshare --mount --propagation private`"
+            ) from exc
+        try:
             _mounts.mount("none", "/", None, _mounts.MS_REC | _mounts.MS_PRIVATE)
         except OSError as exc:
             raise pytest.UsageError(
-                f"laminae: cannot make a private mount namespace for the tests: {exc}"
+                f"laminae: cannot make the session's mounts private: {exc}"
             ) from exc
-        self.namespace = "private (unshared by the laminae plugin at session start)"
+        self.namespace = "private (unshared by the laminae plugin before the first test)"
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         if self.entry is None:
@@ -258,6 +293,7 @@ class ConformanceSession:
                 else "lenient (an unavailable driver is skipped)"
             ),
             f"laminae mount namespace: {self.namespace}",
+            f"laminae timeout: {self.timer.describe() if self.timer else 'none'}",
         ]
 
     # -- collection: requirements and known failures -------------------------------------

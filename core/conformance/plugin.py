@@ -16,6 +16,9 @@ Options:
     ``CI=true``, so that a CI run cannot pass by skipping.
 ``--laminae-report FILE``
     Write the results as JSON: driver, capabilities, counts by area, and every test.
+``--laminae-timeout SECONDS``
+    The time each phase of a test (setup, call, teardown) may take; a test that takes
+    longer fails, naming the store and driver call that hung (300 by default; 0: no limit).
 
 Markers:
 
@@ -29,6 +32,8 @@ Markers:
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +41,7 @@ import pytest
 
 SUITE_DIR = Path(__file__).resolve().parent
 SUITE_PACKAGE = "laminae.conformance"
+DEFAULT_TIMEOUT = 300.0
 
 # Helper modules that assert: rewritten like test modules, so a failure shows its values.
 _ASSERTING_HELPERS = (
@@ -69,6 +75,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write the conformance results as JSON to FILE",
     )
+    group.addoption(
+        "--laminae-timeout",
+        dest="laminae_timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help="fail a conformance test whose setup, call or teardown takes longer, naming "
+        f"the call that hung (default: {DEFAULT_TIMEOUT:g}; 0: no limit)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"0 (no limit) or more seconds, not {text!r}")
+    return seconds
 
 
 def _suite_requested(config: pytest.Config) -> bool:
@@ -108,6 +133,7 @@ def strict_mode(config: pytest.Config) -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -124,6 +150,7 @@ def pytest_configure(config: pytest.Config) -> None:
     pytest.register_assert_rewrite(*_ASSERTING_HELPERS)
     from . import _fixtures
     from ._session import ConformanceSession
+    from ._timeout import PhaseTimer
 
     session = ConformanceSession(
         config, name, strict=strict_mode(config), report=config.getoption("laminae_report")
@@ -131,6 +158,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, ConformanceSession.PLUGIN_NAME)
     config.pluginmanager.register(_fixtures, "laminae-conformance-fixtures")
     session.select_driver()
+    assert session.entry is not None
+    session.timer = PhaseTimer(config.getoption("laminae_timeout"), session.entry.cls)
+    config.pluginmanager.register(session.timer, PhaseTimer.PLUGIN_NAME)
+    # Here, not at session start: unshare(CLONE_NEWNS) fails once a thread is running,
+    # and a plugin may start one from its own pytest_sessionstart.
+    session.isolate_mounts()
 
 
 def _in_suite(path: Path) -> bool:
