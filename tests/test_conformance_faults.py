@@ -1,7 +1,8 @@
-"""The conformance suite's fault checks (``faults`` area), each shown failing a driver with
-that one fault (pytester, in a pytest subprocess) with a message that names it: a driver
-that swallows write errors during an apply, one that declares commit but leaves committed
-storage writable, and one whose mounts opt out of ``nodev``."""
+"""The conformance suite's fault checks (``faults`` area) and its driver tier (``contract``
+area), each shown failing a driver with that one fault (pytester, in a pytest subprocess)
+with a message that names it: a driver that swallows write errors during an apply, one that
+declares commit but leaves committed storage writable, one whose mounts opt out of
+``nodev``, and one that ignores ``readonly``."""
 
 from __future__ import annotations
 
@@ -65,9 +66,18 @@ class DevVfs(VfsDriver):
         ]
 
 
+class ReadWriteVfs(VfsDriver):
+    """Ignores readonly: every mount it describes is writable."""
+
+    name = "vfs_ignores_readonly"
+
+    def mounts(self, id, parents, readonly):
+        return super().mounts(id, parents, False)
+
+
 @driverkit.hookimpl
 def laminae_register_drivers(register):
-    for cls in (SwallowingVfs, UnfrozenVfs, DevVfs):
+    for cls in (SwallowingVfs, UnfrozenVfs, DevVfs, ReadWriteVfs):
         register(cls)
 '''
 
@@ -121,3 +131,29 @@ def test_a_driver_with_the_fault_fails(
     failed = [line for line in result.outlines if line.startswith("FAILED")]
     assert failed and all(failing in line for line in failed), result.stdout.str()
     assert message in result.stdout.str()
+
+
+@pytest.mark.root
+def test_the_driver_tier_names_a_driver_that_ignores_readonly(faulty: pytest.Pytester) -> None:
+    """The contract area calls the driver itself, and its report row says the driver failed."""
+    result = faulty.runpytest_subprocess(
+        *SUITE,
+        "-p",
+        "faulty_drivers",
+        "--laminae-driver",
+        "vfs_ignores_readonly",
+        "-rA",
+        "-k",
+        "contract",
+    )
+    failed = sorted(
+        line.split("::")[-1].split(" ")[0] for line in result.outlines if line.startswith("FAILED")
+    )
+    assert failed == [
+        "test_a_read_only_layer_refuses_writes",
+        "test_create_mount_usage_and_remove",
+    ], result.stdout.str()
+    assert "a write through a read-only mount succeeded" in result.stdout.str()
+    assert any(line.split()[:3] == ["contract", "2", "2"] for line in result.outlines), (
+        result.stdout.str()
+    )
