@@ -70,12 +70,12 @@ def _probe(scratch: Path) -> tuple[str | None, bool]:
         os.symlink("target", probe / "link")
         os.mkfifo(probe / "fifo")
         why = None
-        for name in ("link", "fifo"):
+        for name, kind in (("link", "symlink"), ("fifo", "fifo")):
             try:
                 os.setxattr(probe / name, "trusted.laminae-probe", b"1", follow_symlinks=False)
             except OSError as exc:
                 why = (
-                    f"trusted.* xattrs cannot be set on a {name} here "
+                    f"trusted.* xattrs cannot be set on a {kind} here "
                     f"({errno.errorcode.get(exc.errno or 0, exc.errno)}: needs CAP_SYS_ADMIN in "
                     "the initial user namespace and a filesystem that keeps them)"
                 )
