@@ -203,18 +203,22 @@ class TestContract:
     @pytest.mark.laminae_requires(laminae.Feature.QUOTA)
     def test_quota_stops_writes_past_it(self, driver: _contract.Driver, scratch: Path) -> None:
         assert isinstance(driver, _contract.QuotaSetter)
+        quota = 50 * _BIG  # above every driver's minimum (a filesystem image's metadata)
         driver.create(LIMITED, [], True)
-        driver.set_quota(LIMITED, _BIG)
+        driver.set_quota(LIMITED, quota)
+        written = 0
         with performed(driver, LIMITED, [], False, scratch / "m-limited") as root:
             try:
                 with open(root / "fill", "wb") as out:
-                    for _ in range(8):
-                        out.write(_content(_BIG))
+                    chunk = _content(4 * _BIG)
+                    while written < 2 * quota:
+                        out.write(chunk)
                         out.flush()
                         os.fsync(out.fileno())
+                        written += len(chunk)
             except OSError as exc:
                 assert exc.errno in (errno.EDQUOT, errno.ENOSPC), (
                     f"driver.set_quota: writing past it failed with {exc!r}"
                 )
             else:
-                pytest.fail(f"driver.set_quota(limited, {_BIG}): {8 * _BIG} bytes were written")
+                pytest.fail(f"driver.set_quota(limited, {quota}): {written} bytes were written")
