@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -105,7 +105,7 @@ def write_shapes(root: Path) -> None:
         file.truncate(HOLE)
 
 
-def observe(root: Path, paths: Iterator[str] | list[str]) -> dict[str, SegmentMap]:
+def observe(root: Path, paths: list[str]) -> dict[str, SegmentMap]:
     """The hole map of each of ``paths`` below ``root``; skip if the filesystem keeps none."""
     maps = {path: hole_map(root / path) for path in paths}
     if all(allocated(root / path) >= os.stat(root / path).st_size // 2 for path in maps):
