@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tools import needs
 
 from laminae.conformance import _tars
 
@@ -169,6 +170,50 @@ def test_suite_leaves_a_neighbour_in_its_own_namespace_alone(
     seen = json.loads(seen_file.read_text())
     assert seen["errors"] == [] and seen["cycles"] > 0
     assert str(base / "steady") in seen["mounted"]
+
+
+@pytest.mark.root
+def test_threads_started_before_the_namespace_are_named(pytester: pytest.Pytester) -> None:
+    """unshare(CLONE_NEWNS) moves the calling thread only: a thread a plugin started
+    earlier stays in the caller's namespace, and the header says so."""
+    pytester.makeconftest(
+        """
+        import threading
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        *SUITE, "--laminae-driver", "vfs", "-k", "test_create_empty"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["laminae mount namespace: private (*); 1 thread(s) started before it stay in the "
+         "caller's namespace"]
+    )  # fmt: skip
+
+
+@pytest.mark.root
+@needs("setpriv")
+def test_without_cap_sys_admin_the_driver_is_unavailable(pytester: pytest.Pytester) -> None:
+    """Root without CAP_SYS_ADMIN (a container's default) can make no namespace and no
+    mount: every test says so (an error under strict mode), and none mounts."""
+    result = pytester.run(
+        "setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin",
+        sys.executable, "-m", "pytest", *SUITE, "--laminae-driver", "vfs", "--laminae-strict",
+        "-k", "test_create_empty",
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "laminae mount namespace: the caller's (cannot make a mount namespace of its own "
+            "(Operation not permitted: needs CAP_SYS_ADMIN), so it cannot mount either)",
+            "*ERROR at setup of TestLayers.test_create_empty*",
+            "driver 'vfs' is unavailable: the conformance suite cannot make a mount namespace "
+            "of its own (*)*",
+        ],
+        consecutive=False,
+    )
 
 
 # Tests run with the suite's fixtures: mounts and a loop device outside the tests'

@@ -226,30 +226,35 @@ class ConformanceSession:
     # -- the mount namespace -------------------------------------------------------------
 
     def isolate_mounts(self) -> None:
-        """Move the whole session into a mount namespace of its own, with every mount in it
-        private, before the first test and before pytest or a plugin starts a thread.
+        """Move the session into a mount namespace of its own, with every mount in it
+        private, before the first test.
 
         Done whatever the propagation looks like: "no shared mount" does not mean "a
         namespace of my own" (a container's processes, or a host that never made ``/``
         shared, share one namespace), and a namespace of one's own whose mounts are still
         shared with the host's would send every test mount there. After this, nothing the
         tests mount reaches another namespace, and nothing mounted in another one (after
-        now) appears here. The test's own child processes inherit the namespace.
+        now) appears here.
+
+        ``unshare(CLONE_NEWNS)`` moves the calling thread only: the tests (pytest's main
+        thread) and every thread and process they start are in the new namespace; a thread
+        a plugin started before this stays in the caller's, and the header says so. Hence
+        this runs from ``pytest_configure``, as early as the selected driver is known.
 
         Not root: nothing is done; the suite cannot mount, and every test reports the driver
         unavailable (a rootless run is already root in a user namespace of its own, where
         this works: ``unshare --user --map-root-user``). Root without ``CAP_SYS_ADMIN`` (a
-        container's default): ``unshare(2)`` is refused, and every test reports why.
+        container's default): the kernel refuses (``EPERM``), and every test reports the
+        driver unavailable, saying why: nothing can be mounted there either.
 
-        :raises pytest.UsageError: the kernel refused for another reason, such as threads
-            already running (``unshare(CLONE_NEWNS)`` is ``EINVAL`` in a process whose
-            threads share its filesystem context): running the tests in the caller's
-            namespace instead would mount there.
+        :raises pytest.UsageError: the kernel refused for another reason (``ENOSPC``: the
+            host's ``user.max_mnt_namespaces`` is reached), or ``/`` cannot be made private:
+            running the tests in the caller's namespace instead would mount there.
         """
         if os.geteuid() != 0:
             self.namespace = "the caller's (not root: the suite mounts nothing)"
             return
-        threads = threading.active_count()
+        earlier = threading.active_count() - 1
         try:
             _mounts.unshare(_mounts.CLONE_NEWNS)
         except OSError as exc:
@@ -260,12 +265,9 @@ class ConformanceSession:
                 )
                 self.namespace = f"the caller's ({self.namespace_refused})"
                 return
-            running = f" ({threads} threads running)" if threads > 1 else ""
             raise pytest.UsageError(
-                f"laminae: cannot move the session into a mount namespace of its own: "
-                f"unshare(CLONE_NEWNS) failed: {exc.strerror}{running}; it must run before "
-                "any thread starts: run pytest without plugins that start threads at "
-                "configuration, or inside `unshare --mount --propagation private`"
+                "laminae: cannot move the session into a mount namespace of its own: "
+                f"unshare(CLONE_NEWNS) failed: {exc.strerror}"
             ) from exc
         try:
             _mounts.mount("none", "/", None, _mounts.MS_REC | _mounts.MS_PRIVATE)
@@ -274,6 +276,10 @@ class ConformanceSession:
                 f"laminae: cannot make the session's mounts private: {exc}"
             ) from exc
         self.namespace = "private (unshared by the laminae plugin before the first test)"
+        if earlier:
+            self.namespace += (
+                f"; {earlier} thread(s) started before it stay in the caller's namespace"
+            )
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         if self.entry is None:

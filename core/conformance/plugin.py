@@ -161,8 +161,8 @@ def pytest_configure(config: pytest.Config) -> None:
     assert session.entry is not None
     session.timer = PhaseTimer(config.getoption("laminae_timeout"), session.entry.cls)
     config.pluginmanager.register(session.timer, PhaseTimer.PLUGIN_NAME)
-    # Here, not at session start: unshare(CLONE_NEWNS) fails once a thread is running,
-    # and a plugin may start one from its own pytest_sessionstart.
+    # Here, not at session start: unshare(CLONE_NEWNS) moves only the calling thread, and a
+    # plugin may start threads from its own pytest_sessionstart.
     session.isolate_mounts()
 
 
