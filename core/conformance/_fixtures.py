@@ -24,7 +24,8 @@ through them, so the suite also runs when a driver package subclasses its test c
     and nothing may change in it.
 
 After every test the leak guard (autouse) looks for mounts, loop devices and files the test
-left behind, fails the test naming them, and cleans them up.
+left behind in its own directories, fails the test naming them, and cleans them up; it
+never counts or touches anything elsewhere (:mod:`laminae.conformance._leaks`).
 """
 
 from __future__ import annotations
