@@ -15,6 +15,8 @@ SUITE = ("--pyargs", "laminae.conformance", "-p", "no:cacheprovider")
 FAULTY_DRIVERS = '''
 from __future__ import annotations
 
+import os
+
 import attrs
 
 import laminae
@@ -75,9 +77,55 @@ class ReadWriteVfs(VfsDriver):
         return super().mounts(id, parents, False)
 
 
+class SymlinkRewritingVfs(VfsDriver):
+    """Copies a parent, and makes its absolute symlinks relative on the way."""
+
+    name = "vfs_rewrites_symlinks"
+
+    def create(self, id, parents, writable):
+        super().create(id, parents, writable)
+        root = __import__("pathlib").Path(super().mounts(id, parents, False)[0].source)
+        for path in root.rglob("*"):
+            if path.is_symlink() and os.readlink(path).startswith("/"):
+                target = os.readlink(path)
+                path.unlink()
+                os.symlink(os.path.relpath(target, "/" + str(path.parent.relative_to(root))),
+                           path)
+
+
+class CapabilityDroppingVfs(VfsDriver):
+    """Copies a parent, but not its files' capabilities."""
+
+    name = "vfs_drops_capabilities"
+
+    def create(self, id, parents, writable):
+        super().create(id, parents, writable)
+        root = __import__("pathlib").Path(super().mounts(id, parents, False)[0].source)
+        for path in root.rglob("*"):
+            if "security.capability" in os.listxattr(path, follow_symlinks=False):
+                os.removexattr(path, "security.capability", follow_symlinks=False)
+
+
+class UsageZeroVfs(VfsDriver):
+    """Says every layer holds nothing."""
+
+    name = "vfs_usage_zero"
+
+    def usage(self, id):
+        return laminae.Usage(size=0, inodes=0)
+
+
 @driverkit.hookimpl
 def laminae_register_drivers(register):
-    for cls in (SwallowingVfs, UnfrozenVfs, DevVfs, ReadWriteVfs):
+    for cls in (
+        SwallowingVfs,
+        UnfrozenVfs,
+        DevVfs,
+        ReadWriteVfs,
+        SymlinkRewritingVfs,
+        CapabilityDroppingVfs,
+        UsageZeroVfs,
+    ):
         register(cls)
 '''
 
@@ -157,3 +205,25 @@ def test_the_driver_tier_names_a_driver_that_ignores_readonly(faulty: pytest.Pyt
     assert any(line.split()[:3] == ["contract", "2", "2"] for line in result.outlines), (
         result.stdout.str()
     )
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("driver", "failing", "message"),
+    [
+        ("vfs_rewrites_symlinks", "test_an_untouched_child_has_no_changes", "modified /absolute"),
+        ("vfs_drops_capabilities", "test_an_untouched_child_has_no_changes", "modified /ping"),
+        ("vfs_usage_zero", "test_usage_follows_the_data", "its usage went from 0 to 0 bytes"),
+    ],
+)
+def test_the_second_checks_catch_what_the_first_do(
+    faulty: pytest.Pytester, driver: str, failing: str, message: str
+) -> None:
+    """Each fault is caught here too, by the crosscheck area, with the mount-based areas
+    deselected: a second, independent detection."""
+    result = faulty.runpytest_subprocess(
+        *SUITE, "-p", "faulty_drivers", "--laminae-driver", driver, "-rA", "-k", "crosscheck"
+    )
+    failed = [line for line in result.outlines if line.startswith("FAILED")]
+    assert failed and all(failing in line for line in failed), result.stdout.str()
+    assert message in result.stdout.str()
