@@ -245,7 +245,85 @@ def tree_usage(top: str | os.PathLike[str]) -> Usage:
 
 
 class Driver(Protocol):
-    """The required part of every driver. See the module docstring for the lifecycle."""
+    """The contract every storage driver keeps: what the store calls, when, and what it needs.
+
+    A driver keeps layers on disk and does nothing else: the store keeps the graph, names,
+    digests, labels, locks and mount counts, and performs every mount. A driver is a class
+    with a ``name`` (an identifier, as ``--driver`` gives it), its :class:`Capabilities`, and
+    the methods below, registered by ``laminae_register_drivers`` in a module named by a
+    ``laminae.drivers`` entry point. ``pytest --pyargs laminae.conformance --laminae-driver
+    NAME --laminae-strict`` checks all of it.
+
+    Lifecycle
+        1. ``probe(home, options)``: can this host run the driver with these options? Raise
+           :class:`DriverUnavailable` if not; auto-selection then passes it over.
+        2. ``cls(home, options)``: ``home`` (``<root>/<name>``) is the driver's own directory;
+           it may write anything below it and nothing outside it.
+        3. ``create`` a layer on its parents; the store fills it (``apply``, or a mount and the
+           generic extractor), reads it (``mounts``, ``changes``, ``usage``) and, once it is
+           committed, never writes it again; ``remove`` ends it. ``layers`` lists what is on
+           disk, for ``check`` and ``repair``.
+        4. ``close()``, which must be safe to call twice.
+
+    Terms
+        *storage id*: the name the store gives a layer on disk, 1 to 128 characters of
+        ``[0-9a-f]``, fixed for the layer's life; never a ChainID or a user's name. Check each
+        one with :func:`check_storage_id` before making a path of it, and list only names that
+        pass :func:`is_storage_id`. *parents*: the storage ids of a layer's parents, immediate
+        parent first, base last; empty for a base layer. The store computes them on each call:
+        keep no graph of your own. *writable*: active layers (a container's root, a layer being
+        applied) are; views are not.
+
+    What a layer holds
+        Exactly what was written into it, whatever the path: a layer made from its parent, or
+        read back through a mount or a diff, keeps every file type (regular files, directories,
+        symlinks never followed, hard links as links, character and block devices, FIFOs),
+        owners, modes with setuid, setgid and sticky bits, every extended attribute
+        (``trusted.*``, ``security.capability``), names that are not UTF-8, holes in sparse
+        files, and atime and mtime to the nanosecond, directories' included. Order matters in a
+        copy: data, then ``chown`` (which clears setuid and capabilities), ``chmod``, xattrs,
+        times; a directory's mode and times after its entries.
+
+    Errors
+        Raise from :mod:`laminae.driverkit`'s tree, never a bare ``OSError`` (wrap filesystem
+        work in :func:`map_os_errors`, which keeps it as ``__cause__``):
+
+        - :class:`InvalidArgument`: an option that is wrong anywhere (unknown, unparsable), from
+          ``probe`` and ``__init__`` alike, naming the option; an id that is not a storage id.
+        - :class:`DriverUnavailable`: from ``probe``, this host or ``home``'s filesystem cannot
+          run the driver (not root, no btrfs, a missing program), in one line a user can act on.
+        - :class:`NotFound`: an id (or a parent) that is not on disk.
+        - :class:`AlreadyExists`: ``create`` of an id that is on disk.
+        - :class:`ResourceExhausted`: a full disk or quota (``map_os_errors`` maps ``ENOSPC``
+          and ``EDQUOT``); never swallow it: a layer missing a file is worse than no layer.
+        - :class:`Unsupported`: a call the driver cannot do at all; :class:`LaminaeError`: any
+          other failure.
+
+    Crash safety and concurrency
+        A crash, at any instant, must leave each layer complete or recognisably half made:
+        build it under a name of its own (``tmp-<id>``) and rename it into place last, and
+        remove by renaming it out of the listing first (``rm-<id>``). ``create`` that fails
+        leaves nothing; ``remove`` sweeps what a crash left of its id and raises
+        :class:`NotFound` only when nothing was there (the store calls it for half-made layers
+        at its next open). Calls for different ids run at the same time, from threads and from
+        processes: a name shared between them (one staging directory) is a race.
+
+    Importing a layer (what the store does)::
+
+        driver.create(sid, parents, writable=True)
+        driver.apply(sid, parents, tar, limits)      # or: mount, apply_tar, unmount
+        # the store verifies the DiffID, calls commit(sid) (Feature.COMMIT), records it
+
+    Running a container::
+
+        driver.create(sid, parents_of_image_top, writable=True)
+        specs = driver.mounts(sid, parents, readonly=False)
+        # the store mounts specs at <runroot>/mounts/<sid>; the runtime uses that path
+
+    Optional parts are declared in ``capabilities.features`` and checked when the class is
+    registered: :class:`Applier`, :class:`ChangeReporter`, :class:`Committer`,
+    :class:`QuotaSetter`, :class:`DetachedApplier`.
+    """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
