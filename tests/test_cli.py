@@ -303,7 +303,7 @@ def test_info(invoke: Invoke, base: str, tmp_path: Path) -> None:
 def test_drivers_lists_vfs_as_usable(invoke: Invoke) -> None:
     rows = [line.split("\t") for line in invoke("drivers").stdout.splitlines()]
     by_name = {row[0]: row for row in rows}
-    assert by_name["vfs"][1:] == ["10", by_name["vfs"][2], "ok"]
+    assert by_name["vfs"][1:] == ["10", by_name["vfs"][2], "ok", "--driver"]
     assert by_name["vfs"][2].startswith("laminae ")
     assert [int(row[1]) for row in rows] == sorted((int(row[1]) for row in rows), reverse=True)
 

@@ -265,8 +265,9 @@ def test_a_plugin_whose_hook_raises_is_listed_as_broken(tmp_path: Path) -> None:
         "-",
         "raising 2.0",
         "broken: laminae_register_drivers raised RuntimeError: no licence key",
+        "-",
     ]
-    assert rows["vfs"][-1] == "ok"
+    assert rows["vfs"][3] == "ok"
 
 
 def test_an_unknown_driver_in_driver_priority_names_the_file(tmp_path: Path) -> None:

@@ -199,6 +199,7 @@ _IMAGE, _CONTAINER, _BUNDLE = "laminae.cli._image", "laminae.cli._container", "l
 _LAZY_COMMANDS: Mapping[str, tuple[str, str]] = {
     "bundle": (_BUNDLE, "Mount CONTAINER and write an OCI runtime bundle for it in DIR."),
     "container": (_CONTAINER, "Create, list, mount, diff, commit and export containers."),
+    "driver": ("laminae.cli._driver", "Start a storage driver distribution of your own."),
     "image": (_IMAGE, "Import, export, list, inspect, tag and remove images."),
     "pull": (_IMAGE, "Pull an image from a registry: REF with or without docker://."),
     "push": (
@@ -408,7 +409,8 @@ def info(store: Store, as_json: bool) -> None:
 
 @attrs.frozen
 class _DriverStatus:
-    """One row of ``laminae drivers``; ``unavailable`` is the probe's reason, ``None`` if usable."""
+    """One row of ``laminae drivers``; ``unavailable`` is the probe's reason, ``None`` if usable;
+    ``selected_by`` says why the store would open with this driver, ``None`` for the others."""
 
     name: str
     priority: int
@@ -416,13 +418,46 @@ class _DriverStatus:
     capabilities: Capabilities
     home: Path
     unavailable: str | None
+    selected_by: str | None = None
+
+
+def _selection(
+    settings: _Settings, config: StoreConfig, root: Path, statuses: Sequence[_DriverStatus]
+) -> tuple[str | None, str]:
+    """The driver the store at ``root`` opens with, and why: the order ``open_store`` follows
+    (a name given, else the one that made the store, else the first usable by priority)."""
+    from laminae.store._graph import recorded_driver
+
+    graph = root / "graph.db"
+    try:
+        recorded = recorded_driver(graph)
+    except LaminaeError as exc:  # a damaged graph: the listing still helps
+        recorded, unreadable = None, f" ({exc})"
+    else:
+        unreadable = ""
+    explicit, why = settings.driver, "--driver"
+    if explicit is None and config.driver is not None:
+        explicit, why = config.driver, config.driver_setting or "the configuration"
+    if explicit is not None:
+        if recorded is not None and recorded != explicit:
+            why += f"; but the store was made by {recorded!r} and will not open with it"
+        return explicit, why + unreadable
+    if recorded is not None:
+        return recorded, f"made the store ({graph})"
+    usable = [s.name for s in statuses if s.unavailable is None]
+    if config.driver_priority:
+        chosen = next((name for name in config.driver_priority if name in usable), None)
+        return chosen, f"{config.source}: storage.driver_priority{unreadable}"
+    return (usable[0] if usable else None), f"priority: the highest usable{unreadable}"
 
 
 @cli.command()
 @_json_option
 @click.pass_obj
 def drivers(settings: _Settings, as_json: bool) -> None:
-    """List every installed driver and what its probe says for the store's root.
+    """List every installed driver, what its probe says for the store's root, and which one
+    the store opens with and why (--driver, $LAMINAE_DRIVER, storage.toml, the store's own
+    record, or priority).
 
     Works without a store: nothing is created, the probe only looks.
     """
@@ -447,6 +482,8 @@ def drivers(settings: _Settings, as_json: bool) -> None:
                 entry.probe(home, options),
             )
         )
+    selected, why = _selection(settings, config, root, statuses)
+    statuses = [attrs.evolve(s, selected_by=why) if s.name == selected else s for s in statuses]
     # A plugin that failed to load is listed, not fatal: the other drivers still work.
     broken = broken_plugins()
     if as_json:
@@ -458,10 +495,13 @@ def drivers(settings: _Settings, as_json: bool) -> None:
         )
         return
     _print_table(
-        ("DRIVER", "PRIORITY", "ORIGIN", "PROBE"),
+        ("DRIVER", "PRIORITY", "ORIGIN", "PROBE", "SELECTED BY"),
         [
-            *((s.name, s.priority, s.origin, s.unavailable or "ok") for s in statuses),
-            *((p.name, "-", p.origin, f"broken: {p.error}") for p in broken),
+            *(
+                (s.name, s.priority, s.origin, s.unavailable or "ok", s.selected_by)
+                for s in statuses
+            ),
+            *((p.name, "-", p.origin, f"broken: {p.error}", None) for p in broken),
         ],
     )
 

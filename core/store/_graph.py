@@ -29,7 +29,7 @@ from laminae._exceptions import (
     ResourceExhausted,
 )
 
-__all__ = ["Graph", "LayerRow", "map_sqlite_errors", "now"]
+__all__ = ["Graph", "LayerRow", "map_sqlite_errors", "now", "recorded_driver"]
 
 SCHEMA_VERSION = 1
 
@@ -134,6 +134,30 @@ def map_sqlite_errors(path: Path) -> Iterator[None]:
         if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
             raise FailedPrecondition(message) from exc
         raise LaminaeError(message) from exc
+
+
+def recorded_driver(path: Path) -> str | None:
+    """The driver the graph file at ``path`` records, read without writing anything.
+
+    For ``laminae drivers``, which must not create or change a store. SQLite opening a WAL
+    database read-only makes its ``-wal`` and ``-shm`` files when they are missing, which they
+    are once the last writer closed it, having checkpointed the WAL into the file: so without
+    a ``-wal`` the file is read as immutable, and with one (a store open now) read-only.
+
+    :returns: ``None`` when there is no graph, an empty one (a new store), or no driver in it.
+    :raises LaminaeError: the file cannot be read (as :func:`map_sqlite_errors` says).
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    live = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.absolute().as_uri()}?{'mode=ro' if live else 'immutable=1'}"
+    with map_sqlite_errors(path):
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'driver'").fetchone()
+        finally:
+            db.close()
+    return None if row is None else str(row[0])
 
 
 def now() -> str:
