@@ -455,11 +455,10 @@ def _selection(
 @_json_option
 @click.pass_obj
 def drivers(settings: _Settings, as_json: bool) -> None:
-    """List every installed driver, what its probe says for the store's root, and which one
-    the store opens with and why (--driver, $LAMINAE_DRIVER, storage.toml, the store's own
-    record, or priority).
+    """List drivers, their probes and the one the store uses.
 
-    Works without a store: nothing is created, the probe only looks.
+    The last column says why that one: --driver, $LAMINAE_DRIVER, storage.toml, the store's
+    own record, or priority. Works without a store: nothing is created, the probe only looks.
     """
     from laminae.driverkit._plugins import available_drivers, broken_plugins
 
