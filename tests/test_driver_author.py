@@ -140,21 +140,12 @@ def test_driver_new_defaults_to_a_directory_named_after_the_distribution(
 @pytest.mark.root
 def test_a_new_driver_fails_only_where_left_to_write(tmp_path: Path) -> None:
     assert _new_driver(tmp_path / "src").exit_code == 0
+    # Beside laminae, not into this environment: a directory on PYTHONPATH, with the
+    # distribution's metadata (its entry point) as pip writes it. Built in isolation, as a
+    # user's pip builds it: this environment need not hold setuptools.
     site = tmp_path / "site"
-    installed = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            site,
-            tmp_path / "src",
-        ]
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site]
+    installed = _run([*pip, tmp_path / "src"])
     assert installed.returncode == 0, installed.stderr
     report = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(site)}
@@ -206,7 +197,13 @@ def test_readme_tox_env_runs_from_a_fresh_directory(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     assert _new_driver(fresh).exit_code == 0
     (fresh / "tox.ini").write_text(_readme_snippet())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINAE_")}
+    # Nothing of an outer tox run (this module runs under `tox -e unit`): tox reads TOX_*
+    # variables as settings, TOX_WORK_DIR among them, and would build in the outer work dir.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LAMINAE_", "TOX_")) and k != "VIRTUAL_ENV"
+    }
     env["LAMINAE_WHEEL"] = str(wheel)
     tests = " or ".join((BASE_ONLY[0], NEEDS_A_CHILD[0]))
     run = _run(
