@@ -242,8 +242,35 @@ def test_known_failures_are_strict_xfails(broken: pytest.Pytester) -> None:
         broken, "vfs_drops_xattrs_known", "-k", "test_xattrs_in_child_layers or test_root_perm"
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(xfailed=1, failed=1)
     result.stdout.fnmatch_lines(["*XPASS(strict)*known failure of vfs_drops_xattrs_known*"])
+    # Known failures are named in pytest's final line and listed with their reasons.
+    result.stdout.fnmatch_lines(["*= 1 failed, * 1 known failures in *"])
+    result.stdout.fnmatch_lines(
+        [
+            "known failure apply::test_xattrs_in_child_layers: copies drop xattrs",
+            "known failure layers::test_root_permission: declared, but it passes (it passed: "
+            "take it out of known_failures)",
+        ]
+    )
+
+
+@pytest.mark.root
+def test_no_known_failures_runs_them_as_ordinary_tests(broken: pytest.Pytester) -> None:
+    result = run_suite(
+        broken,
+        "vfs_drops_xattrs_known",
+        "--laminae-no-known-failures",
+        "-k",
+        "test_xattrs_in_child_layers or test_root_perm",
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*known_failures=2 (run as ordinary tests)*"])
+
+
+def test_a_known_failure_needs_a_reason() -> None:
+    with pytest.raises(laminae.InvalidArgument, match="'apply::test_fifo' needs a reason"):
+        laminae.Capabilities(known_failures={"apply::test_fifo": " "})
 
 
 # -- unavailable drivers, strict mode, runs that pass by skipping ----------------------------

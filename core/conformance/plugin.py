@@ -76,6 +76,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the conformance results as JSON to FILE",
     )
     group.addoption(
+        "--laminae-no-known-failures",
+        dest="laminae_no_known_failures",
+        action="store_true",
+        default=False,
+        help="run the tests the driver declares as known failures as ordinary tests, so that "
+        "any of them fails the run (for CI that must see none)",
+    )
+    group.addoption(
         "--laminae-timeout",
         dest="laminae_timeout",
         metavar="SECONDS",

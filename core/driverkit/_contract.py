@@ -152,7 +152,13 @@ def _to_failures(
     value: Mapping[str, str] | Iterable[tuple[str, str]],
 ) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
-    return tuple(sorted((str(k), str(v)) for k, v in items))
+    failures = tuple(sorted((str(k), str(v)) for k, v in items))
+    for test_id, reason in failures:
+        if not reason.strip():
+            # A known failure hides a failing test from a strict run: whoever reads the
+            # report must learn why it is acceptable.
+            raise InvalidArgument(f"known_failures: {test_id!r} needs a reason, not {reason!r}")
+    return failures
 
 
 @attrs.frozen
