@@ -17,13 +17,14 @@ JSON names one, and prints how that ended: the bad-input cases and the full file
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import secrets
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class _Victim:
             self.quietly(lambda: store.remove_image("victim-churn"))
         elif kind == "apply":
             for i in reversed(range(len(self.spec["apply_tars"]))):
-                self.quietly(lambda i=i: store.remove_layer(f"victim-apply-{i}"))
+                self.quietly(functools.partial(store.remove_layer, f"victim-apply-{i}"))
         elif kind == "commit":
             self.quietly(lambda: store.remove_container(_COMMIT_SOURCE, force=True))
             self.quietly(lambda: store.remove_image("victim-commit"))
@@ -114,7 +115,8 @@ class _Victim:
                 self.quietly(lambda: store.unmount(top, force=True))
             self.quietly(lambda: store.create_container(self.base, name="victim-mnt"))
 
-    def loop(self, kind: str) -> Iterator[None]:
+    def once(self, kind: str) -> None:
+        """One round of ``kind``'s loop."""
         store, run = self.store, self.run
         if kind == "import":
             churn = self.spec["churn"]
@@ -124,15 +126,13 @@ class _Victim:
             parent = None
             tars = self.spec["apply_tars"]
             for i, tar in enumerate(tars):
-                layer = run(
-                    "apply layer",
-                    lambda t=tar, p=parent, i=i: store.apply_layer(
-                        t, p, names=[f"victim-apply-{i}"]
-                    ),
+                apply = functools.partial(
+                    store.apply_layer, tar, parent, names=[f"victim-apply-{i}"]
                 )
+                layer = run("apply layer", apply)
                 parent = getattr(layer, "id", None)
             for i in reversed(range(len(tars))):
-                run("remove layer", lambda i=i: store.remove_layer(f"victim-apply-{i}"))
+                run("remove layer", functools.partial(store.remove_layer, f"victim-apply-{i}"))
         elif kind == "commit":
             src = _COMMIT_SOURCE
             run("create container", lambda: store.create_container(self.base, name=src))
@@ -153,7 +153,6 @@ class _Victim:
             run("unmount container", lambda: store.unmount_container("victim-mnt"))
             run("mount layer", lambda: store.mount(top, readonly=True))
             run("unmount layer", lambda: store.unmount(top))
-        yield
 
 
 def _write_commit_files(root: Path) -> None:
@@ -176,8 +175,7 @@ def victim() -> int:
     victim.clear(spec["kind"])
     _say("ready")
     while True:
-        for _ in victim.loop(spec["kind"]):
-            pass
+        victim.once(spec["kind"])
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ class _Worker:
 
     def pick_image(self) -> str:
         images = self.store.images()
-        return self.rng.choice(images).id if images else self.spec["base_image"]
+        return self.rng.choice(images).id if images else str(self.spec["base_image"])
 
     def pick_container(self) -> str | None:
         containers = self.store.containers()

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def has_content_check() -> bool:
     return "content" in inspect.signature(laminae.Store.check).parameters
 
 
-def _is_problem(report_type: type, field: str) -> bool:
+def _is_problem(report_type: type[laminae.CheckReport], field: str) -> bool:
     """Whether an entry in ``field`` of a check report is a problem (one of its ``problems()``)
     rather than a note (unreferenced layers, foreign mounts, ...); asked of the report class
     itself, so that fields this script does not know are sorted too."""
@@ -54,7 +54,7 @@ def _is_problem(report_type: type, field: str) -> bool:
     return bool(sample.problems())
 
 
-def _categories(report: object, *, notes: bool = False) -> dict[str, int]:
+def _categories(report: laminae.CheckReport, *, notes: bool = False) -> dict[str, int]:
     """The non-empty problem fields of a check report (with ``notes``, the note fields), and
     how many entries each has, whatever fields this laminae's report has."""
     report_type = type(report)
@@ -170,7 +170,7 @@ def inspect_store(
             if unreferenced is not None:
                 found.check_unreferenced = len(unreferenced)
             if has_content_check():
-                found.content = _categories(store.check(content=True))  # type: ignore[call-arg]
+                found.content = _categories(store.check(content=True))
             dangling = unreferenced_layers(store)
             found.dangling = [layer.id for layer in dangling]
             _verify_layers(store, expected, scratch, found)
@@ -203,6 +203,8 @@ class KillFigures:
     dangling_kills: int = 0
     dangling_layers: int = 0
     dangling_by_op: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    dangling_seen: list[str] = attrs.field(factory=list)
+    """Each kill that left dangling layers: the operation in flight and the layers' ids."""
     check_unreferenced: int | None = None
     problems: collections.Counter[str] = attrs.field(factory=collections.Counter)
     notes: dict[str, int] = attrs.field(factory=dict)
@@ -226,6 +228,7 @@ class KillFigures:
             self.dangling_kills += 1
             self.dangling_layers += len(found.dangling)
             self.dangling_by_op[op] += 1
+            self.dangling_seen.append(f"kill {self.kills} during {op}: {found.dangling}")
         if found.check_unreferenced is not None:
             self.check_unreferenced = (self.check_unreferenced or 0) + found.check_unreferenced
         self.problems.update(found.problems)
@@ -277,7 +280,9 @@ class _Victim:
         self.process.stdin.flush()
 
     def kill(self) -> None:
-        """SIGKILL, by its PID; then read what it printed up to its death."""
+        """SIGKILL, by its PID; then read what it printed up to its death. Once only."""
+        if self.process.stdout is None or self.process.stdout.closed:
+            return
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait()
@@ -315,7 +320,7 @@ def kill_campaign(
     rng: random.Random,
     *,
     max_delay: float,
-    say: Any,
+    say: Callable[[str], None],
 ) -> KillFigures:
     """``kills`` rounds on a new store of ``driver`` under ``home`` (see the module docstring).
 
@@ -333,10 +338,12 @@ def kill_campaign(
     foreign.surround(root, runroot, home / "elsewhere")
     victim_spec = {**spec, "root": str(root), "runroot": str(runroot), "driver": driver}
     victim_spec["base_image"] = "base"
-    upcoming = _Victim()
+    upcoming: _Victim | None = _Victim()
+    victim: _Victim | None = None
     try:
         for round_ in range(kills):
             kind = KINDS[round_ % len(KINDS)]
+            assert upcoming is not None
             victim, upcoming = upcoming, None
             victim.start({**victim_spec, "kind": kind})
             ready = victim.wait_for("ready", READY_SECONDS)
@@ -360,8 +367,9 @@ def kill_campaign(
             note += f" RAW {found.raw}" if found.raw else ""
             say(f"  {driver} kill {round_ + 1}/{kills} during {op} {note}")
     finally:
-        if upcoming is not None:
-            upcoming.kill()
+        for left in (victim, upcoming):
+            if left is not None:
+                left.kill()
         figures.foreign_touched = foreign.touched()
         foreign.unmount()
     figures.seconds = time.monotonic() - started

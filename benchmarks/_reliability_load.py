@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def load_campaign(
     seconds: float,
     rng: random.Random,
     *,
-    say: Any,
+    say: Callable[[str], None],
 ) -> LoadFigures:
     """Run the load on a new store of ``driver`` under ``home`` (see the module docstring)."""
     figures = LoadFigures(driver, workers, seconds)

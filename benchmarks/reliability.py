@@ -359,7 +359,7 @@ def main(argv: Sequence[str]) -> int:
     for table in tables:
         console.print(table)
     for f in kills:
-        for line in [*f.mismatches, *f.failures, *f.foreign_touched]:
+        for line in [*f.dangling_seen, *f.mismatches, *f.failures, *f.foreign_touched]:
             console.print(f"[red]{f.driver}[/]: {line}")
         for raw in f.raw:
             console.print(f"[red]{f.driver} raw error[/]: {raw}")
