@@ -20,6 +20,7 @@ __all__ = [
     "Entry",
     "assert_same_tree",
     "describe_differences",
+    "expect_entry",
     "hardlink_groups",
     "read_xattrs",
     "snapshot",
@@ -191,3 +192,29 @@ def assert_same_tree(
         got.pop(path, None)
     differences = describe_differences(want, got)
     assert not differences, f"{what} differs from what was written:\n  " + "\n  ".join(differences)
+
+
+def expect_entry(tree: Mapping[str, Entry], path: str, *, step: str, **fields: object) -> None:
+    """Fail unless ``tree`` has ``path`` with every field as given, naming the step, the
+    path, and each property that differs with its expected and actual value (modes in
+    octal, xattrs as a dict).
+
+    :param step: what was done before the tree was read ("apply", "create from parent" ...).
+    :param fields: :class:`Entry` fields and their expected values.
+    """
+    entry = tree.get(path)
+    if entry is None:
+        raise AssertionError(f"{step}: {path} is missing")
+    wrong = []
+    for name, want in fields.items():
+        got = getattr(entry, name)
+        if name == "xattrs":
+            got = dict(got)
+        if got != want:
+            if name == "mode" and isinstance(want, int) and isinstance(got, int):
+                shown = (oct(want), oct(got))
+            else:
+                shown = (_show(want), _show(got))
+            wrong.append(f"{name} expected {shown[0]}, got {shown[1]}")
+    if wrong:
+        raise AssertionError(f"{step}: {path} ({entry.kind}): " + "; ".join(wrong))

@@ -26,7 +26,13 @@ from laminae import driverkit
 from laminae.conformance._fixtures import StoreFactory
 from laminae.conformance._layers import apply, mounted
 from laminae.conformance._tars import UNOWNED_MAJOR, UNREGISTRABLE_MAJOR, LayerTar
-from laminae.conformance._tree import assert_same_tree, hardlink_groups, read_xattrs, snapshot
+from laminae.conformance._tree import (
+    assert_same_tree,
+    expect_entry,
+    hardlink_groups,
+    read_xattrs,
+    snapshot,
+)
 from laminae.driverkit._mount import mount_all, unmount_all
 
 NS = 1_000_000_000
@@ -43,11 +49,12 @@ XATTRS: dict[str | bytes, bytes] = {
 
 
 @contextmanager
-def layer_and_child(store: laminae.Store, layer: laminae.Layer) -> Iterator[list[Path]]:
-    """The committed layer's mount and a mount of a new active layer on it."""
+def layer_and_child(store: laminae.Store, layer: laminae.Layer) -> Iterator[list[tuple[str, Path]]]:
+    """The committed layer's mount and a mount of a new active layer on it, each with the
+    step that made it, for messages."""
     child = store.create_layer(parent=layer.id)
     with mounted(store, layer.id) as root, mounted(store, child.id) as child_root:
-        yield [root, child_root]
+        yield [("apply", root), ("create from parent", child_root)]
 
 
 def assert_absent(root: Path, path: str, why: str) -> None:
@@ -77,7 +84,7 @@ class TestApply:
             .file("large-ids", b"x", uid=3_000_000, gid=3_000_001),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root, mtimes=True)
                 expected = {
                     "/empty": (0o644, 0, 0, b""),
@@ -89,11 +96,17 @@ class TestApply:
                     "/large-ids": (0o644, 3_000_000, 3_000_001, b"x"),
                 }
                 for path, (mode, uid, gid, data) in expected.items():
-                    entry = tree[path]
-                    assert entry.kind == "file", path
-                    assert (oct(entry.mode), entry.uid, entry.gid) == (oct(mode), uid, gid), path
-                    assert entry.sha256 == hashlib.sha256(data).hexdigest(), f"content of {path}"
-                assert tree["/plain"].mtime_ns == MTIME_NS, "mtime lost its nanoseconds"
+                    expect_entry(
+                        tree,
+                        path,
+                        step=step,
+                        kind="file",
+                        mode=mode,
+                        uid=uid,
+                        gid=gid,
+                        sha256=hashlib.sha256(data).hexdigest(),
+                    )
+                expect_entry(tree, "/plain", step=step, mtime_ns=MTIME_NS)
 
     def test_directories(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         layer = apply(
@@ -105,18 +118,14 @@ class TestApply:
             .file("implied/parents/file", b"x"),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root)
-                assert (tree["/tmp"].kind, tree["/tmp"].mode) == ("dir", 0o1777)
-                assert (tree["/srv"].mode, tree["/srv"].uid, tree["/srv"].gid) == (
-                    0o2775,
-                    1000,
-                    1001,
-                )
-                assert (tree["/private"].mode, tree["/private"].uid) == (0o700, 33)
+                expect_entry(tree, "/tmp", step=step, kind="dir", mode=0o1777)
+                expect_entry(tree, "/srv", step=step, mode=0o2775, uid=1000, gid=1001)
+                expect_entry(tree, "/private", step=step, mode=0o700, uid=33)
                 for implied in ("/implied", "/implied/parents"):
-                    assert tree[implied].kind == "dir", implied
-                assert tree["/implied/parents/file"].kind == "file"
+                    expect_entry(tree, implied, step=step, kind="dir")
+                expect_entry(tree, "/implied/parents/file", step=step, kind="file")
 
     def test_symlinks(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         layer = apply(
@@ -131,7 +140,7 @@ class TestApply:
             .symlink("etc/up", "../etc/real"),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root, mtimes=True)
                 targets = {p: tree[p].target for p in tree if tree[p].kind == "symlink"}
                 assert targets == {
@@ -141,8 +150,8 @@ class TestApply:
                     "/to-dir": "etc",
                     "/etc/up": "../etc/real",
                 }
-                assert (tree["/to-dir"].uid, tree["/to-dir"].gid) == (1, 2)
-                assert tree["/relative"].mtime_ns == MTIME_NS, "symlink mtime not kept"
+                expect_entry(tree, "/to-dir", step=step, uid=1, gid=2)
+                expect_entry(tree, "/relative", step=step, mtime_ns=MTIME_NS)
                 assert (root / "relative").read_bytes() == b"real"
 
     def test_hardlinks_within_a_layer(self, store: laminae.Store, tar: type[LayerTar]) -> None:
@@ -158,12 +167,12 @@ class TestApply:
             .file("single", b"alone"),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 groups = hardlink_groups(root)
                 assert groups == {
                     frozenset({"/bin/busybox", "/bin/sh", "/bin/ls", "/sbin/init"})
-                }, f"hardlinks not kept as one inode: {groups}"
-                assert os.lstat(root / "bin" / "sh").st_nlink == 4
+                }, f"{step}: hardlinks not kept as one inode: {groups}"
+                assert os.lstat(root / "bin" / "sh").st_nlink == 4, f"{step}: /bin/sh link count"
                 assert (root / "sbin" / "init").read_bytes() == b"multi-call binary"
 
     def test_hardlink_to_a_lower_layer(self, store: laminae.Store, tar: type[LayerTar]) -> None:
@@ -171,12 +180,12 @@ class TestApply:
         base = apply(store, tar().dir("usr").file("usr/python3.11", b"interpreter", mode=0o755))
         top = apply(store, tar().dir("usr").hardlink("usr/python3", "usr/python3.11"), base)
         with layer_and_child(store, top) as roots:
-            for root in roots:
+            for step, root in roots:
                 assert (root / "usr" / "python3").read_bytes() == b"interpreter"
                 assert os.path.samefile(root / "usr" / "python3", root / "usr" / "python3.11"), (
-                    "hardlink to a lower layer's file is not the same file"
+                    f"{step}: hardlink to a lower layer's file is not the same file"
                 )
-                assert stat.S_IMODE(os.lstat(root / "usr" / "python3").st_mode) == 0o755
+                expect_entry(snapshot(root), "/usr/python3", step=step, mode=0o755)
 
     def test_devices(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         # Numbers no host driver owns: a driver that opens a node fails at once.
@@ -190,31 +199,32 @@ class TestApply:
             .blockdev("dev/blk-wide", UNREGISTRABLE_MAJOR, 65536, mode=0o600),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root)
-                assert (tree["/dev/chr0"].kind, tree["/dev/chr0"].rdev) == (
-                    "char",
-                    (UNOWNED_MAJOR, 3),
+                expect_entry(
+                    tree, "/dev/chr0", step=step, kind="char", rdev=(UNOWNED_MAJOR, 3), mode=0o666
                 )
-                assert tree["/dev/chr0"].mode == 0o666
-                assert (tree["/dev/chr1"].rdev, tree["/dev/chr1"].gid) == ((UNOWNED_MAJOR, 4), 5)
-                assert (tree["/dev/blk0"].kind, tree["/dev/blk0"].rdev) == (
-                    "block",
-                    (UNOWNED_MAJOR, 8),
+                expect_entry(tree, "/dev/chr1", step=step, rdev=(UNOWNED_MAJOR, 4), gid=5)
+                expect_entry(
+                    tree,
+                    "/dev/blk0",
+                    step=step,
+                    kind="block",
+                    rdev=(UNOWNED_MAJOR, 8),
+                    mode=0o660,
+                    gid=6,
                 )
-                assert (tree["/dev/blk0"].mode, tree["/dev/blk0"].gid) == (0o660, 6)
-                assert tree["/dev/blk-wide"].rdev == (UNREGISTRABLE_MAJOR, 65536)
+                expect_entry(tree, "/dev/blk-wide", step=step, rdev=(UNREGISTRABLE_MAJOR, 65536))
 
     def test_fifos(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         layer = apply(
             store, tar().fifo("pipe", mode=0o600, uid=1, gid=1).fifo("public-pipe", mode=0o666)
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root)
-                assert tree["/pipe"].kind == "fifo"
-                assert (tree["/pipe"].mode, tree["/pipe"].uid, tree["/pipe"].gid) == (0o600, 1, 1)
-                assert (tree["/public-pipe"].kind, tree["/public-pipe"].mode) == ("fifo", 0o666)
+                expect_entry(tree, "/pipe", step=step, kind="fifo", mode=0o600, uid=1, gid=1)
+                expect_entry(tree, "/public-pipe", step=step, kind="fifo", mode=0o666)
 
     def test_xattrs(self, store: laminae.Store, tar: type[LayerTar]) -> None:
         """``SCHILY.xattr.*`` records: text and binary values, a name that is not UTF-8,
@@ -265,8 +275,10 @@ class TestApply:
         base = apply(store, tar().dir("etc").file("etc/gone", b"x").file("etc/kept", b"y"))
         top = apply(store, tar().whiteout("etc/gone"), base)
         with layer_and_child(store, top) as roots:
-            for root in roots:
-                assert_absent(root, "etc/gone", "whiteout .wh.gone did not delete the lower file")
+            for step, root in roots:
+                assert_absent(
+                    root, "etc/gone", f"{step}: whiteout .wh.gone did not delete the lower file"
+                )
                 assert (root / "etc" / "kept").read_bytes() == b"y"
                 assert no_whiteout_names(root) == [], "whiteout markers are visible"
 
@@ -278,8 +290,10 @@ class TestApply:
         )
         top = apply(store, tar().whiteout("var/cache"), base)
         with layer_and_child(store, top) as roots:
-            for root in roots:
-                assert_absent(root, "var/cache", "whiteout .wh.cache did not delete the lower dir")
+            for step, root in roots:
+                assert_absent(
+                    root, "var/cache", f"{step}: whiteout .wh.cache did not delete the lower dir"
+                )
                 assert sorted(os.listdir(root / "var")) == ["lib"]
                 assert no_whiteout_names(root) == [], "whiteout markers are visible"
 
@@ -307,12 +321,12 @@ class TestApply:
             top.opaque("d")
         layer = apply(store, top, base)
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 listing = sorted(p for p in snapshot(root) if p.startswith("/d/"))
                 assert listing == ["/d/new", "/d/sub", "/d/sub/fresh"], (
-                    f"opaque whiteout did not hide the lower children of /d: {listing}"
+                    f"{step}: opaque whiteout did not hide the lower children of /d: {listing}"
                 )
-                assert stat.S_IMODE(os.lstat(root / "d").st_mode) == 0o750
+                expect_entry(snapshot(root), "/d", step=step, mode=0o750)
                 assert no_whiteout_names(root) == [], "whiteout markers are visible"
 
     @pytest.mark.parametrize("how", ["replace", "whiteout-then-create"])
@@ -349,16 +363,16 @@ class TestApply:
             upper.whiteout("x")
         top = apply(store, add(upper, after, "upper"), base)
         with layer_and_child(store, top) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root)
-                assert tree["/x"].kind == after, f"/x is a {tree['/x'].kind}, expected {after}"
+                expect_entry(tree, "/x", step=step, kind=after)
                 if after == "dir":
                     assert sorted(p for p in tree if p.startswith("/x/")) == ["/x/child"]
                     assert (root / "x" / "child").read_bytes() == b"upper"
                 elif after == "file":
                     assert (root / "x").read_bytes() == b"upper"
                 elif after == "symlink":
-                    assert tree["/x"].target == "target-upper"
+                    expect_entry(tree, "/x", step=step, target="target-upper")
                 assert "/keep" in tree
                 assert no_whiteout_names(root) == [], "whiteout markers are visible"
 
@@ -370,10 +384,11 @@ class TestApply:
         base = apply(store, tar().dir("d", mode=0o755).file("d/lower", b"l"))
         top = apply(store, tar().dir("d", mode=0o700, uid=7, gid=8, xattrs={"user.k": b"v"}), base)
         with layer_and_child(store, top) as roots:
-            for root in roots:
+            for step, root in roots:
                 tree = snapshot(root)
-                assert (tree["/d"].mode, tree["/d"].uid, tree["/d"].gid) == (0o700, 7, 8)
-                assert dict(tree["/d"].xattrs) == {"user.k": b"v"}
+                expect_entry(
+                    tree, "/d", step=step, mode=0o700, uid=7, gid=8, xattrs={"user.k": b"v"}
+                )
                 assert (root / "d" / "lower").read_bytes() == b"l"
 
     def test_long_and_non_utf8_names(self, store: laminae.Store, tar: type[LayerTar]) -> None:
@@ -391,13 +406,13 @@ class TestApply:
             .file("utf8-\u00e9\u4e2d", b"utf-8"),
         )
         with layer_and_child(store, layer) as roots:
-            for root in roots:
+            for step, root in roots:
                 assert (root / component).read_bytes() == b"255 bytes"
                 assert (root / deep).read_bytes() == b"deep"
                 assert (
                     Path(os.fsdecode(os.path.join(os.fsencode(root), latin1)))
                 ).read_bytes() == (b"not utf-8")
-                assert os.readlink(root / "long-link") == target
+                assert os.readlink(root / "long-link") == target, f"{step}: /long-link target"
                 assert (root / "utf8-\u00e9\u4e2d").read_bytes() == b"utf-8"
 
     def test_empty_layer(self, store: laminae.Store, tar: type[LayerTar]) -> None:
