@@ -8,7 +8,7 @@ must do)::
     DIR/<package>/_driver.py               the driver, on laminae.driverkit alone
     DIR/<package>/_copy.py                 the part left to write: a layer from its parent
     DIR/<package>/py.typed
-    DIR/tox.ini                            the conformance suite, strict, as root
+    DIR/tox.ini                            the conformance suite, strict, as root; lint, type
     DIR/.github/workflows/conformance.yml  the same on every push
     DIR/README.md
 
@@ -437,7 +437,22 @@ _TOX = """\
 # Once laminae is on an index you use, `deps = laminae[conformance]` is all it takes.
 [tox]
 requires = tox>=4.20
-env_list = conformance
+env_list = lint, type, conformance
+
+[testenv:lint]
+description = ruff over the driver: its style, and laminae's public names only
+skip_install = true
+deps = ruff
+commands =
+    ruff check $package
+    ruff format --check $package
+
+[testenv:type]
+description = mypy --strict over the installed driver, against laminae's own types
+deps =
+    laminae @ file://{env:LAMINAE_WHEEL}
+    mypy
+commands = mypy -p $package
 
 [testenv:conformance]
 description = laminae's conformance suite against $name, strict, in a private mount namespace
@@ -488,7 +503,7 @@ The $name storage driver for [laminae](https://pypi.org/project/laminae/), start
 | `$package/__init__.py` | the `laminae_register_drivers` hook (the entry point names it) |
 | `$package/_driver.py` | `$class_name`: layers as directories below the driver's home |
 | `$package/_copy.py` | `copy_layer`, **left to write**: a layer made from its parent |
-| `tox.ini` | `tox -e conformance`: laminae's conformance suite, strict, as root |
+| `tox.ini` | `tox -e conformance`: laminae's conformance suite, strict, as root; `lint`, `type` |
 | `.github/workflows/conformance.yml` | the same on every push |
 
 ## What is left to write
