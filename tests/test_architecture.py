@@ -33,6 +33,7 @@ GROUPS: Mapping[str, tuple[int, str]] = {
     "laminae": (7, "facade"),  # the package itself, _store (Store, open_store) and _config
     "laminae.cli": (8, "cli"),
     "laminae.conformance": (8, "conformance"),
+    "laminae.snapshotter": (8, "snapshotter"),
     "laminae.drivers": (9, "drivers"),  # plugins: nothing in laminae imports them
 }
 

@@ -206,6 +206,10 @@ _LAZY_COMMANDS: Mapping[str, tuple[str, str]] = {
         _IMAGE,
         "Push IMAGE to a registry: DEST, with or without docker:// (default: IMAGE's own name).",
     ),
+    "snapshotter": (
+        "laminae.snapshotter._command",
+        "Serve a store to containerd as a proxy snapshotter (docs/containerd.md).",
+    ),
     "unbundle": (
         _BUNDLE,
         "Unmount the container of the bundle in DIR and remove what `laminae bundle` wrote.",

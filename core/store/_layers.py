@@ -44,7 +44,14 @@ from laminae.archive._compression import (
     sniff_compression,
 )
 from laminae.archive._limits import Limits
-from laminae.driverkit._contract import Capabilities, Driver, Feature, QuotaSetter, Usage
+from laminae.driverkit._contract import (
+    Capabilities,
+    Driver,
+    Feature,
+    MountSpec,
+    QuotaSetter,
+    Usage,
+)
 from laminae.driverkit._mount import mount_all, unmount_all
 from laminae.driverkit._plugins import DriverEntry, find_drivers
 from laminae.kernel import _filesystems
@@ -542,6 +549,30 @@ class LayerStore:
                     row.id, mount_count=row.mount_count + 1, mount_point=str(target)
                 )
         return target
+
+    def mount_specs(self, ref: str, *, readonly: bool = False) -> list[MountSpec]:
+        """How to mount layer ``ref``, for a caller that performs the mounts itself (a
+        containerd snapshotter returns them to containerd): nothing is mounted or counted.
+
+        Committed layers and views are always described read-only. The store cannot see
+        where the caller mounts, so the caller keeps its own count and unmounts before it
+        commits or removes the layer. A writable description of a layer the store has
+        mounted itself is refused: two writers on one layer corrupt it.
+
+        :raises FailedPrecondition: ``readonly`` is false and the store has ``ref`` mounted.
+        """
+        self._check_open()
+        with self._lock.held():
+            row = resolve_layer(self._graph, ref)
+            readonly = readonly or row.kind != LayerKind.ACTIVE.value
+            if not readonly and row.mount_count and not self._mounts.reconcile_row(row):
+                raise FailedPrecondition(
+                    f"layer {ref!r}: is mounted by the store ({row.mount_count}); unmount it "
+                    "before describing a writable mount"
+                )
+            parents = parent_storage_ids(self._graph, row)
+            with map_os_errors(f"describe mounts of layer {ref!r}"):
+                return list(self.driver.mounts(row.storage_id, parents, readonly))
 
     def unmount(self, ref: str, *, force: bool = False) -> None:
         """Drop one mount of ``ref``; the last one unmounts. ``force`` drops them all.
