@@ -32,8 +32,9 @@ import laminae
 
 __all__ = ["KINDS", "LOAD_OPERATIONS", "describe_error"]
 
-KINDS = ("import", "apply", "commit", "containers", "mount")
-"""The victims' loops: import and remove an image; apply and remove a chain of named layers;
+KINDS = ("import", "remove-image", "apply", "commit", "containers", "mount")
+"""The victims' loops: import and remove an image; the same, starting with the image imported
+(so that an early kill lands in the removal); apply and remove a chain of named layers;
 create, write, commit and remove a container and its image; create and remove containers;
 mount and unmount a container and an image's top layer."""
 
@@ -98,8 +99,11 @@ class _Victim:
 
     def clear(self, kind: str) -> None:
         store = self.store
-        if kind == "import":
+        if kind in ("import", "remove-image"):
             self.quietly(lambda: store.remove_image("victim-churn"))
+        if kind == "remove-image":
+            churn = self.spec["churn"]
+            self.quietly(lambda: store.import_image(churn, names=["victim-churn"]))
         elif kind == "apply":
             for i in reversed(range(len(self.spec["apply_tars"]))):
                 self.quietly(functools.partial(store.remove_layer, f"victim-apply-{i}"))
@@ -122,6 +126,10 @@ class _Victim:
             churn = self.spec["churn"]
             run("import image", lambda: store.import_image(churn, names=["victim-churn"]))
             run("remove image", lambda: store.remove_image("victim-churn"))
+        elif kind == "remove-image":
+            churn = self.spec["churn"]
+            run("remove image", lambda: store.remove_image("victim-churn"))
+            run("import image", lambda: store.import_image(churn, names=["victim-churn"]))
         elif kind == "apply":
             parent = None
             tars = self.spec["apply_tars"]

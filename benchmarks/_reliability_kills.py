@@ -37,6 +37,8 @@ import laminae
 __all__ = ["Inspection", "KillFigures", "has_content_check", "inspect_store", "kill_campaign"]
 
 CHILD = Path(__file__).with_name("_reliability_child.py")
+DELAY_SCALE = {"remove-image": 0.25}
+"""A victim whose first operation is short is killed within this fraction of the delay."""
 READY_SECONDS = 120.0
 """How long a victim may take to open the store and clear its leftovers: longer is a hang."""
 
@@ -348,7 +350,7 @@ def kill_campaign(
             victim.start({**victim_spec, "kind": kind})
             ready = victim.wait_for("ready", READY_SECONDS)
             if ready:
-                time.sleep(rng.uniform(0.0, max_delay))
+                time.sleep(rng.uniform(0.0, max_delay * DELAY_SCALE.get(kind, 1.0)))
             victim.kill()
             upcoming = _Victim()
             if not ready:

@@ -3,12 +3,13 @@ a full filesystem during an import, and inputs that are not what they claim.
 
 1. **Kills** (:mod:`_reliability_kills`): on each driver (vfs and overlay on an ext4 loop
    filesystem, btrfs on a btrfs one), victims loop over one kind of work each (importing and
-   removing an image, applying and removing named layers, committing a container, creating and
-   removing containers, mounting and unmounting) and are killed with SIGKILL after a random
-   delay; the store is then opened again, checked (``check()``, and ``check(content=True)``
-   when the API has it), its unreferenced layers counted, and every committed layer exported
-   again and compared with the tar it came from. Foreign tmpfs and bind mounts sit under the
-   run directory, the scratch directory and elsewhere for the whole campaign.
+   removing an image, removing and importing it again, applying and removing named layers,
+   committing a container, creating and removing containers, mounting and unmounting) and are
+   killed with SIGKILL after a random delay; the store is then opened again, checked
+   (``check()``, and ``check(content=True)`` when the API has it), its unreferenced layers
+   counted, and every committed layer exported again and compared with the tar it came from.
+   Foreign tmpfs and bind mounts sit under the run directory, the scratch directory and
+   elsewhere for the whole campaign.
 2. **Load** (:mod:`_reliability_load`): N processes on one store for T seconds, a random mix
    of operations; per operation the successful calls, p50 and p99 latency, and laminae errors
    by kind; raw (non-laminae) errors must not happen.
