@@ -303,3 +303,13 @@ def test_drivers_shows_the_reason_in_its_last_column(config: Path, tmp_path: Pat
     rows = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
     assert rows["vfs"][4] == "--driver"
     assert {row[4] for name, row in rows.items() if name != "vfs"} == {"-"}
+
+
+def test_drivers_lists_and_selects_beside_a_damaged_graph(config: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "graph.db").write_bytes(b"not a database, not even close" * 100)
+    _, why = _only(_selected([], config, root))
+    assert why is not None and why.startswith("priority: the highest usable (graph ")
+    assert "graph.db is damaged" in why
+    assert sorted(p.name for p in root.iterdir()) == ["graph.db"]

@@ -27,6 +27,7 @@ from laminae._exceptions import (
     FailedPrecondition,
     LaminaeError,
     ResourceExhausted,
+    map_os_errors,
 )
 
 __all__ = ["Graph", "LayerRow", "map_sqlite_errors", "now", "recorded_driver"]
@@ -145,9 +146,15 @@ def recorded_driver(path: Path) -> str | None:
     a ``-wal`` the file is read as immutable, and with one (a store open now) read-only.
 
     :returns: ``None`` when there is no graph, an empty one (a new store), or no driver in it.
-    :raises LaminaeError: the file cannot be read (as :func:`map_sqlite_errors` says).
+    :raises LaminaeError: the file cannot be read (as :func:`map_sqlite_errors` says, or
+        :func:`map_os_errors`: a root this user may not enter).
     """
-    if not path.exists() or path.stat().st_size == 0:
+    with map_os_errors(f"read graph {path}"):
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    if size == 0:
         return None
     live = path.with_name(path.name + "-wal").exists()
     uri = f"{path.absolute().as_uri()}?{'mode=ro' if live else 'immutable=1'}"
