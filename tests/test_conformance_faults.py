@@ -106,6 +106,19 @@ class CapabilityDroppingVfs(VfsDriver):
                 os.removexattr(path, "security.capability", follow_symlinks=False)
 
 
+class ModeLosingVfs(VfsDriver):
+    """Copies a parent, and its directories end up 0755."""
+
+    name = "vfs_loses_dir_modes"
+
+    def create(self, id, parents, writable):
+        super().create(id, parents, writable)
+        root = __import__("pathlib").Path(super().mounts(id, parents, False)[0].source)
+        for path in root.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+
+
 class UsageZeroVfs(VfsDriver):
     """Says every layer holds nothing."""
 
@@ -125,6 +138,7 @@ def laminae_register_drivers(register):
         SymlinkRewritingVfs,
         CapabilityDroppingVfs,
         UsageZeroVfs,
+        ModeLosingVfs,
     ):
         register(cls)
 '''
@@ -227,3 +241,22 @@ def test_the_second_checks_catch_what_the_first_do(
     failed = [line for line in result.outlines if line.startswith("FAILED")]
     assert failed and all(failing in line for line in failed), result.stdout.str()
     assert message in result.stdout.str()
+
+
+@pytest.mark.root
+def test_a_failure_names_the_step_the_path_and_the_property(faulty: pytest.Pytester) -> None:
+    result = faulty.runpytest_subprocess(
+        *SUITE,
+        "-p",
+        "faulty_drivers",
+        "--laminae-driver",
+        "vfs_loses_dir_modes",
+        "-rA",
+        "-k",
+        "test_directories",
+    )
+    result.assert_outcomes(failed=1)
+    # The committed layer is right; its child, copied by the driver, is not.
+    result.stdout.fnmatch_lines(
+        ["*create from parent: /tmp (dir): mode expected 0o1777, got 0o755*"]
+    )

@@ -78,25 +78,45 @@ def _open(args: Mapping[str, Any]) -> laminae.Store:
     return laminae.open_store(args["root"], runroot=args["runroot"], driver=args["driver"])
 
 
+# What the worker is doing, for the one-line failure report main() prints.
+_doing = {"step": "start"}
+
+
+def _step(text: str) -> None:
+    _doing["step"] = text
+
+
 def churn(args: Mapping[str, Any]) -> dict[str, Any]:
     worker = str(args["worker"])
+    _step("open the store")
     with _open(args) as store:
         parent: str | None = None
         shared = LayerTar().file("shared", b"every worker applies this").build()
         for round_number in range(int(args["rounds"])):
+            at = f"round {round_number}: "
             mine = LayerTar().dir(worker).file(f"{worker}/round-{round_number}", worker.encode())
+            _step(at + "apply_layer (its own layer)")
             parent = store.apply_layer(mine.stream(), parent=parent).id
+            _step(at + "apply_layer (the layer both workers apply)")
             common = store.apply_layer(io.BytesIO(shared))
             key = f"{worker}-active-{round_number}"
+            _step(at + f"create_layer {key}")
             store.create_layer(key, parent=parent)
+            _step(at + f"mount {key}")
             path = store.mount(key)
             try:
+                _step(at + f"write into {key}")
                 (path / "written").write_bytes(key.encode())
             finally:
+                _step(at + f"unmount {key}")
                 store.unmount(key)
+            _step(at + f"commit_layer {key}")
             committed = store.commit_layer(key)
+            _step(at + "create_layer (a view of the shared layer)")
             view = store.create_layer(f"{worker}-view-{round_number}", parent=common.id, view=True)
+            _step(at + "remove_layer (the view)")
             store.remove_layer(view.id)
+            _step(at + "remove_layer (the committed layer)")
             store.remove_layer(committed.id)
     return {"top": parent}
 
@@ -147,8 +167,15 @@ COMMANDS = {"churn": churn, "apply-stdin": apply_stdin, "mount-and-wait": mount_
 
 
 def main(argv: Sequence[str]) -> int:
+    """Run a command; on failure print one JSON line naming the step and the error (the
+    traceback still goes to stderr, for whoever wants it) and return 1."""
     command, raw = argv
-    result = COMMANDS[command](json.loads(raw))
+    try:
+        result = COMMANDS[command](json.loads(raw))
+    except Exception as exc:
+        failure = {"failed": _doing["step"], "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(failure), flush=True)
+        raise
     print(json.dumps(result), flush=True)
     return 0
 

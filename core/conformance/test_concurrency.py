@@ -19,6 +19,20 @@ ROUNDS = 20
 TIMEOUT = 240  # seconds; a deadlock fails the test instead of hanging the run
 
 
+def _worker_failure(name: str, code: int, out: bytes, err: bytes) -> str:
+    """One line for a failed worker: the step it was at and its error (the last lines of
+    its stderr when it died without saying)."""
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        try:
+            said = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(said, dict) and "failed" in said:
+            return f"worker {name}, at {said['failed']}: {said['error']}"
+    tail = err.decode(errors="replace").strip().splitlines()[-3:]
+    return f"worker {name} died (exit {code}) without saying where: " + " | ".join(tail)
+
+
 @pytest.mark.laminae_area("concurrency")
 class TestConcurrency:
     def test_two_processes_one_store(
@@ -55,7 +69,7 @@ class TestConcurrency:
                 failures.append(f"worker {name} did not finish in {TIMEOUT}s: {err.decode()}")
                 continue
             if process.returncode != 0:
-                failures.append(f"worker {name} failed ({process.returncode}):\n{err.decode()}")
+                failures.append(_worker_failure(name, process.returncode, out, err))
                 continue
             tops[name] = json.loads(out.decode().splitlines()[-1])["top"]
         assert not failures, "\n".join(failures)
