@@ -62,5 +62,14 @@ package can also run the suite's classes in its own tests by subclassing them
 Areas, one module each: ``layers`` (lifecycle and bad input), ``mounts`` (read-only,
 counting, content written through mounts), ``apply`` (content fidelity through real tars),
 ``diff`` (changes and diffs), ``depth``, ``labels`` (stat, walk, update), ``concurrency``,
-``crash`` and ``hostile``.
+``crash``, ``hostile``, ``holes`` (sparse files through apply, copies and commits),
+``metadata`` (xattrs of special files, directory mtimes), ``faults`` (write errors during an
+apply, frozen committed storage, mount flags) and ``crosscheck`` (the same properties read
+again through the change walker and ``usage``). One more area is a tier of its own:
+``contract`` calls the driver directly, with no store in between, as containerd's
+snapshotter testsuite does, so a failure there is the driver's and not the core's.
+
+``--laminae-no-known-failures`` runs the declared known failures as ordinary tests; without
+it they are counted as ``known failures`` in pytest's final line and listed, with their
+reasons, in the summary. A known failure needs a reason.
 """

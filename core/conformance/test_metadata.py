@@ -27,17 +27,14 @@ import pytest
 
 import laminae
 from laminae.conformance._layers import apply, mounted
-from laminae.conformance._tars import LayerTar, _entry_header
+from laminae.conformance._tars import UNOWNED_MAJOR, LayerTar, _entry_header
 from laminae.conformance._tree import read_xattrs
 
 NS = 1_000_000_000
 
-# Device numbers with a major no driver of this host owns, so that opening a node made from
-# them fails at once instead of reaching hardware: 241 is in the range devices.txt keeps for
-# local and experimental use (240-254, character and block), which the kernel hands out to
-# dynamic majors from 254 down; /proc/devices lists 245-254 for characters and 253-254 for
-# blocks here, never 241.
-DEVICE_MAJOR = 241
+# The suite's one major no driver owns (see laminae.conformance._tars): opening a node made
+# with it fails at once instead of reaching hardware.
+DEVICE_MAJOR = UNOWNED_MAJOR
 
 Xattrs = Mapping[str, bytes]
 
