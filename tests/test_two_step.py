@@ -237,3 +237,25 @@ def test_changed_layer_files_are_found_and_never_exported(root: Path, tmp_path: 
     image = invoke(root, "image", "export", "img", f"oci-archive:{out}")
     assert image.exit_code != 0 and "refusing to export" in image.output
     assert not out.exists()
+
+
+def test_a_driver_create_that_fails_half_way_leaves_no_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver made the layer's storage and then failed: the store removes it, since
+    nothing else knows its id."""
+    with open_store(tmp_path / "root") as store:
+        base = store.apply_layer(io.BytesIO(BASE), names=["base"])
+        driver_class = type(store.driver)
+        create = driver_class.create
+
+        def create_then_fail(self: laminae.Driver, *args: object) -> None:
+            create(self, *args)  # type: ignore[arg-type]
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(driver_class, "create", create_then_fail)
+        with pytest.raises(laminae.ResourceExhausted):
+            store.create_layer("half", parent=base.id)
+        monkeypatch.undo()
+        assert set(store.driver.layers()) == {base.storage_id}
+        assert store.check().ok

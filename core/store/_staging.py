@@ -297,7 +297,9 @@ class Staging:
                 yield StagedLayer(row, parents)
             except BaseException:
                 with self._lock.held():
-                    if created:
+                    # Also when create itself failed: it may have written part of the layer
+                    # (a timed-out copy, a full disk), and no one else knows the id.
+                    if created or storage_id in set(self._list_storage()):
                         with contextlib.suppress(LaminaeError, OSError):
                             self._driver.remove(storage_id)
                     tar_split_path(self.root, storage_id).unlink(missing_ok=True)
@@ -306,6 +308,11 @@ class Staging:
                         if current is not None:
                             self._graph.delete_layer(current.id)
                 raise
+
+    def _list_storage(self) -> list[str]:
+        with contextlib.suppress(LaminaeError, OSError):
+            return list(self._driver.layers())
+        return []
 
     @contextlib.contextmanager
     def recording(self, staged: StagedLayer, tar: BinaryIO) -> Iterator[BinaryIO]:
