@@ -10,6 +10,9 @@ its files:
   containerd to perform: the server mounts nothing.
 - **Commit** turns the active layer into a committed one. laminae names committed layers by
   ChainID, so the committed layer may be one the store already had; the new name shares it.
+- **Commit to a ChainID name** (``<namespace>/<n>/sha256:...``, as containerd names unpacked
+  layers) of a committed layer the store already has on the same parent: the name goes on the
+  store's layer and the fresh copy is dropped.
 - **Prepare with** ``containerd.io/snapshot.ref`` (containerd's unpacker sets it to the
   ChainID it is about to unpack): when the store already holds that committed layer on the
   same parent (``laminae image import`` made it from the same image), the name is recorded
@@ -47,6 +50,7 @@ from laminae.store._records import LayerKind, check_labels
 if TYPE_CHECKING:
     from laminae._store import Store
     from laminae.driverkit._contract import MountSpec, Usage
+    from laminae.store._records import Layer
 
 __all__ = ["REF_LABEL", "Mount", "Snapshotter", "to_mounts"]
 
@@ -174,15 +178,8 @@ class Snapshotter:
         ``base``'s layer, and raise AlreadyExists; return if there is nothing to adopt."""
         if self._table.find(target) is not None:
             raise AlreadyExists(f"target snapshot {target!r}: already exists")
-        chain_id = _CHAIN_ID.search(target)
-        if chain_id is None:
-            return
-        try:
-            layer = self._store.layer(chain_id.group())
-        except NotFound:
-            return
-        on = None if base is None else base.layer
-        if layer.kind is not LayerKind.COMMITTED or layer.parent != on:
+        layer = self._chain_layer(target, None if base is None else base.layer)
+        if layer is None:
             return
         stamp = now()
         owned = layer.id in self._table.owned_layers()
@@ -191,6 +188,21 @@ class Snapshotter:
             Snapshot(target, Kind.COMMITTED, parent, layer.id, owned, labels, stamp, stamp)
         )
         raise AlreadyExists(f"target snapshot {target!r}: already exists (layer {layer.id})")
+
+    def _chain_layer(self, name: str, parent: str | None) -> Layer | None:
+        """The store's committed layer whose id is the ChainID ``name`` ends with, if it lies
+        on layer ``parent``. A ChainID names content (containerd verified each DiffID as it
+        unpacked), so the name may share that layer."""
+        chain_id = _CHAIN_ID.search(name)
+        if chain_id is None:
+            return None
+        try:
+            layer = self._store.layer(chain_id.group())
+        except NotFound:
+            return None
+        if layer.kind is not LayerKind.COMMITTED or layer.parent != parent:
+            return None
+        return layer
 
     def _mounts_of(self, layer: str, kind: Kind) -> list[Mount]:
         return to_mounts(self._store.mount_specs(layer, readonly=kind is not Kind.ACTIVE))
@@ -243,12 +255,18 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r}: is {active.kind.value}, not active")
             if self._table.find(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r}: already exists")
-            storage = self._store.layer(active.layer).storage_id
-            layer = self._store.commit_layer(active.layer)
-            # The store may have had this ChainID already (the active layer was then thrown
-            # away, and the storage is the old layer's): that layer is not ours unless another
-            # name of ours uses it.
-            owned = layer.storage_id == storage or layer.id in self._table.owned_layers()
+            work = self._store.layer(active.layer)
+            layer = self._chain_layer(name, work.parent)
+            if layer is not None:
+                # containerd unpacked a layer the store has (``ctr images import`` unpacks
+                # without the snapshot.ref label): keep the store's copy, drop the new one.
+                self._store.remove_layer(work.id)
+            else:
+                layer = self._store.commit_layer(work.id)
+            # The store may have had the layer already (a ChainID name, or the commit's own
+            # ChainID: the active layer was then thrown away, and the storage is the old
+            # layer's): that layer is not ours unless another name of ours uses it.
+            owned = layer.storage_id == work.storage_id or layer.id in self._table.owned_layers()
             self._table.forget_unused(layer.id)
             stamp = now()
             committed = Snapshot(
