@@ -215,12 +215,19 @@ def start_server(store: Store, socket_path: Path, *, workers: int = 8) -> Iterat
     snapshotter = Snapshotter(store)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     server.add_generic_rpc_handlers((_handler(snapshotter),))
+    # Bound under another name and renamed once serving: the socket appears ready, so a
+    # client that waits for the path (containerd, a unit's ExecStartPost) never meets a socket
+    # that refuses connections.
+    draft = socket_path.with_name(f".{socket_path.name}.new")
     try:
-        if not server.add_insecure_port(f"unix://{socket_path}"):
+        with map_os_errors(f"socket {socket_path}"):
+            _unlink_stale_socket(draft)
+        if not server.add_insecure_port(f"unix://{draft}"):
             raise InvalidArgument(f"socket {socket_path}: cannot listen there")
         with map_os_errors(f"socket {socket_path}"):
-            os.chmod(socket_path, 0o600)  # root's containerd only: it hands out mounts
-        server.start()
+            os.chmod(draft, 0o600)  # root's containerd only: it hands out mounts
+            server.start()
+            os.rename(draft, socket_path)
         yield snapshotter
     finally:
         server.stop(grace=5).wait()

@@ -28,10 +28,13 @@ one lock: the store's own locks order processes, not the threads of one server.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, final
 
 import attrs
@@ -102,6 +105,31 @@ def to_mounts(specs: Sequence[MountSpec]) -> list[Mount]:
     return mounts
 
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def fits_containerd(mount: Mount) -> bool:
+    """Whether containerd 1.6 mounts ``mount`` with one ``mount(2)``: an overlay's options
+    must fit in a page, after containerd has made the lowerdirs relative to their common
+    directory (its ``compactLowerdirOption``, which it tries from a page less 512 bytes on).
+    """
+    if mount.type != "overlay":
+        return True
+    data = ",".join(mount.options)
+    if len(os.fsencode(data)) < PAGE_SIZE - 512:
+        return True
+    others = [o for o in mount.options if not o.startswith("lowerdir=")]
+    lowers = next((o for o in mount.options if o.startswith("lowerdir=")), "lowerdir=")
+    dirs = lowers[len("lowerdir=") :].split(":")
+    # By characters, then up one directory: containerd's own longestCommonPrefix and path.Dir.
+    prefix = os.path.commonprefix(dirs)  # noqa: RUF071
+    common = os.path.dirname(prefix) if len(dirs) > 1 else ""
+    if common not in ("", "/"):
+        relative = ":".join(d[len(common) + 1 :] for d in dirs)
+        data = ",".join([*others, f"lowerdir={relative}"])
+    return len(os.fsencode(data)) < PAGE_SIZE
+
+
 def _check_name(what: str, name: str) -> str:
     if not name:
         raise InvalidArgument(f"{what}: must not be empty")
@@ -159,13 +187,20 @@ class Snapshotter:
             )
             stamp = now()
             try:
-                self._table.add(
-                    Snapshot(key, kind, parent or None, layer.id, True, checked, stamp, stamp)
-                )
+                mounts, held = self._describe(layer.id, kind, None)
+                try:
+                    self._table.add(
+                        Snapshot(
+                            key, kind, parent or None, layer.id, True, checked, stamp, stamp, held
+                        )
+                    )
+                except BaseException:
+                    self._release(held)
+                    raise
             except BaseException:
                 self._store.remove_layer(layer.id)
                 raise
-            return self._mounts_of(layer.id, kind)
+            return mounts
 
     def _committed(self, name: str) -> Snapshot:
         parent = self._table.get(name)
@@ -204,8 +239,47 @@ class Snapshotter:
             return None
         return layer
 
-    def _mounts_of(self, layer: str, kind: Kind) -> list[Mount]:
-        return to_mounts(self._store.mount_specs(layer, readonly=kind is not Kind.ACTIVE))
+    def _describe(self, layer: str, kind: Kind, held: str | None) -> tuple[list[Mount], str | None]:
+        """The mounts of ``layer`` for containerd, and the layer the store holds mounted for
+        them (``held``: one it holds already).
+
+        When containerd cannot mount the driver's description (an overlay of more lowers than
+        its ``mount(2)`` takes in a page), the server mounts the parent layer itself, read-only
+        and counted by the store, and describes an overlay on that one lower (a view: a bind
+        of it). The mount lasts until the snapshot is committed or removed.
+
+        :raises Unsupported: the description does not fit and is no overlay on parents.
+        """
+        readonly = kind is not Kind.ACTIVE
+        mounts = to_mounts(self._store.mount_specs(layer, readonly=readonly))
+        if held is None and all(fits_containerd(m) for m in mounts):
+            return mounts, None
+        parent = self._store.layer(layer).parent
+        if parent is None or [m.type for m in mounts] != ["overlay"]:
+            raise Unsupported(
+                f"layer {layer}: containerd cannot mount the driver's description in one "
+                "mount(2), and it is no overlay on parent layers the server could mount"
+            )
+        point = self._hold(parent, again=held == parent)
+        if readonly:
+            return [Mount("bind", str(point), ("ro", "rbind"))], parent
+        options = [o for o in mounts[0].options if not o.startswith("lowerdir=")]
+        return [Mount("overlay", "overlay", (*options, f"lowerdir={point}"))], parent
+
+    def _hold(self, layer: str, *, again: bool) -> Path:
+        """Mount ``layer`` read-only through the store; ``again``: a snapshot holds it already,
+        only its path is wanted (the count stays, unless the mount went away meanwhile)."""
+        point = self._store.mount(layer, readonly=True)
+        if again and self._store.layer(layer).mount_count > 1:
+            self._store.unmount(layer)
+        return point
+
+    def _release(self, held: str | None) -> None:
+        """Drop the store mount a snapshot held (gone already after a reboot: nothing to do)."""
+        if held is None:
+            return
+        with contextlib.suppress(FailedPrecondition, NotFound):
+            self._store.unmount(held)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -219,7 +293,10 @@ class Snapshotter:
             snapshot = self._table.get(key)
             if snapshot.kind is Kind.COMMITTED:
                 raise FailedPrecondition(f"snapshot {key!r}: is committed, not active or a view")
-            return self._mounts_of(snapshot.layer, snapshot.kind)
+            mounts, held = self._describe(snapshot.layer, snapshot.kind, snapshot.held)
+            if held != snapshot.held:
+                self._table.set_held(key, held)
+            return mounts
 
     def stat(self, key: str) -> Snapshot:
         """Snapshot ``key``. :raises NotFound: it does not exist."""
@@ -255,6 +332,8 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r}: is {active.kind.value}, not active")
             if self._table.find(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r}: already exists")
+            self._release(active.held)
+            self._table.set_held(key, None)
             work = self._store.layer(active.layer)
             layer = self._chain_layer(name, work.parent)
             if layer is not None:
@@ -321,6 +400,7 @@ class Snapshotter:
                 raise FailedPrecondition(
                     f"cannot remove snapshot {key!r}: it has child {children[0]!r}"
                 )
+            self._release(snapshot.held)
             if snapshot.owned:
                 # Remembered first: a crash between the two steps leaves work for Cleanup.
                 self._table.mark_unused(snapshot.layer)

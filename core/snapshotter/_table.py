@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     owned INTEGER NOT NULL,
     labels TEXT NOT NULL,
     created TEXT NOT NULL,
-    updated TEXT NOT NULL
+    updated TEXT NOT NULL,
+    held TEXT
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
@@ -62,6 +63,8 @@ class Snapshot:
     :param parent: the parent snapshot's *name* (``None`` for a base).
     :param layer: the id of the laminae layer holding the files.
     :param owned: the snapshotter made ``layer``, and removes it when no name uses it.
+    :param held: a layer the store keeps mounted for this snapshot's mounts (the lower stack,
+        when containerd cannot mount the driver's description; see ``_service``).
     """
 
     name: str
@@ -72,6 +75,7 @@ class Snapshot:
     labels: Mapping[str, str]
     created: datetime
     updated: datetime
+    held: str | None = None
 
 
 def now() -> datetime:
@@ -101,8 +105,10 @@ class SnapshotTable:
         """Close the database."""
         self._db.close()
 
-    def _row(self, row: tuple[str, str, str | None, str, int, str, str, str]) -> Snapshot:
-        name, kind, parent, layer, owned, labels, created, updated = row
+    def _row(
+        self, row: tuple[str, str, str | None, str, int, str, str, str, str | None]
+    ) -> Snapshot:
+        name, kind, parent, layer, owned, labels, created, updated, held = row
         return Snapshot(
             name,
             Kind(kind),
@@ -112,6 +118,7 @@ class SnapshotTable:
             json.loads(labels),
             datetime.fromisoformat(created),
             datetime.fromisoformat(updated),
+            held,
         )
 
     def find(self, name: str) -> Snapshot | None:
@@ -145,7 +152,7 @@ class SnapshotTable:
         """Record ``snapshot``. :raises AlreadyExists: its name is taken."""
         try:
             self._db.execute(
-                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     snapshot.name,
                     snapshot.kind.value,
@@ -155,6 +162,7 @@ class SnapshotTable:
                     json.dumps(dict(snapshot.labels), sort_keys=True),
                     snapshot.created.isoformat(),
                     snapshot.updated.isoformat(),
+                    snapshot.held,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -178,6 +186,10 @@ class SnapshotTable:
             "UPDATE snapshots SET labels = ?, updated = ? WHERE name = ?",
             (json.dumps(dict(labels), sort_keys=True), updated.isoformat(), name),
         )
+
+    def set_held(self, name: str, held: str | None) -> None:
+        """Record the layer the store keeps mounted for ``name`` (``None``: none)."""
+        self._db.execute("UPDATE snapshots SET held = ? WHERE name = ?", (held, name))
 
     def remove(self, name: str) -> None:
         """Forget ``name``."""
