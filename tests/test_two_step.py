@@ -60,6 +60,12 @@ _KILLS = {
         "store.remove_container('c'); store.remove_image('img')",
         "laminae.store._staging:Staging.collect",
     ),
+    # The collection of the image's chain, killed after its top layer went: the rest of
+    # the chain is the journal's to finish.
+    "remove_image_half_way_down": (
+        "store.remove_container('c'); store.remove_image('img')",
+        "laminae.store._staging:Staging.remove@3",
+    ),
     "create_container": (
         "store.create_container('img', name='d')",
         "laminae.store._graph:Graph.insert_container",
@@ -78,13 +84,16 @@ _CHILD = """
 import importlib, os, signal, sys
 import laminae
 module, _, attribute = {target!r}.partition(":")
+attribute, _, nth = attribute.partition("@")
 owner_name, _, method = attribute.partition(".")
 owner = getattr(importlib.import_module(module), owner_name)
 original = getattr(owner, method)
-armed = {{"on": False}}
+armed = {{"on": False, "calls": 0}}
 def dying(*args, **kwargs):
     if armed["on"]:
-        os.kill(os.getpid(), signal.SIGKILL)
+        armed["calls"] += 1
+        if armed["calls"] >= int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 setattr(owner, method, dying)
 store = laminae.open_store({root!r}, runroot={runroot!r}, driver="vfs")

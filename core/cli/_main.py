@@ -678,14 +678,27 @@ def _tar_output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @layer.command("export")
 @click.argument("ref")
+@click.option(
+    "--changes",
+    is_flag=True,
+    help="Write a committed layer's changes as a new tar, not the tar it came from.",
+)
 @_tar_output_options
 @_with_store
-def layer_export(store: Store, ref: str, output: str, compression: str) -> None:
-    """Write a layer's changes as an OCI layer tar.
+def layer_export(store: Store, ref: str, changes: bool, output: str, compression: str) -> None:
+    """Write a layer as an OCI layer tar: a committed layer's own tar (checked against its
+    DiffID), an active layer's or a view's changes.
 
     With -o FILE, print the DiffID, the digest of what was written and its size.
     """
-    _write_tar(output, compression, lambda out, how: store.diff(ref, out, compression=how))
+    from laminae.store._records import LayerKind
+
+    if not changes and store.layer(ref).kind is LayerKind.COMMITTED:
+        _write_tar(
+            output, compression, lambda out, how: store.export_layer(ref, out, compression=how)
+        )
+    else:
+        _write_tar(output, compression, lambda out, how: store.diff(ref, out, compression=how))
 
 
 def _write_tar(

@@ -502,6 +502,15 @@ class Graph:
         rows = self._all("SELECT id, operation, collect FROM pending ORDER BY created, id")
         return [(r["id"], r["operation"], r["collect"]) for r in rows]
 
+    def pass_pending_down(self, layer_id: str, parent: str | None) -> None:
+        """``layer_id`` is removed: journal entries that would collect it collect its parent
+        instead (or nothing, for a base layer), so a collection killed half way down a chain
+        is finished from where it stopped."""
+        if parent is None:
+            self._run("DELETE FROM pending WHERE collect = ?", (layer_id,))
+        else:
+            self._run("UPDATE pending SET collect = ? WHERE collect = ?", (parent, layer_id))
+
     def delete_pending(self, pending_id: str) -> None:
         self._run("DELETE FROM pending WHERE id = ?", (pending_id,))
 

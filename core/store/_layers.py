@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, BinaryIO, Self
+from typing import IO, BinaryIO, Self, cast
 
 from laminae._exceptions import (
     CorruptLayer,
@@ -446,22 +446,43 @@ class LayerStore:
     ) -> DiffResult:
         """Write the OCI layer tar of ``ref``'s changes to ``out``, compressed as asked.
 
-        A committed layer's tar is the very tar it was applied from (replayed from its
-        tar-split record), and must have its DiffID.
-
-        :raises CorruptLayer: ``ref`` is committed and its files no longer give its DiffID
-            (raised at the end: ``out`` then holds a tar to throw away).
+        The tar is written from the changes as the driver reports them, so for a layer
+        applied from a tar it may differ from that tar (order, header fields): its DiffID is
+        in the result. :meth:`export_layer` writes a committed layer's own tar.
         """
         self._check_open()
         row = resolve_layer(self._graph, ref)
+        return self._write_compressed(
+            out, compression, lambda plain: self._staging.write_diff(row, plain)
+        )
+
+    def export_layer(
+        self, ref: str, out: BinaryIO, *, compression: Compression = Compression.NONE
+    ) -> DiffResult:
+        """Write committed layer ``ref``'s own tar to ``out``, compressed as asked: the very
+        tar it was applied from (replayed from its tar-split record), or for a layer committed
+        from an active one its diff, checked to have the layer's DiffID.
+
+        :raises FailedPrecondition: ``ref`` is not committed.
+        :raises CorruptLayer: its files no longer give its DiffID (changed on disk, or a tar
+            whose entries replaced each other, which its files cannot give back); raised at
+            the end, so ``out`` then holds a tar to throw away.
+        """
+        self._check_open()
+        row = resolve_layer(self._graph, ref)
+        return self._write_compressed(
+            out, compression, lambda plain: self._staging.write_layer_tar(row.id, plain)
+        )
+
+    @staticmethod
+    def _write_compressed(
+        out: BinaryIO, compression: Compression, write: Callable[[BinaryIO], None]
+    ) -> DiffResult:
         compression = Compression(compression)
         written = DigestWriter(out)
         compressor = open_compressor(written, compression)
         plain = DigestWriter(compressor)
-        if row.kind == LayerKind.COMMITTED.value:
-            self._staging.write_layer_tar(row.id, plain)
-        else:
-            self._staging.write_diff(row, plain)
+        write(cast(BinaryIO, plain))
         compressor.close()
         return DiffResult(plain.digest, written.digest, written.size, compression)
 

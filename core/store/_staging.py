@@ -717,3 +717,4 @@ class Staging:
         tar_split_path(self.root, row.storage_id).unlink(missing_ok=True)
         with self._graph.transaction():
             self._graph.delete_layer(row.id)
+            self._graph.pass_pending_down(row.id, row.parent)
