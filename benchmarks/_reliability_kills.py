@@ -135,7 +135,7 @@ def _verify_layers(
     for layer in store.layers(kind=laminae.LayerKind.COMMITTED):
         with tempfile.TemporaryFile(dir=scratch) as out:
             try:
-                result = store.diff(layer.id, out)
+                result = store.export_layer(layer.id, out)
             except laminae.LaminaeError as exc:
                 found.mismatches.append(f"layer {layer.id}: export failed: {exc}")
                 continue
