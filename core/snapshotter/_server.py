@@ -66,6 +66,8 @@ _KINDS = {
     Kind.COMMITTED: snapshots_pb2.COMMITTED,
 }
 
+_MAX_SOCKET_PATH = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
+
 _LIST_BATCH = 100  # Infos per streamed message, as containerd's own service sends them
 
 
@@ -218,7 +220,13 @@ def start_server(store: Store, socket_path: Path, *, workers: int = 8) -> Iterat
     # Bound under another name and renamed once serving: the socket appears ready, so a
     # client that waits for the path (containerd, a unit's ExecStartPost) never meets a socket
     # that refuses connections.
-    draft = socket_path.with_name(f".{socket_path.name}.new")
+    # The draft's name is as long as the final one: unix socket paths are short (108 bytes).
+    name = socket_path.name
+    draft = socket_path.with_name(("+" if name.startswith("~") else "~") + name[1:])
+    if len(os.fsencode(socket_path)) >= _MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"socket {socket_path}: a unix socket's path must be under {_MAX_SOCKET_PATH} bytes"
+        )
     try:
         with map_os_errors(f"socket {socket_path}"):
             _unlink_stale_socket(draft)

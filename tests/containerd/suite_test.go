@@ -49,27 +49,43 @@ func TestControlOverlayfs(t *testing.T) {
 
 // newLaminae starts a server whose store lives in root and dials it.
 func newLaminae(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-	socket := filepath.Join(root, "snapshotter.sock")
+	// A unix socket's path must be short (108 bytes): not under the suite's deep root.
+	sockets, err := os.MkdirTemp("/tmp", "laminae-suite-")
+	if err != nil {
+		return nil, nil, err
+	}
+	socket := filepath.Join(sockets, "snapshotter.sock")
 	cmd := exec.Command(*python, "-m", "laminae.snapshotter", "serve", "--socket", socket,
 		"--root", filepath.Join(root, "store"), "--runroot", filepath.Join(root, "run"),
 		"--driver", *driver)
 	var log strings.Builder
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
+		os.RemoveAll(sockets)
 		return nil, nil, err
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
 	stop := func() error {
+		defer os.RemoveAll(sockets)
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		return cmd.Wait()
+		return <-exited
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if _, err := os.Stat(socket); err == nil {
 			break
 		}
+		select {
+		case err := <-exited:
+			os.RemoveAll(sockets)
+			return nil, nil, fmt.Errorf("laminae snapshotter serve exited (%v): %s", err, log.String())
+		default:
+		}
 		if time.Now().After(deadline) {
 			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
+			<-exited
+			os.RemoveAll(sockets)
 			return nil, nil, fmt.Errorf("laminae snapshotter serve did not start: %s", log.String())
 		}
 		time.Sleep(20 * time.Millisecond)
