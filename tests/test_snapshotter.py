@@ -26,6 +26,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from google.protobuf import field_mask_pb2  # noqa: E402
+from registryserver import RegistryServer  # noqa: E402
 
 import laminae  # noqa: E402
 from laminae.snapshotter._filters import parse_filter  # noqa: E402
@@ -464,6 +465,46 @@ def test_containerd_unpacks_onto_the_layers_laminae_imported(tmp_path: Path) -> 
         assert running.snapshots() == []
     finally:
         running.stop()
+    with laminae.open_store(running.store_root, runroot=tmp_path / "run") as store:
+        assert {layer.id: layer.storage_id for layer in store.layers()} == imported
+
+
+@pytest.mark.slow
+def test_containerd_pulls_onto_the_layers_laminae_imported(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """``ctr images pull`` from a registry: containerd's unpacker asks for each ChainID with
+    the snapshot.ref label, finds the store's layers, and unpacks nothing."""
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (scripts/test-all installs it)")
+    reference = f"{registry.host}/hello:v1"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+         f"oci-archive:{HELLO_IMAGE}:hello", f"docker://{reference}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    running = Containerd(tmp_path, "overlay")
+    with laminae.open_store(running.store_root, runroot=tmp_path / "run", driver="overlay") as s:
+        s.import_image(f"oci-archive:{HELLO_IMAGE}")
+        imported = {layer.id: layer.storage_id for layer in s.layers()}
+    try:
+        running.start()
+        running.ctr("images", "pull", "--plain-http", "--snapshotter", "laminae", reference)
+        table = sqlite3.connect(running.store_root / "containerd" / "snapshots.db")
+        with contextlib.closing(table):
+            rows = table.execute("SELECT layer, owned FROM snapshots").fetchall()
+        assert sorted(rows) == sorted((layer, 0) for layer in imported)
+        output = running.ctr(
+            "run", "--rm", "--snapshotter", "laminae",
+            "--mount", f"type=bind,src={BUSYBOX},dst=/opt/host/busybox,options=rbind:ro",
+            reference, "pulled-run", "/opt/host/busybox", "cat", "/etc/greetings",
+        )  # fmt: skip
+        assert output.split() == ["hello", "hallo", "bonjour", "hola"]
+        running.ctr("images", "rm", "--sync", reference)  # collects the container's too
+        assert running.snapshots() == []
+    finally:
+        running.stop()
+    # The image's layers stay: laminae's image holds them.
     with laminae.open_store(running.store_root, runroot=tmp_path / "run") as store:
         assert {layer.id: layer.storage_id for layer in store.layers()} == imported
 
