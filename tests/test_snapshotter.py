@@ -10,6 +10,7 @@ process a test starts is stopped by its PID, and the tests run in a private moun
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from google.protobuf import field_mask_pb2  # noqa: E402
+from imagebuild import write_layout  # noqa: E402
 from registryserver import RegistryServer  # noqa: E402
 
 import laminae  # noqa: E402
@@ -507,6 +510,47 @@ def test_containerd_pulls_onto_the_layers_laminae_imported(
     # The image's layers stay: laminae's image holds them.
     with laminae.open_store(running.store_root, runroot=tmp_path / "run") as store:
         assert {layer.id: layer.storage_id for layer in store.layers()} == imported
+
+
+def _deep_image(directory: Path, depth: int) -> Path:
+    """An OCI archive of ``depth`` layers, layer ``i`` adding the file ``/layers/i``."""
+    layers = []
+    for index in range(depth):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            data = f"{index}\n".encode()
+            info = tarfile.TarInfo(f"layers/{index}")
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+        layers.append(out.getvalue())
+    layout = directory / "deep-layout"
+    write_layout(layout, layers, ref="deep", compression="none")
+    archive = directory / "deep.oci.tar"
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(layout.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+    return archive
+
+
+@pytest.mark.slow
+def test_containerd_runs_an_image_of_200_layers(containerd: Containerd) -> None:
+    """Deeper than containerd 1.6 mounts an overlay of in one page: the server serves the
+    container's overlay on a store mount of the image (see docs/containerd.md)."""
+    ctr = containerd.ctr
+    ctr("images", "import", "--snapshotter", "laminae", str(_deep_image(containerd.tmp, 200)))
+    (image,) = ctr("images", "ls", "-q").split()
+    assert len(containerd.snapshots()) == 200
+    output = ctr(
+        "run", "--rm", "--snapshotter", "laminae",
+        "--mount", f"type=bind,src={BUSYBOX},dst=/opt/host/busybox,options=rbind:ro",
+        image, "deep-run", "/opt/host/busybox", "cat", "/layers/0", "/layers/199",
+    )  # fmt: skip
+    assert output.split() == ["0", "199"]
+    ctr("images", "rm", "--sync", image)
+    assert containerd.snapshots() == []
+    with laminae.open_store(containerd.store_root, runroot=containerd.tmp / "run") as store:
+        assert store.layers() == []
+        assert store.check().ok
 
 
 # -- containerd's own testsuite -------------------------------------------------------------
