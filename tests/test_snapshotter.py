@@ -273,6 +273,37 @@ def test_containerd_mounts_only_what_fits_in_one_page() -> None:
     assert fits_containerd(Mount("bind", "/" + "x" * 5000, ("ro", "rbind")))
 
 
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_mount_specs_describe_without_mounting(driver: str, tmp_path: Path) -> None:
+    with laminae.open_store(tmp_path / "root", runroot=tmp_path / "run", driver=driver) as store:
+        store.create_layer("work")
+        specs = store.mount_specs("work")
+        assert specs and not any(spec.readonly for spec in specs)
+        assert store.layer("work").mount_count == 0  # described, not mounted or counted
+        store.mount("work")
+        try:
+            # A second writer on a layer the store has mounted would corrupt it.
+            with pytest.raises(laminae.FailedPrecondition):
+                store.mount_specs("work")
+            assert all(spec.readonly for spec in store.mount_specs("work", readonly=True))
+        finally:
+            store.unmount("work")
+        committed = store.commit_layer("work")
+        assert all(spec.readonly for spec in store.mount_specs(committed.id))
+
+
+def test_serve_refuses_a_socket_path_too_long(tmp_path: Path) -> None:
+    socket = tmp_path / ("s" * 120)
+    result = subprocess.run(
+        [sys.executable, "-m", "laminae.snapshotter", "serve", "--socket", str(socket),
+         "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), "--driver", "vfs"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == laminae.InvalidArgument.exit_code
+    assert result.stderr.startswith("laminae-snapshotter: error: socket ")
+    assert "108 bytes" in result.stderr and not socket.exists()
+
+
 def test_cleanup_removes_layers_no_name_uses(client: Client) -> None:
     made = client.store.create_layer("containerd-" + "0" * 32)  # as a crash would leave it
     kept = client.store.create_layer("not-ours")
