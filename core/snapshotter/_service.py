@@ -7,7 +7,8 @@ its files:
 
 - **Prepare** and **View** create an active layer or a view on the parent's layer (the parent
   must be committed) and return its mounts, described (:meth:`Store.mount_specs`), for
-  containerd to perform: the server mounts nothing.
+  containerd to perform. The server mounts only where containerd cannot (a stack deeper than
+  its one page of mount options), as a declared fallback (:meth:`Snapshotter._describe`).
 - **Commit** turns the active layer into a committed one. laminae names committed layers by
   ChainID, so the committed layer may be one the store already had; the new name shares it.
 - **Commit to a ChainID name** (``<namespace>/<n>/sha256:...``, as containerd names unpacked
@@ -33,7 +34,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, final
 
@@ -410,16 +411,18 @@ class Snapshotter:
             else:
                 self._table.forget_unused(snapshot.layer)
 
-    def _remove_layer(self, layer: str) -> None:
+    def _remove_layer(self, layer: str) -> bool:
         """Remove an unused layer of ours, or leave it marked for Cleanup if the store still
-        needs it (another layer of the store stacks on it)."""
+        needs it (another layer of the store stacks on it). Returns whether it is gone."""
         try:
             self._store.remove_layer(layer)
         except NotFound:
             pass
         except FailedPrecondition:
-            return
+            self._table.mark_unused(layer)
+            return False
         self._table.forget_unused(layer)
+        return True
 
     def cleanup(self) -> list[str]:
         """Remove the layers of the snapshotter that no name uses (left by a crash, or kept
@@ -432,15 +435,4 @@ class Snapshotter:
                 for layer in self._store.layers()
                 if layer.id.startswith(LAYER_PREFIX) and layer.id not in used
             )
-            removed = []
-            for layer in sorted(candidates - used):
-                self._remove_layer(layer)
-                if layer not in self._table.unused_layers():
-                    removed.append(layer)
-            return removed
-
-    def snapshots(self) -> Iterator[Snapshot]:
-        """Every snapshot (for a caller that holds no lock of its own: a test, a check)."""
-        with self._lock:
-            found = list(self._table.all())
-        yield from found
+            return [layer for layer in sorted(candidates - used) if self._remove_layer(layer)]
