@@ -225,8 +225,8 @@ def test_the_driver_tier_names_a_driver_that_ignores_readonly(faulty: pytest.Pyt
 @pytest.mark.parametrize(
     ("driver", "failing", "message"),
     [
-        ("vfs_rewrites_symlinks", "test_an_untouched_child_has_no_changes", "modified /absolute"),
-        ("vfs_drops_capabilities", "test_an_untouched_child_has_no_changes", "modified /ping"),
+        ("vfs_rewrites_symlinks", "test_an_untouched_child", "modified /absolute"),
+        ("vfs_drops_capabilities", "test_an_untouched_child", "modified /ping"),
         ("vfs_usage_zero", "test_usage_follows_the_data", "its usage went from 0 to 0 bytes"),
     ],
 )

@@ -37,7 +37,26 @@ _CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_raw
 _MTIME_NS = 1_600_000_000_123_456_789
 
 
+def _plain(tar: type[LayerTar]) -> LayerTar:
+    """What any run can make, a user namespace's included: root's files and symlinks,
+    setuid, a capability, ``user.*`` xattrs, hard links, a fifo, nanosecond mtimes."""
+    return (
+        tar()
+        .dir("etc", mode=0o750, mtime_ns=_MTIME_NS)
+        .file("etc/shadow", b"root:*:\n", mode=0o640, mtime_ns=_MTIME_NS)
+        .file("ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": _CAPABILITY})
+        .file("labelled", b"x", xattrs={"user.note": b"kept"})
+        .hardlink("ping-again", "ping")
+        .symlink("relative", "etc/shadow", mtime_ns=_MTIME_NS)
+        .symlink("absolute", "/etc/shadow")
+        .symlink("dangling", "/no/such/target")
+        .fifo("pipe", mode=0o600)
+    )
+
+
 def _rich(tar: type[LayerTar]) -> LayerTar:
+    """What only a run as root in the initial user namespace can make: other owners,
+    ``trusted.*`` xattrs and a device node, besides what :func:`_plain` holds."""
     return (
         tar()
         .dir("etc", mode=0o750, uid=1, gid=2, mtime_ns=_MTIME_NS)
@@ -64,7 +83,17 @@ class TestCrossChecks:
         self, store: laminae.Store, tar: type[LayerTar]
     ) -> None:
         """Every property the copy must keep, compared by the change walker, not a mount."""
-        base = apply(store, _rich(tar))
+        self._check_untouched_child(store, _rich(tar))
+
+    def test_an_untouched_child_of_plain_files_has_no_changes(
+        self, store: laminae.Store, tar: type[LayerTar]
+    ) -> None:
+        """The same with what a user namespace can make, so that rootless runs check it."""
+        self._check_untouched_child(store, _plain(tar))
+
+    @staticmethod
+    def _check_untouched_child(store: laminae.Store, layer: LayerTar) -> None:
+        base = apply(store, layer)
         store.create_layer("untouched", parent=base.id)
         changes = [f"{c.kind.value} {c.path}" for c in store.changes("untouched")]
         assert changes == [], (

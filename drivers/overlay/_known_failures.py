@@ -43,6 +43,8 @@ _IN_USER_NAMESPACE: Final = {
     "diff::test_diff_is_deterministic": _NO_MKNOD,
     "apply::test_xattrs": _NO_TRUSTED,
     "apply::test_xattrs_in_child_layers": _NO_TRUSTED,
+    # Its parent holds a device node and trusted.* xattrs.
+    "crosscheck::test_an_untouched_child_has_no_changes": _NO_MKNOD,
 }
 
 # The highest uid or gid each case gives a file (tar headers, chown through a mount).
