@@ -36,7 +36,13 @@ from laminae.snapshotter._filters import parse_filter  # noqa: E402
 from laminae.snapshotter._proto import snapshots_pb2 as pb  # noqa: E402
 from laminae.snapshotter._proto import snapshots_pb2_grpc  # noqa: E402
 from laminae.snapshotter._server import start_server  # noqa: E402
-from laminae.snapshotter._service import PAGE_SIZE, Mount, fits_containerd  # noqa: E402
+from laminae.snapshotter._service import (  # noqa: E402
+    PAGE_SIZE,
+    Mount,
+    Snapshotter,
+    fits_containerd,
+)
+from laminae.snapshotter._table import Kind  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -302,6 +308,31 @@ def test_serve_refuses_a_socket_path_too_long(tmp_path: Path) -> None:
     assert result.returncode == laminae.InvalidArgument.exit_code
     assert result.stderr.startswith("laminae-snapshotter: error: socket ")
     assert "108 bytes" in result.stderr and not socket.exists()
+
+
+def test_a_commit_a_crash_interrupted_is_finished_on_the_next_start(tmp_path: Path) -> None:
+    with laminae.open_store(tmp_path / "root", runroot=tmp_path / "run", driver="vfs") as store:
+        snapshotter = Snapshotter(store)
+        snapshotter.prepare("work", "", {})
+        snapshotter.prepare("unfinished", "", {})
+        # What Commit does, stopped after the store's commit and before the table's.
+        work = store.layer(snapshotter.stat("work").layer)
+        snapshotter._table.begin_commit("work", "done", work.storage_id, {"a": "b"})
+        committed = store.commit_layer(work.id)
+        # ... and one stopped before the store's: nothing happened.
+        other = store.layer(snapshotter.stat("unfinished").layer)
+        snapshotter._table.begin_commit("unfinished", "never", other.storage_id, {})
+        snapshotter.close()
+        again = Snapshotter(store)
+        try:
+            done = again.stat("done")
+            assert (done.kind, done.layer) == (Kind.COMMITTED, committed.id)
+            assert dict(done.labels) == {"a": "b"}
+            assert [s.name for s in again.walk([])] == ["done", "unfinished"]
+            assert again.stat("unfinished").kind is Kind.ACTIVE
+            assert again._table.pending_commits() == []
+        finally:
+            again.close()
 
 
 def test_cleanup_removes_layers_no_name_uses(client: Client) -> None:

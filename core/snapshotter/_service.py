@@ -149,6 +149,24 @@ class Snapshotter:
         self._store = store
         self._table = SnapshotTable(store.root / "containerd" / "snapshots.db")
         self._lock = threading.Lock()
+        self._finish_commits()
+
+    def _finish_commits(self) -> None:
+        """Record the commits a crash interrupted after the store committed the layer (found
+        by its storage id, which a commit keeps); forget those it interrupted before. Either
+        way the table agrees with the store again."""
+        for key, name, storage, labels in self._table.pending_commits():
+            active = self._table.find(key)
+            layer = next((x for x in self._store.layers() if x.storage_id == storage), None)
+            done = layer is not None and layer.kind is LayerKind.COMMITTED
+            if active is None or layer is None or not done or self._table.find(name):
+                self._table.end_commit(key)
+                continue
+            stamp = now()
+            self._table.replace(
+                key,
+                Snapshot(name, Kind.COMMITTED, active.parent, layer.id, True, labels, stamp, stamp),
+            )
 
     def close(self) -> None:
         """Close the table."""
@@ -336,13 +354,18 @@ class Snapshotter:
             self._release(active.held)
             self._table.set_held(key, None)
             work = self._store.layer(active.layer)
-            layer = self._chain_layer(name, work.parent)
-            if layer is not None:
-                # containerd unpacked a layer the store has (``ctr images import`` unpacks
-                # without the snapshot.ref label): keep the store's copy, drop the new one.
-                self._store.remove_layer(work.id)
-            else:
-                layer = self._store.commit_layer(work.id)
+            self._table.begin_commit(key, name, work.storage_id, checked)
+            try:
+                layer = self._chain_layer(name, work.parent)
+                if layer is not None:
+                    # containerd unpacked a layer the store has (``ctr images import`` unpacks
+                    # without the snapshot.ref label): keep the store's copy, drop the new one.
+                    self._store.remove_layer(work.id)
+                else:
+                    layer = self._store.commit_layer(work.id)
+            except BaseException:
+                self._table.end_commit(key)
+                raise
             # The store may have had the layer already (a ChainID name, or the commit's own
             # ChainID: the active layer was then thrown away, and the storage is the old
             # layer's): that layer is not ours unless another name of ours uses it.

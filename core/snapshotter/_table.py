@@ -11,7 +11,9 @@ graph, owned by this package alone (containerd's ``snapshots/storage`` keeps the
 ``owned`` says whether the snapshotter made the layer (and may remove it when no name uses it
 any more) or found it in the store (a layer an image holds: never removed from here). A layer
 it made that no name uses but the store would not remove yet (a layer of the store's own was
-stacked on it) waits in ``unused_layers`` for Cleanup.
+stacked on it) waits in ``unused_layers`` for Cleanup. A commit in progress is written in
+``pending_commits`` first: the store's commit and this table's are two transactions, and a
+crash between them is finished on the next start.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
 CREATE TABLE IF NOT EXISTS unused_layers (layer TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS pending_commits (
+    key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    storage TEXT NOT NULL,
+    labels TEXT NOT NULL
+);
 """
 
 
@@ -174,6 +182,7 @@ class SnapshotTable:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute("DELETE FROM snapshots WHERE name = ?", (old,))
+            self._db.execute("DELETE FROM pending_commits WHERE key = ?", (old,))
             self.add(new)
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -211,3 +220,20 @@ class SnapshotTable:
     def forget_unused(self, layer: str) -> None:
         """Layer ``layer`` is gone (or used again)."""
         self._db.execute("DELETE FROM unused_layers WHERE layer = ?", (layer,))
+
+    def begin_commit(self, key: str, name: str, storage: str, labels: Mapping[str, str]) -> None:
+        """Remember that ``key`` (whose layer's storage id is ``storage``) is being committed
+        as ``name``; :meth:`replace` forgets it."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO pending_commits VALUES (?, ?, ?, ?)",
+            (key, name, storage, json.dumps(dict(labels), sort_keys=True)),
+        )
+
+    def pending_commits(self) -> list[tuple[str, str, str, dict[str, str]]]:
+        """The commits begun and not recorded: ``(key, name, storage id, labels)``."""
+        rows = self._db.execute("SELECT key, name, storage, labels FROM pending_commits")
+        return [(k, n, s, json.loads(labels)) for k, n, s, labels in rows.fetchall()]
+
+    def end_commit(self, key: str) -> None:
+        """Forget the pending commit of ``key`` (it failed, or was recorded)."""
+        self._db.execute("DELETE FROM pending_commits WHERE key = ?", (key,))
