@@ -377,10 +377,10 @@ class Containerd:
     """containerd 1.6 with a private root, state and address, and ``laminae snapshotter
     serve`` as its proxy snapshotter ``laminae``."""
 
-    def __init__(self, tmp: Path, driver: str) -> None:
+    def __init__(self, tmp: Path, driver: str, store_root: Path | None = None) -> None:
         self.tmp = tmp
-        self.store_root = tmp / "store"
-        self.store_args = ["--root", str(tmp / "store"), "--runroot", str(tmp / "run")]
+        self.store_root = store_root or tmp / "store"
+        self.store_args = ["--root", str(self.store_root), "--runroot", str(tmp / "run")]
         self.store_args += ["--driver", driver]
         self.socket = tmp / "snapshotter.sock"
         self.address = tmp / "containerd.sock"
@@ -454,11 +454,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 
 @pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[Containerd]:
+def containerd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """containerd with laminae on overlay, or on the driver a test names (indirect)."""
     for tool in ("containerd", "ctr", "runc"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (scripts/test-all installs it)")
-    running = Containerd(tmp_path, "overlay")
+    driver = getattr(request, "param", "overlay")
+    # btrfs: the store on a loop-mounted btrfs of its own.
+    root = request.getfixturevalue("btrfs") / "store" if driver == "btrfs" else None
+    running = Containerd(tmp_path, driver, root)
     try:
         running.start()
         yield running
@@ -467,6 +471,7 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("containerd", ["overlay", "btrfs"], indirect=True)
 def test_containerd_imports_runs_and_collects_an_image_through_laminae(
     containerd: Containerd,
 ) -> None:
