@@ -489,6 +489,8 @@ def test_containerd_imports_runs_and_collects_an_image_through_laminae(
     )  # fmt: skip
     assert output.split() == ["hello", "hallo", "bonjour", "hola"]
     assert ctr("snapshots", "--snapshotter", "laminae", "info", top)
+    tree = ctr("snapshots", "--snapshotter", "laminae", "tree").splitlines()
+    assert len(tree) == 3 and tree[2].endswith(f"\\_ {top}")  # base first, the top deepest
     ctr("snapshots", "--snapshotter", "laminae", "prepare", "scratch", top)
     assert "scratch" in ctr("snapshots", "--snapshotter", "laminae", "usage")
     # A server killed while containerd runs loses nothing: the next one serves the same
