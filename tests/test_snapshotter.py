@@ -13,7 +13,6 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,26 +22,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import field_mask_pb2
+from imagebuild import write_layout
+from registryserver import RegistryServer
+from tools import require_tool
 
-grpc = pytest.importorskip("grpc")
-
-from google.protobuf import field_mask_pb2  # noqa: E402
-from imagebuild import write_layout  # noqa: E402
-from registryserver import RegistryServer  # noqa: E402
-
-import laminae  # noqa: E402
-from laminae.snapshotter._filters import parse_filter  # noqa: E402
-from laminae.snapshotter._proto import snapshots_pb2 as pb  # noqa: E402
-from laminae.snapshotter._proto import snapshots_pb2_grpc  # noqa: E402
-from laminae.snapshotter._server import start_server  # noqa: E402
-from laminae.snapshotter._service import (  # noqa: E402
+import laminae
+from laminae.snapshotter._filters import parse_filter
+from laminae.snapshotter._proto import snapshots_pb2 as pb
+from laminae.snapshotter._proto import snapshots_pb2_grpc
+from laminae.snapshotter._server import start_server
+from laminae.snapshotter._service import (
     PAGE_SIZE,
     Mount,
     Snapshotter,
     fits_containerd,
 )
-from laminae.snapshotter._table import Kind  # noqa: E402
+from laminae.snapshotter._table import Kind
 
 pytestmark = pytest.mark.root
 
@@ -457,8 +455,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 def containerd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Containerd]:
     """containerd with laminae on overlay, or on the driver a test names (indirect)."""
     for tool in ("containerd", "ctr", "runc"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (scripts/test-all installs it)")
+        require_tool(tool)
     driver = getattr(request, "param", "overlay")
     # btrfs: the store on a loop-mounted btrfs of its own.
     root = request.getfixturevalue("btrfs") / "store" if driver == "btrfs" else None
@@ -514,8 +511,7 @@ def test_containerd_imports_runs_and_collects_an_image_through_laminae(
 @pytest.mark.slow
 def test_containerd_unpacks_onto_the_layers_laminae_imported(tmp_path: Path) -> None:
     for tool in ("containerd", "ctr"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (scripts/test-all installs it)")
+        require_tool(tool)
     running = Containerd(tmp_path, "overlay")
     with laminae.open_store(running.store_root, runroot=tmp_path / "run", driver="overlay") as s:
         s.import_image(f"oci-archive:{HELLO_IMAGE}")
@@ -547,8 +543,7 @@ def test_containerd_pulls_onto_the_layers_laminae_imported(
 ) -> None:
     """``ctr images pull`` from a registry: containerd's unpacker asks for each ChainID with
     the snapshot.ref label, finds the store's layers, and unpacks nothing."""
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo is not installed (scripts/test-all installs it)")
+    require_tool("skopeo")
     reference = f"{registry.host}/hello:v1"
     subprocess.run(
         ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
@@ -633,8 +628,12 @@ def test_containerds_snapshotter_testsuite_passes(
     """containerd 1.6's snapshots/testsuite, built from Debian's Go packages, against a fresh
     server per case (tests/containerd); the overlay run has containerd's overlayfs beside it
     as the control. The suite skips Rename itself."""
-    if shutil.which("go") is None or not GO_TESTSUITE.is_dir():
-        pytest.skip("needs golang-go and golang-github-containerd-containerd-dev")
+    require_tool("go")
+    if not GO_TESTSUITE.is_dir():
+        message = f"{GO_TESTSUITE} is missing: install golang-github-containerd-containerd-dev"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     where = request.getfixturevalue("btrfs") if driver == "btrfs" else tmp_path
     (where / "suite").mkdir()
     command = ["bash", str(GO_SUITE), sys.executable, driver]
