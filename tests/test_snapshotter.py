@@ -628,6 +628,10 @@ def test_containerds_snapshotter_testsuite_passes(
     """containerd 1.6's snapshots/testsuite, built from Debian's Go packages, against a fresh
     server per case (tests/containerd); the overlay run has containerd's overlayfs beside it
     as the control. The suite skips Rename itself."""
+    if os.environ.get("LAMINAE_CONTAINERD_SUITE") != "1":
+        # Built from Go sources on first use and long on a 2-core machine: CI does not run
+        # it (docs/containerd.md says how to).
+        pytest.skip("containerd's Go testsuite runs on request: LAMINAE_CONTAINERD_SUITE=1")
     require_tool("go")
     if not GO_TESTSUITE.is_dir():
         message = f"{GO_TESTSUITE} is missing: install golang-github-containerd-containerd-dev"
