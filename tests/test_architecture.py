@@ -30,7 +30,7 @@ GROUPS: Mapping[str, tuple[int, str]] = {
     "laminae.store": (4, "store"),
     "laminae.images": (5, "images"),
     "laminae.containers": (6, "containers"),
-    "laminae": (7, "facade"),  # the package itself, _store (Store, open_store) and _config
+    "laminae": (7, "facade"),  # the package, _store (Store, open_store), _config, _storeoptions
     "laminae.cli": (8, "cli"),
     "laminae.conformance": (8, "conformance"),
     "laminae.snapshotter": (8, "snapshotter"),

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import click
 
 from laminae._exceptions import InvalidArgument
-from laminae.cli._main import _json_option, _print_json, _Settings, _with_store
+from laminae._storeoptions import StoreOptions
+from laminae.cli._main import _json_option, _print_json, _with_store
 
 if TYPE_CHECKING:
     from laminae._store import Store
@@ -104,7 +105,7 @@ def unbundle(ctx: click.Context, directory: Path) -> None:
     from laminae.containers._bundle import read_marker, remove_bundle
 
     marker = read_marker(directory)
-    settings = ctx.find_object(_Settings)
+    settings = ctx.find_object(StoreOptions)
     assert settings is not None, "the top group sets it"
     store = open_store(
         marker.store_root,

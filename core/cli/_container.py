@@ -17,10 +17,10 @@ import attrs
 import click
 
 from laminae._exceptions import NotFound
+from laminae._storeoptions import key_values
 from laminae.cli._main import (
     _change_line,
     _json_option,
-    _key_values,
     _print_json,
     _print_table,
     _short,
@@ -80,7 +80,7 @@ def container() -> None:
 @container.command("create")
 @click.option("--image", "image_ref", metavar="IMAGE", required=True, help="Image to start from.")
 @click.option("--name", help="A name for the container (unique).")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=_key_values)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=key_values)
 @_with_store
 def container_create(
     store: Store, image_ref: str, name: str | None, labels: dict[str, str]

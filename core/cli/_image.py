@@ -28,12 +28,12 @@ import attrs
 import click
 
 from laminae._exceptions import InvalidArgument, NotFound
+from laminae._storeoptions import StoreOptions
 from laminae.archive._compression import Compression
 from laminae.cli._main import (
     _json_option,
     _print_json,
     _print_table,
-    _Settings,
     _short,
     _with_store,
 )
@@ -140,7 +140,7 @@ def _transfer_options(command: Callable[..., None]) -> Callable[..., None]:
         cert_dir: Path | None,
         **kwargs: Any,
     ) -> None:
-        settings = click.get_current_context().find_object(_Settings)
+        settings = click.get_current_context().find_object(StoreOptions)
         assert settings is not None, "the top group sets it"
         file = settings.config().registries
         registry = _registry_options(file, insecure, creds, authfile, cert_dir)

@@ -29,6 +29,7 @@ import attrs
 import click
 
 from laminae._exceptions import CorruptLayer, InvalidArgument, LaminaeError, map_os_errors
+from laminae._storeoptions import StoreOptions, key_values, store_options
 
 if TYPE_CHECKING:
     from cattrs.preconf.json import JsonConverter
@@ -287,18 +288,6 @@ def _broken_pipe(exc: BaseException) -> BrokenPipeError | None:
 # -- arguments --------------------------------------------------------------------------------
 
 
-def _key_values(
-    ctx: click.Context, param: click.Parameter, values: Sequence[str]
-) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
-        pairs[key] = value
-    return pairs
-
-
 class _LazyChoice(click.Choice[str]):
     """A ``click.Choice`` whose values are asked for when a command parses or shows its
     options, not when it is defined: the values are an enum's, and importing the enum's module
@@ -317,44 +306,16 @@ class _LazyChoice(click.Choice[str]):
         return tuple(self._values())
 
 
-@attrs.frozen
-class _Settings:
-    """The global options, and how to open the store from them."""
-
-    root: Path | None
-    runroot: Path | None
-    driver: str | None
-    config_path: Path | None
-    storage_opts: Mapping[str, str]
-
-    def config(self) -> StoreConfig:
-        from laminae._config import load_config
-
-        return load_config(self.config_path)
-
-    def open_store(self, ctx: click.Context) -> Store:
-        from laminae._store import open_store
-
-        store = open_store(
-            self.root,
-            runroot=self.runroot,
-            driver=self.driver,
-            driver_options=self.storage_opts or None,
-            config=self.config(),
-        )
-        # Closed by _LaminaeGroup.invoke when the command is done.
-        return ctx.find_root().with_resource(store)
-
-
 def _with_store(command: Callable[Concatenate[Store, _P], _R]) -> Callable[_P, _R]:
     """Call ``command(store, ...)`` with the store opened from the global options."""
 
     @functools.wraps(command)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         ctx = click.get_current_context()
-        settings = ctx.find_object(_Settings)
+        settings = ctx.find_object(StoreOptions)
         assert settings is not None, "the top group sets it"
-        return command(settings.open_store(ctx), *args, **kwargs)
+        # Closed by _LaminaeGroup.invoke when the command is done.
+        return command(ctx.find_root().with_resource(settings.open()), *args, **kwargs)
 
     return wrapper
 
@@ -366,23 +327,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.
 
 
 @click.group(cls=_LaminaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(path_type=Path), help="Store root (graphroot).")
-@click.option("--runroot", type=click.Path(path_type=Path), help="Run directory (mounts).")
-@click.option("--driver", help="Storage driver name.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="storage.toml to read instead of the search path.",
-)
-@click.option(
-    "--storage-opt",
-    "storage_opts",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_key_values,
-    help="Driver option; repeatable.",
-)
+@store_options
 @click.option("--debug", is_flag=True, help="Print the traceback of an error.")
 @click.version_option(package_name="laminae")
 @click.pass_context
@@ -396,7 +341,7 @@ def cli(
     debug: bool,
 ) -> None:
     """Store container-image layers through pluggable storage drivers."""
-    ctx.obj = _Settings(root, runroot, driver, config_path, storage_opts)
+    ctx.obj = StoreOptions(root, runroot, driver, config_path, storage_opts)
 
 
 @cli.command()
@@ -426,7 +371,7 @@ class _DriverStatus:
 
 
 def _selection(
-    settings: _Settings, config: StoreConfig, root: Path, statuses: Sequence[_DriverStatus]
+    settings: StoreOptions, config: StoreConfig, root: Path, statuses: Sequence[_DriverStatus]
 ) -> tuple[str | None, str]:
     """The driver the store at ``root`` opens with, and why: the order ``open_store`` follows
     (a name given, else the one that made the store, else the first usable by priority)."""
@@ -458,7 +403,7 @@ def _selection(
 @cli.command()
 @_json_option
 @click.pass_obj
-def drivers(settings: _Settings, as_json: bool) -> None:
+def drivers(settings: StoreOptions, as_json: bool) -> None:
     """List drivers, their probes and the one the store uses.
 
     The last column says why that one: --driver, $LAMINAE_DRIVER, storage.toml, the store's
@@ -519,7 +464,7 @@ def layer() -> None:
 @click.option(
     "--view", is_flag=True, help="Read-only view of the parent instead of a writable layer."
 )
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=_key_values)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=key_values)
 @click.argument("key", required=False)
 @_with_store
 def layer_create(

@@ -17,20 +17,9 @@ from typing import NoReturn
 import click
 
 from laminae._exceptions import LaminaeError, Unsupported
+from laminae._storeoptions import StoreOptions, store_options
 
 __all__ = ["main", "snapshotter"]
-
-
-def _key_values(
-    ctx: click.Context, param: click.Parameter, values: Sequence[str]
-) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
-        pairs[key] = value
-    return pairs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,23 +35,7 @@ def snapshotter() -> None:
     type=click.Path(path_type=Path),
     help="Unix socket to listen on: containerd's proxy_plugins address.",
 )
-@click.option("--root", type=click.Path(path_type=Path), help="Store root (graphroot).")
-@click.option("--runroot", type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--driver", help="Storage driver name.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="storage.toml to read instead of the search path.",
-)
-@click.option(
-    "--storage-opt",
-    "storage_opts",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_key_values,
-    help="Driver option; repeatable.",
-)
+@store_options
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -78,28 +51,16 @@ def serve(
     Mounts are returned to containerd as descriptions; the server mounts nothing.
     """
     # `laminae --root R snapshotter serve`: the top group's options, where this one has none.
-    top = ctx.find_root().params
-    root = root or top.get("root")
-    runroot = runroot or top.get("runroot")
-    driver = driver or top.get("driver")
-    config_path = config_path or top.get("config_path")
-    storage_opts = storage_opts or top.get("storage_opts") or {}
+    options = StoreOptions(root, runroot, driver, config_path, storage_opts).or_else(
+        ctx.find_root().params
+    )
     try:
         from laminae.snapshotter._server import serve as serve_store
     except ImportError as exc:
         raise Unsupported(
             f"the snapshotter needs grpcio and protobuf: pip install 'laminae[containerd]' ({exc})"
         ) from exc
-    from laminae._config import load_config
-    from laminae._store import open_store
-
-    with open_store(
-        root,
-        runroot=runroot,
-        driver=driver,
-        driver_options=storage_opts or None,
-        config=load_config(config_path),
-    ) as store:
+    with options.open() as store:
         serve_store(
             store,
             socket_path,
