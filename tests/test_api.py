@@ -197,6 +197,7 @@ def test_help_imports_neither_the_store_nor_the_image_code(tmp_path: Path) -> No
     assert laminae_modules(modules, "laminae") == {
         "laminae",
         "laminae._exceptions",
+        "laminae._storeoptions",  # the options' definitions; it opens stores lazily
         "laminae.cli",
         "laminae.cli._main",
     }
